@@ -1,0 +1,3 @@
+from ddil_cli.cli.app import main
+
+main()

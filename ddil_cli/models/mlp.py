@@ -1,0 +1,123 @@
+"""Small MLP students for the Gaussian-mixture lab, saved as safetensors + JSON config."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers.models.embeddings import get_timestep_embedding
+from safetensors.torch import load_file, save_file
+
+from ddil_cli.diffusion.schedule import NoiseSchedule
+from ddil_cli.models.base import Conditioning, Denoiser
+from ddil_cli.models.gmm import class_ids_from_prompts, class_prompts
+
+CONFIG_NAME = "ddil_mlp.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class MLPConfig:
+    dim: int
+    num_classes: int
+    hidden: int = 256
+    layers: int = 4
+    embed_dim: int = 64
+    prediction_type: str = "v_prediction"
+    guidance_conditioned: bool = False
+    scheduler_config: dict = field(default_factory=dict)
+    source: str = ""  # the teacher spec it was made for
+    timesteps: list[int] | None = None  # the student's sampling grid once distilled
+
+
+class MLPNet(torch.nn.Module):
+    def __init__(self, config: MLPConfig):
+        super().__init__()
+        self.config = config
+        e = config.embed_dim
+        # index num_classes is the null (unconditional) class, as CFG needs
+        self.class_embed = torch.nn.Embedding(config.num_classes + 1, e)
+        in_dim = config.dim + 2 * e + (e if config.guidance_conditioned else 0)
+        blocks, width = [], in_dim
+        for _ in range(config.layers):
+            blocks += [torch.nn.Linear(width, config.hidden), torch.nn.SiLU()]
+            width = config.hidden
+        self.body = torch.nn.Sequential(*blocks, torch.nn.Linear(width, config.dim))
+
+    def forward(self, x_t, t, classes, guidance=None):
+        e = self.config.embed_dim
+        classes = torch.where(classes < 0, torch.full_like(classes, self.config.num_classes), classes)
+        parts = [x_t, get_timestep_embedding(t.float(), e).to(x_t.dtype), self.class_embed(classes)]
+        if self.config.guidance_conditioned:
+            # w spans ~1..10; scale it as diffusers scales guidance embeddings (x1000 over w in 0..1)
+            parts.append(get_timestep_embedding(guidance.float() * 100, e).to(x_t.dtype))
+        return self.body(torch.cat(parts, 1))
+
+
+class MLPDenoiser(Denoiser):
+    kind = "mlp"
+
+    def __init__(self, config: MLPConfig, net: MLPNet | None = None):
+        self.config = config
+        self.net = net if net is not None else MLPNet(config)
+        self.prediction_type = config.prediction_type
+        self.guidance_conditioned = config.guidance_conditioned
+        self.schedule = NoiseSchedule.from_scheduler_config(config.scheduler_config)
+        self.scheduler_config = dict(config.scheduler_config)
+        self.state_shape = (config.dim,)
+
+    @property
+    def network(self):
+        return self.net
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def default_prompts(self) -> list[str]:
+        return class_prompts(self.num_classes)
+
+    def encode(self, prompts):
+        ids = class_ids_from_prompts(prompts, self.num_classes).to(self.device)
+        return Conditioning(list(prompts), {"class": ids}, {"class": torch.full_like(ids, -1)})
+
+    def forward(self, x_t, t, cond, guidance=None):
+        if self.guidance_conditioned and guidance is None:
+            guidance = torch.ones(x_t.shape[0], device=x_t.device)
+        return self.net(x_t, t, cond["class"].to(x_t.device), guidance)
+
+    def describe(self):
+        return {**super().describe(), "source": self.config.source, "hidden": self.config.hidden,
+                "layers": self.config.layers}
+
+    def save_pretrained(self, path, *, timesteps=None):
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if timesteps is not None:
+            self.config.timesteps = list(timesteps)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()},
+                  str(path / WEIGHTS_NAME))
+        (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path) -> "MLPDenoiser":
+        path = Path(path)
+        config = MLPConfig(**json.loads((path / CONFIG_NAME).read_text()))
+        model = cls(config)
+        model.net.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
+        return model
+
+
+def mlp_student_for(teacher: Denoiser, *, guidance_conditioned: bool = False,
+                    prediction_type: str = "v_prediction", hidden: int = 256, layers: int = 4,
+                    seed: int = 0) -> MLPDenoiser:
+    """A fresh MLP student for a lab teacher (an analytic teacher has no weights to copy)."""
+    torch.manual_seed(seed)
+    config = MLPConfig(dim=teacher.state_shape[0], num_classes=teacher.num_classes, hidden=hidden,
+                       layers=layers, prediction_type=prediction_type,
+                       guidance_conditioned=guidance_conditioned,
+                       scheduler_config=dict(teacher.scheduler_config),
+                       source=getattr(teacher, "spec", "") and str(teacher.spec))
+    return MLPDenoiser(config)
