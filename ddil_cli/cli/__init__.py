@@ -1,0 +1,1 @@
+"""The Typer app: parsing, validation, config resolution, summaries. No math lives here."""

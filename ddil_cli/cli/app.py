@@ -1,0 +1,69 @@
+"""The `ddil` Typer app and its entry point (user errors -> one line, exit 2)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from ddil_cli import __version__
+from ddil_cli.cli.common import console
+from ddil_cli.errors import UserError
+
+app = typer.Typer(
+    name="ddil",
+    help="DDIL: distil a slow diffusion teacher into a fast few-step student, with imitation-learning "
+         "inputs (replay buffer of student states), for PD, LCM and DMD2. Stages talk through folders: "
+         "collect -> distill -> sample -> evaluate -> covariate-shift.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
+
+
+def _not_implemented(name: str, issue: str):
+    def command():
+        raise UserError(f"`ddil {name}` is not implemented yet (tracked as {issue}); "
+                        f"see `ddil --help` for the stages that work")
+    command.__doc__ = f"(not implemented yet: {issue})"
+    return command
+
+
+def _register():
+    from ddil_cli.cli.sample import sample_command
+
+    app.command("sample", help=sample_command.__doc__)(sample_command)
+    app.command("collect")(_not_implemented("collect", "the collect/buffer issue"))
+    app.command("distill")(_not_implemented("distill", "the distill issue"))
+    app.command("evaluate")(_not_implemented("evaluate", "the evaluate issue"))
+    app.command("covariate-shift")(_not_implemented("covariate-shift", "the covariate-shift issue"))
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
+    if version:
+        typer.echo(f"ddil-cli {__version__}")
+        raise typer.Exit()
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the app; problems the user can fix end in one line on stderr and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False, prog_name="ddil")
+    except UserError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.UsageError as exc:
+        where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        console.print(f"[red]error:[/] {exc.format_message()}{where}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        console.print("aborted")
+        sys.exit(130)

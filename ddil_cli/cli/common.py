@@ -1,0 +1,149 @@
+"""What every command shares: config files, output folders, devices, progress, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, TypeVar
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn,
+                           TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
+
+from ddil_cli.errors import UserError
+
+console = Console(stderr=True)
+Config = TypeVar("Config")
+
+# Help texts of the options every command has.
+HELP_CONFIG = "TOML or YAML file whose keys mirror the flags (e.g. teacher_steps = 32); flags override it."
+HELP_SEED = "Random seed: the same seed on the same machine gives the same files."
+HELP_DEVICE = "auto (cuda if present, else cpu), cpu, cuda or cuda:N."
+HELP_QUIET = "No progress bars or tables (for scripts)."
+HELP_OVERWRITE = "Replace an existing non-empty --out folder (it is swapped only once the run succeeds)."
+
+
+def load_config_file(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found; pass an existing .toml or .yaml file to --config")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise UserError(f"config file {path} must end in .toml, .yaml or .yml")
+    except UserError:
+        raise
+    except Exception as exc:  # the parsers' own messages name line and column
+        raise UserError(f"config file {path} could not be parsed ({exc}); fix its syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a table of option = value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve_config(ctx: typer.Context, cls: type[Config], config_file: Path | None) -> Config:
+    """defaults < config file < flags given on the command line. Unknown file keys are errors."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    file_values = load_config_file(config_file)
+    unknown = sorted(set(file_values) - fields)
+    if unknown:
+        raise UserError(f"config file {config_file} has unknown key(s) {', '.join(unknown)}; "
+                        f"valid keys: {', '.join(sorted(fields))}")
+    values = {}
+    for name in fields:
+        if name not in ctx.params:
+            continue
+        source = ctx.get_parameter_source(name)
+        given = source not in (None, click.core.ParameterSource.DEFAULT)
+        if name in file_values and not given:
+            values[name] = file_values[name]
+        else:
+            values[name] = ctx.params[name]
+    for name, value in file_values.items():
+        values.setdefault(name, value)
+    for name, value in values.items():  # Paths and tuples become plain JSON-able values
+        if isinstance(value, Path):
+            values[name] = str(value)
+        elif isinstance(value, tuple):
+            values[name] = list(value)
+    return cls(**values)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+@contextmanager
+def output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden work folder beside `out`, renamed to `out` only when the block succeeds.
+
+    A failure or interrupt leaves `out` as it was (absent, or the old one with --overwrite).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder path")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} already exists and is not empty; choose another folder or pass --overwrite")
+    parent = out.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    except OSError as exc:
+        raise UserError(f"cannot write to {parent} ({exc.strerror}); choose a writable --out") from None
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if out.exists():
+        old = parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(work, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(work, out)
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f}/s" if speed else "-/s", style="progress.data.speed")
+
+
+def progress(quiet: bool = False) -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
+                    MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, disable=quiet, transient=False)
+
+
+def parse_choice(value: str, choices: tuple[str, ...], flag: str) -> str:
+    if value not in choices:
+        raise UserError(f"{flag} {value!r} is not one of {', '.join(choices)}")
+    return value

@@ -1,0 +1,69 @@
+"""`ddil sample`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED, console,
+                                 output_dir, progress, resolve_config, resolve_device)
+from ddil_cli.models import MODEL_HELP
+from ddil_cli.stages.sample import SampleConfig, load_models, run_sample
+
+D = SampleConfig()
+
+SAMPLE_HELP = f"""Generate with the teacher, the student, or both mixed on one trajectory.
+
+The student's --steps grid (trailing spacing: 4 steps = 999, 749, 499, 249) nests in the
+teacher's --teacher-steps grid; each student transition is taken by the student in one step or
+by the teacher in teacher-steps/steps steps. Models: {MODEL_HELP}.
+
+Examples:
+
+  ddil sample --teacher gmm:ring:8 --teacher-steps 32 --out samples/teacher
+
+  ddil sample --teacher embedded:digits --teacher-steps 32 --prompt "a handwritten digit three" --out s/
+
+  ddil sample --teacher gmm:ring:8 --student runs/pd/student --steps 4 --teacher-prob 0.4 --out s/mixed
+
+  ddil sample --teacher runwayml/stable-diffusion-v1-5 --student runs/sd/student --switch t2s:500 \\
+      --prompts prompts.txt --guidance 7.5 --out s/switch
+"""
+
+
+def sample_command(
+    ctx: typer.Context,
+    teacher: str = typer.Option(D.teacher, help=f"Teacher: {MODEL_HELP}."),
+    student: Optional[str] = typer.Option(None, help="Student folder (a `ddil distill` output's student/)."),
+    steps: int = typer.Option(D.steps, help="Student steps (its grid must nest in the teacher's)."),
+    teacher_steps: int = typer.Option(D.teacher_steps, help="Teacher DDIM steps."),
+    teacher_prob: Optional[float] = typer.Option(None, help="Per-transition probability the teacher takes it "
+                                                 "(default 0 with a student, 1 without)."),
+    switch: Optional[str] = typer.Option(None, help="t2s:T (teacher above timestep T, then student) or s2t:T."),
+    guidance: Optional[float] = typer.Option(None, help="CFG scale w (1 = conditional only); default: the model's."),
+    prompt: Optional[list[str]] = typer.Option(None, help="A prompt (repeatable). Lab prompts: 'class 0', ..."),
+    prompts: Optional[Path] = typer.Option(None, help="Text file, one prompt per line."),
+    num_per_prompt: int = typer.Option(D.num_per_prompt, help="Samples per prompt (seeds)."),
+    batch_size: int = typer.Option(D.batch_size, help="Samples per forward batch."),
+    threshold: str = typer.Option(D.threshold, help="none, static:C or dynamic:P on every x0 estimate."),
+    seed: int = typer.Option(D.seed, help=HELP_SEED),
+    device: str = typer.Option("auto", help=HELP_DEVICE),
+    out: Path = typer.Option(Path(D.out), help="Output folder."),
+    quiet: bool = typer.Option(False, help=HELP_QUIET),
+    overwrite: bool = typer.Option(False, help=HELP_OVERWRITE),
+    config: Optional[Path] = typer.Option(None, help=HELP_CONFIG),
+):
+    cfg = resolve_config(ctx, SampleConfig, config)
+    cfg.device = resolve_device(cfg.device)
+    cfg.prompt = cfg.prompt or []
+    models = load_models(cfg, cfg.device)  # load (and fail) before any folder is made
+    with output_dir(cfg.out, overwrite=cfg.overwrite) as work, progress(cfg.quiet) as bar:
+        summary = run_sample(cfg, work, progress=bar, models=models)
+    if not cfg.quiet:
+        console.print(f"[green]wrote[/] {summary['samples']} samples ({summary['sampler']}, "
+                      f"{summary['seconds_per_sample']:.4f} s/sample, {summary['nfe_per_sample']:g} NFE) to {cfg.out}")
+
+
+sample_command.__doc__ = SAMPLE_HELP

@@ -1,0 +1,78 @@
+"""The model layer: one Denoiser interface and one loader for every way a user names a model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ddil_cli.errors import UserError
+from ddil_cli.models.base import Conditioning, Denoiser
+
+EMBEDDED = {"embedded:digits": Path(__file__).resolve().parent.parent / "assets" / "digits" / "teacher"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MODEL_HELP = ("a diffusers folder, a hub id, embedded:digits, a ddil student folder, "
+              "or a gmm:LAYOUT:K[:dD][:stdS][:scaleR] spec")
+
+
+def load_denoiser(spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Denoiser:
+    """Load whatever the user named (see MODEL_HELP) as a Denoiser."""
+    from ddil_cli.models.gmm import GMMDenoiser, is_gmm_spec
+    from ddil_cli.models.mlp import CONFIG_NAME, MLPDenoiser
+
+    spec = str(spec)
+    if is_gmm_spec(spec):
+        try:
+            return GMMDenoiser(spec)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    if spec.startswith("embedded:"):
+        if spec not in EMBEDDED:
+            raise UserError(f"unknown embedded model {spec!r}; available: {', '.join(EMBEDDED)}")
+        path = EMBEDDED[spec]
+        if not path.is_dir():
+            raise UserError(f"{spec} is not shipped in this install ({path} missing); reinstall ddil-cli")
+        return _diffusers(path, device, dtype)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / CONFIG_NAME).is_file():
+            return MLPDenoiser.from_pretrained(path).to(device)
+        if (path / "model_index.json").is_file() or (path / "unet").is_dir() or (path / "config.json").is_file():
+            return _diffusers(path, device, dtype)
+        raise UserError(f"{path} is a folder but holds no model (no model_index.json, unet/ or "
+                        f"{CONFIG_NAME}); give {MODEL_HELP}")
+    if path.exists():
+        raise UserError(f"{path} is a file; give {MODEL_HELP}")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return _diffusers(spec, device, dtype)
+    raise UserError(f"model {spec!r} not found; give {MODEL_HELP}")
+
+
+def _diffusers(source, device, dtype) -> Denoiser:
+    from ddil_cli.models.diffusers_t2i import DiffusersDenoiser
+
+    return DiffusersDenoiser.from_pretrained(source, device=device, dtype=dtype)
+
+
+def make_student(teacher: Denoiser, *, guidance_embedding: bool = False, **kwargs) -> Denoiser:
+    """A student initialised from its teacher: a copy of its network (diffusers), optionally with a
+    guidance embedding; for the analytic lab teacher, a fresh MLP."""
+    if teacher.kind == "gmm":
+        from ddil_cli.models.mlp import mlp_student_for
+
+        return mlp_student_for(teacher, guidance_conditioned=guidance_embedding, **kwargs)
+    if teacher.kind == "mlp":
+        import copy
+
+        student = copy.deepcopy(teacher)
+        if guidance_embedding and not teacher.guidance_conditioned:
+            raise UserError("an MLP student without a guidance embedding cannot gain one; "
+                            "distil a guidance-conditioned student from the gmm teacher first")
+        return student
+    from ddil_cli.models.diffusers_t2i import make_student as make_diffusers_student
+
+    return make_diffusers_student(teacher, guidance_embedding=guidance_embedding, **kwargs)
+
+
+__all__ = ["Conditioning", "Denoiser", "EMBEDDED", "MODEL_HELP", "load_denoiser", "make_student"]
