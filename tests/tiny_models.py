@@ -66,7 +66,7 @@ def build_tiny_sd(path, *, seed: int = 0, prediction_type: str = "epsilon", time
         text_encoder=CLIPTextModel(_text_config(tokenizer)), tokenizer=tokenizer,
         # PNDM is what SD checkpoints ship; only its beta schedule matters to us
         scheduler=PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                skip_prk_steps=True, prediction_type=prediction_type),
+                                skip_prk_steps=True, steps_offset=1, prediction_type=prediction_type),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path)
     return Path(path)

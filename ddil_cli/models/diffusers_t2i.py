@@ -1,0 +1,472 @@
+"""The diffusers text-to-image adapter: SD 1.x/2.x, SDXL / SSD-1B, and pixel-space pipelines.
+
+A pipeline folder (or hub id) is loaded component by component rather than through a
+`DiffusionPipeline`, because we only ever need the UNet, the text encoder(s), the tokenizer(s),
+the VAE and the scheduler's *config* (its noise schedule); the sampler is ours. Which kind of
+pipeline it is follows from the folder itself: a `text_time` UNet takes SDXL's added
+conditioning (two encoders, pooled text, size micro-conditioning); no VAE means pixel space.
+
+Prompt encoding, the added conditioning and the guidance embedding follow diffusers' own
+pipelines exactly (StableDiffusionPipeline / StableDiffusionXLPipeline.encode_prompt,
+_get_add_time_ids, LatentConsistencyModelPipeline.get_guidance_scale_embedding), so a student
+saved here runs unchanged in plain diffusers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ddil_cli.diffusion.parameterization import PREDICTION_TYPES
+from ddil_cli.diffusion.schedule import NoiseSchedule
+from ddil_cli.errors import UserError
+from ddil_cli.models.base import Conditioning, Denoiser
+
+STUDENT_FILE = "ddil_student.json"
+# (tokenizer, text encoder) subfolders in the order SDXL concatenates their hidden states
+TEXT_PAIRS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+# the scheduler keys that define the noise schedule; a student's scheduler must keep them
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                 "rescale_betas_zero_snr")
+# SDXL's micro-conditioning: original size (2) + crop top-left (2) + target size (2)
+NUM_TIME_IDS = 6
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of guidance scales (B,) -> (B, embedding_dim), bit for bit as diffusers'
+    LCM pipeline builds `timestep_cond` (it feeds w - 1; see `DiffusersDenoiser.forward`).
+
+    Written out rather than via get_timestep_embedding: its frequencies round differently in
+    float32, and at w * 1000 that already moves the embedding by ~1e-4.
+    """
+    half = embedding_dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
+    angles = (w.float() * 1000.0)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(emb, (0, embedding_dim % 2))
+
+
+def _hub_offline() -> bool:
+    # huggingface_hub reads HF_HUB_OFFLINE once at import; honour a later change of the variable too
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return value in ("1", "on", "yes", "true") or bool(constants.HF_HUB_OFFLINE)
+
+
+def looks_like_hub_id(text: str) -> bool:
+    return bool(_HUB_ID.match(text)) and not Path(text).exists()
+
+
+def resolve_pipeline_folder(source: str | Path) -> Path:
+    """A local pipeline folder for a folder path or a hub id (downloaded, or taken from the cache
+    when offline). Every failure a user can cause becomes a UserError naming the fix."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(f"cannot load {text!r}: it is a file, not a diffusers pipeline folder; "
+                        "pass the folder that holds model_index.json and unet/")
+    if not looks_like_hub_id(text):
+        raise UserError(f"cannot load {text!r}: no such folder; pass a diffusers pipeline folder "
+                        "or a hub id such as stabilityai/sdxl-turbo")
+    from diffusers import DiffusionPipeline
+    from huggingface_hub.errors import HfHubHTTPError
+
+    offline = _hub_offline()
+    try:
+        return Path(DiffusionPipeline.download(text, local_files_only=True if offline else None))
+    except (OSError, ValueError, HfHubHTTPError) as exc:
+        if offline:
+            raise UserError(f"cannot load {text!r}: not a local folder and the hub is offline "
+                            f"(HF_HUB_OFFLINE=1); download it first with `huggingface-cli download "
+                            f"{text}` or pass a local folder") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot download {text!r} from the hub ({reason}); check the id and your "
+                        "network, or pass a local folder") from exc
+
+
+def _component_class(index: dict, name: str, default):
+    """The class model_index.json names for a component (e.g. CLIPTextModelWithProjection),
+    falling back to `default` when the folder has no index or names a class we cannot import."""
+    import diffusers
+    import transformers
+
+    entry = index.get(name)
+    if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]:
+        module = {"diffusers": diffusers, "transformers": transformers}.get(entry[0])
+        found = getattr(module, entry[1], None) if module is not None else None
+        if found is not None:
+            return found
+    return default
+
+
+def _has_component(folder: Path, index: dict, name: str) -> bool:
+    """Listed in model_index.json with a class (a null entry means absent), or, for a folder
+    without an index, present as a subfolder."""
+    if index:
+        entry = index.get(name)
+        return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
+    return (folder / name).is_dir()
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _library_entry(component) -> list[str]:
+    module = type(component).__module__
+    return ["diffusers" if module.startswith("diffusers") else "transformers", type(component).__name__]
+
+
+class DiffusersDenoiser(Denoiser):
+    """A diffusers UNet2DConditionModel with its text encoders, tokenizers and optional VAE.
+
+    `encode` gives `encoder_hidden_states` (plus `text_embeds` and `time_ids` for SDXL);
+    `forward` calls the UNet. Networks loaded by `from_pretrained` are frozen (eval,
+    requires_grad False); `make_student` returns a trainable UNet that shares the frozen rest.
+    """
+
+    kind = "diffusers"
+
+    def __init__(self, unet, *, text_encoders: dict, tokenizers: dict, vae, scheduler_config: dict,
+                 pipeline_index: dict | None = None, source: str = "",
+                 prediction_type: str | None = None, student_timesteps: list[int] | None = None):
+        self.unet = unet
+        self.text_encoders = dict(text_encoders)
+        self.tokenizers = dict(tokenizers)
+        self.vae = vae
+        self.scheduler_config = dict(scheduler_config)
+        self.pipeline_index = dict(pipeline_index or {})
+        self.source = str(source)
+        self.student_timesteps = list(student_timesteps) if student_timesteps is not None else None
+        self.prediction_type = prediction_type or self.scheduler_config.get("prediction_type") or "epsilon"
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"{self.source or 'the model'} has prediction_type {self.prediction_type!r}; "
+                            f"supported: {', '.join(PREDICTION_TYPES)}")
+        self.schedule = NoiseSchedule.from_scheduler_config(self.scheduler_config)
+        self.added_conditioning = unet.config.addition_embed_type == "text_time"
+        self.guidance_conditioned = unet.config.time_cond_proj_dim is not None
+        # diffusers' SDXL pipeline zeroes the unconditional branch instead of encoding ""
+        self.force_zeros_for_empty_prompt = bool(self.added_conditioning
+                                                 and self.pipeline_index.get("force_zeros_for_empty_prompt", True))
+        size = unet.config.sample_size
+        if size is None:
+            raise UserError(f"{self.source or 'the UNet'} has no sample_size in unet/config.json; "
+                            "add the latent (or pixel) size the model was trained at")
+        self.sample_hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.state_shape = (int(unet.config.in_channels), *self.sample_hw)
+        self._check_components()
+
+    # ---- structure ----------------------------------------------------------------------------
+    @property
+    def variant(self) -> str:
+        if self.vae is None:
+            return "pixel"
+        return "sdxl" if self.added_conditioning else "sd"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return (self.sample_hw[0] * self.vae_scale_factor, self.sample_hw[1] * self.vae_scale_factor)
+
+    @property
+    def network(self):
+        return self.unet
+
+    def _text_pairs(self):
+        return [(self.tokenizers[t], self.text_encoders[e]) for t, e in TEXT_PAIRS
+                if t in self.tokenizers and e in self.text_encoders]
+
+    def _check_components(self) -> None:
+        where = self.source or "the pipeline"
+        if not self._text_pairs():
+            raise UserError(f"{where} has no tokenizer + text_encoder pair; a text-to-image pipeline "
+                            "needs tokenizer/ and text_encoder/ (SDXL also tokenizer_2/, text_encoder_2/)")
+        width = sum(enc.config.hidden_size for _, enc in self._text_pairs())
+        if width != self.unet.config.cross_attention_dim:
+            raise UserError(f"{where}: the text encoders give {width}-wide states but the UNet's "
+                            f"cross_attention_dim is {self.unet.config.cross_attention_dim}; the folder "
+                            "mixes components of different models")
+        if self.added_conditioning:
+            pooled = self.text_encoders.get("text_encoder_2")
+            if pooled is None or getattr(pooled.config, "projection_dim", None) is None:
+                raise UserError(f"{where}: the UNet takes SDXL added conditioning but there is no "
+                                "text_encoder_2 with a projection; use a complete SDXL pipeline folder")
+            passed = self.unet.config.addition_time_embed_dim * NUM_TIME_IDS + pooled.config.projection_dim
+            expected = self.unet.add_embedding.linear_1.in_features
+            if passed != expected:
+                raise UserError(f"{where}: the UNet expects a {expected}-wide added embedding but the "
+                                f"text encoder and size conditioning give {passed}; the folder mixes models")
+
+    def to(self, device) -> "DiffusersDenoiser":
+        for module in [self.unet, *self.text_encoders.values(), self.vae]:
+            if module is not None:
+                module.to(device)
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        info = {**super().describe(), "source": self.source, "variant": self.variant,
+                "image_size": list(self.image_hw)}
+        if self.student_timesteps is not None:
+            info["timesteps"] = list(self.student_timesteps)
+        return info
+
+    # ---- loading ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, source: str | Path, *, device="cpu", dtype: torch.dtype = torch.float32,
+                        unet_subfolder: str = "unet", variant: str | None = None) -> "DiffusersDenoiser":
+        """Load a pipeline folder or hub id. `unet_subfolder` picks another UNet in the same folder
+        (e.g. a trained student saved beside the teacher); `variant` picks weight files such as fp16."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        folder = resolve_pipeline_folder(source)
+        index_file = folder / "model_index.json"
+        index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+        if not (folder / unet_subfolder).is_dir():
+            raise UserError(f"{str(source)!r} is not a diffusers text-to-image pipeline: it has no "
+                            f"{unet_subfolder}/ folder; pass an SD, SDXL or pixel-space pipeline folder")
+        scheduler_file = folder / "scheduler" / "scheduler_config.json"
+        if not scheduler_file.is_file():
+            raise UserError(f"{str(source)!r} has no scheduler/scheduler_config.json, so its noise "
+                            "schedule is unknown; copy the scheduler folder of the model it was trained from")
+
+        def load(name: str, default_cls, **kwargs):
+            loader = _component_class(index, name, default_cls)
+            try:
+                return loader.from_pretrained(folder, subfolder=name, **kwargs)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"cannot load {name}/ of {str(source)!r} ({_first_line(exc)}); check "
+                                "that the folder is a complete diffusers pipeline") from exc
+
+        unet = load(unet_subfolder, UNet2DConditionModel, torch_dtype=dtype, variant=variant)
+        if not isinstance(unet, UNet2DConditionModel):
+            raise UserError(f"{str(source)!r} has a {type(unet).__name__}, not a UNet2DConditionModel; "
+                            "only text-conditioned UNet pipelines (SD, SDXL, SSD-1B) are supported")
+        text_encoders, tokenizers = {}, {}
+        for (tok_name, enc_name), enc_default in zip(TEXT_PAIRS, (CLIPTextModel, CLIPTextModelWithProjection)):
+            if _has_component(folder, index, enc_name) and _has_component(folder, index, tok_name):
+                text_encoders[enc_name] = load(enc_name, enc_default, dtype=dtype, variant=variant)
+                tokenizers[tok_name] = load(tok_name, AutoTokenizer)
+        vae = None
+        if _has_component(folder, index, "vae"):
+            vae_config_file = folder / "vae" / "config.json"
+            vae_config = json.loads(vae_config_file.read_text()) if vae_config_file.is_file() else {}
+            # SDXL's VAE overflows in fp16 (its config says force_upcast): keep it in float32 then
+            upcast = vae_config.get("force_upcast", False) and dtype == torch.float16
+            vae = load("vae", AutoencoderKL, torch_dtype=torch.float32 if upcast else dtype, variant=variant)
+        student_file = folder / STUDENT_FILE
+        student = json.loads(student_file.read_text()) if student_file.is_file() else {}
+
+        for module in [unet, *text_encoders.values(), vae]:
+            if module is not None:
+                module.requires_grad_(False).eval().to(device)
+        return cls(unet, text_encoders=text_encoders, tokenizers=tokenizers, vae=vae,
+                   scheduler_config=json.loads(scheduler_file.read_text()), pipeline_index=index,
+                   source=str(source), prediction_type=student.get("prediction_type"),
+                   student_timesteps=student.get("timesteps"))
+
+    # ---- conditioning -------------------------------------------------------------------------
+    @torch.no_grad()
+    def _embed(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        device, dtype = self.device, self.unet.dtype
+        hidden, pooled = [], None
+        for tokenizer, encoder in self._text_pairs():
+            tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                               truncation=True, return_tensors="pt")
+            ids = tokens.input_ids.to(encoder.device)
+            if self.added_conditioning:
+                # SDXL: penultimate hidden states of every encoder; pooled text from the one with a projection
+                out = encoder(ids, output_hidden_states=True)
+                if out[0].ndim == 2:
+                    pooled = out[0]
+                hidden.append(out.hidden_states[-2])
+            else:
+                # SD 2 variants trained with an attention mask say so in their text encoder config
+                mask = tokens.attention_mask.to(encoder.device) \
+                    if getattr(encoder.config, "use_attention_mask", False) else None
+                hidden.append(encoder(ids, attention_mask=mask)[0])
+        cond = {"encoder_hidden_states": torch.cat([h.to(device) for h in hidden], dim=-1).to(dtype)}
+        if self.added_conditioning:
+            height, width = self.image_hw
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
+            cond["text_embeds"] = pooled.to(device=device, dtype=dtype)
+            cond["time_ids"] = time_ids.repeat(len(prompts), 1)
+        return cond
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        prompts = [str(p) for p in prompts]
+        cond = self._embed(prompts)
+        if self.force_zeros_for_empty_prompt:
+            uncond = {k: (v if k == "time_ids" else torch.zeros_like(v)) for k, v in cond.items()}
+        else:
+            uncond = self._embed([""] * len(prompts))
+        return Conditioning(prompts, cond, uncond)
+
+    # ---- the network call ---------------------------------------------------------------------
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
+        dtype, device = self.unet.dtype, x_t.device
+        kwargs = {}
+        if self.added_conditioning:
+            kwargs["added_cond_kwargs"] = {k: cond[k].to(device=device, dtype=dtype)
+                                           for k in ("text_embeds", "time_ids")}
+        if self.guidance_conditioned:
+            w = torch.ones(x_t.shape[0], device=device) if guidance is None \
+                else torch.as_tensor(guidance, dtype=torch.float32, device=device).expand(x_t.shape[0])
+            # LCM's convention: the embedding of w - 1, so the student runs in diffusers' pipelines
+            kwargs["timestep_cond"] = guidance_scale_embedding(
+                w - 1, self.unet.config.time_cond_proj_dim).to(device=device, dtype=dtype)
+        t = torch.as_tensor(t, device=device)
+        return self.unet(x_t.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(device, dtype),
+                         **kwargs).sample
+
+    # ---- images -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor, *, batch_size: int = 8) -> np.ndarray:
+        """Clean states to uint8 RGB images (B, H, W, 3); the VAE decodes `batch_size` at a time."""
+        if self.vae is None:
+            images = x0.float()
+        else:
+            scale = self.vae.config.scaling_factor
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            vae_dtype, vae_device = self.vae.dtype, next(self.vae.parameters()).device
+            images = torch.cat([
+                self.vae.decode((chunk / scale + shift).to(vae_device, vae_dtype)).sample.float()
+                for chunk in x0.split(batch_size)])
+        pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        if pixels.shape[1] == 1:
+            pixels = pixels.expand(-1, 3, -1, -1)
+        return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+    # ---- saving -------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, *, timesteps: list[int] | None = None,
+                        scheduler: str = "ddim") -> None:
+        """A full diffusers pipeline folder. With `timesteps`, its scheduler (DDIM, or LCM with
+        `scheduler="lcm"`) is configured so that `set_timesteps(len(timesteps))` gives exactly
+        them; the list is also written to ddil_student.json."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        components = {"unet": self.unet, **self.text_encoders, **self.tokenizers}
+        if self.vae is not None:
+            components["vae"] = self.vae
+        for name, component in components.items():
+            component.save_pretrained(path / name)
+        if timesteps is None:
+            sched = self._teacher_scheduler()
+        else:
+            sched = student_scheduler(self.scheduler_config, timesteps, self.prediction_type, scheduler)
+        sched.save_pretrained(path / "scheduler")
+
+        import diffusers
+
+        # keep the teacher's pipeline-level settings (class name, null safety checker, ...)
+        index = {k: v for k, v in self.pipeline_index.items()
+                 if k.startswith("_") or not isinstance(v, (list, tuple)) or v[1] is None}
+        index.pop("vae", None)
+        index.setdefault("_class_name", {"sd": "StableDiffusionPipeline",
+                                         "sdxl": "StableDiffusionXLPipeline"}.get(self.variant, "DiffusionPipeline"))
+        index["_diffusers_version"] = diffusers.__version__
+        for name, component in {**components, "scheduler": sched}.items():
+            index[name] = _library_entry(component)
+        if self.vae is None and "vae" in self.pipeline_index:
+            index["vae"] = [None, None]
+        (path / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+        record = {"teacher": self.source, "variant": self.variant, "prediction_type": self.prediction_type,
+                  "guidance_conditioned": self.guidance_conditioned,
+                  "timesteps": list(timesteps) if timesteps is not None else self.student_timesteps,
+                  "scheduler": type(sched).__name__}
+        (path / STUDENT_FILE).write_text(json.dumps(record, indent=2))
+
+    def _teacher_scheduler(self):
+        import diffusers
+
+        name = self.scheduler_config.get("_class_name", "DDIMScheduler")
+        return getattr(diffusers, name, diffusers.DDIMScheduler).from_config(self.scheduler_config)
+
+
+def student_scheduler(base_config: dict, timesteps: list[int], prediction_type: str, kind: str = "ddim"):
+    """A DDIM or LCM scheduler on the teacher's noise schedule whose `set_timesteps(n)` gives
+    exactly `timesteps`: each candidate spacing is tried on the real scheduler, so what we save
+    is what diffusers will do. Warns and keeps trailing spacing when no config reproduces them
+    (ddil_student.json still records the list)."""
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    timesteps = [int(t) for t in timesteps]
+    n = len(timesteps)
+    common = {k: base_config[k] for k in SCHEDULE_KEYS if base_config.get(k) is not None}
+    num_train = int(common.get("num_train_timesteps", 1000))
+    if n < 1 or any(b >= a for a, b in zip(timesteps, timesteps[1:])) or not 0 <= timesteps[-1] <= timesteps[0] < num_train:
+        raise ValueError(f"timesteps must be strictly decreasing in [0, {num_train - 1}], got {timesteps}")
+    # set_alpha_to_one: the last step lands on clean data, as our t = -1 convention
+    common.update(prediction_type=prediction_type, set_alpha_to_one=True, clip_sample=False,
+                  thresholding=False)
+    if kind == "ddim":
+        candidates = (DDIMScheduler.from_config({**common, "timestep_spacing": spacing, "steps_offset": offset})
+                      for spacing, offset in (("trailing", 0), ("leading", 0), ("leading", 1), ("linspace", 0)))
+    elif kind == "lcm":
+        # LCM picks from its `original_inference_steps` grid; only grids whose spacing divides the
+        # last timestep + 1 can contain it
+        candidates = (LCMScheduler.from_config({**common, "original_inference_steps": k})
+                      for k in range(n, num_train + 1) if (timesteps[-1] + 1) % (num_train // k) == 0)
+    else:
+        raise ValueError(f"unknown student scheduler {kind!r}; expected 'ddim' or 'lcm'")
+    for sched in candidates:
+        sched.set_timesteps(n)
+        if sched.timesteps.tolist() == timesteps:
+            return sched
+    fallback = DDIMScheduler if kind == "ddim" else LCMScheduler
+    warnings.warn(f"no {fallback.__name__} spacing gives the timesteps {timesteps}; saving trailing "
+                  f"spacing, the exact list is in {STUDENT_FILE}")
+    return fallback.from_config({**common, "timestep_spacing": "trailing"})
+
+
+def make_student(teacher: DiffusersDenoiser, *, guidance_embedding: bool = False,
+                 time_cond_proj_dim: int = 256, prediction_type: str | None = None) -> DiffusersDenoiser:
+    """A trainable copy of the teacher's UNet sharing the frozen text encoders, tokenizers and VAE.
+
+    `guidance_embedding=True` adds diffusers' `time_cond_proj_dim` input (w as a timestep
+    condition) to a teacher that lacks it: the new projection starts at zero, so the student starts
+    equal to the teacher's conditional prediction for every w. `prediction_type` relabels the
+    output the student will be trained to give (e.g. PD's eps -> v stage).
+    """
+    from diffusers import UNet2DConditionModel
+
+    source = teacher.unet
+    if guidance_embedding and source.config.time_cond_proj_dim is None:
+        config = {**source.config, "time_cond_proj_dim": time_cond_proj_dim}
+        unet = UNet2DConditionModel.from_config(config)
+        missing, unexpected = unet.load_state_dict(source.state_dict(), strict=False)
+        fresh = {"time_embedding.cond_proj.weight"}
+        if set(missing) != fresh or unexpected:
+            raise RuntimeError(f"guidance embedding changed more than the new projection: missing "
+                               f"{missing}, unexpected {unexpected}")
+        torch.nn.init.zeros_(unet.time_embedding.cond_proj.weight)
+        if unet.dtype != source.dtype:
+            unet.to(dtype=source.dtype)
+        unet.to(source.device)
+    else:
+        unet = copy.deepcopy(source)
+    unet.requires_grad_(True).train(source.training)
+    return DiffusersDenoiser(unet, text_encoders=teacher.text_encoders, tokenizers=teacher.tokenizers,
+                             vae=teacher.vae, scheduler_config=teacher.scheduler_config,
+                             pipeline_index=teacher.pipeline_index, source=teacher.source,
+                             prediction_type=prediction_type or teacher.prediction_type)
