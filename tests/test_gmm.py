@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from ddil_cli.errors import UserError
 from ddil_cli.models.gmm import GMMDenoiser, GaussianMixture, parse_gmm_spec
 from ddil_cli.models.mlp import MLPDenoiser, mlp_student_for
 
@@ -58,7 +59,7 @@ def test_cfg_pushes_towards_class_modes():
 
 
 def test_unknown_prompt_rejected():
-    with pytest.raises(ValueError, match="class 3"):
+    with pytest.raises(UserError, match="class 3"):
         GMMDenoiser("gmm:ring:8").encode(["class 9"])
 
 

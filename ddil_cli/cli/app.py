@@ -41,7 +41,7 @@ def _register():
     app.command("covariate-shift")(_not_implemented("covariate-shift", "the covariate-shift issue"))
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
     if version:
         typer.echo(f"ddil-cli {__version__}")
@@ -51,6 +51,23 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
 _register()
 
 
+def _click_modules():
+    """click's exceptions, and those of the click copy that newer typer releases vendor."""
+    modules = [click.exceptions]
+    try:
+        from typer._click import exceptions as vendored
+
+        modules.append(vendored)
+    except ImportError:
+        pass
+    return modules
+
+
+_USAGE = tuple(m.UsageError for m in _click_modules())
+_EXIT = (click.exceptions.Exit, typer.Exit)
+_ABORT = (click.exceptions.Abort, typer.Abort)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the app; problems the user can fix end in one line on stderr and exit code 2."""
     try:
@@ -58,12 +75,16 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.UsageError as exc:
+    except _USAGE as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `ddil`: the help is the answer
+            typer.echo(exc.format_message())
+            sys.exit(0)
         where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
-        console.print(f"[red]error:[/] {exc.format_message()}{where}", highlight=False, soft_wrap=True)
+        message = " ".join(exc.format_message().split())
+        console.print(f"[red]error:[/] {message}{where}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Exit as exc:
+    except _EXIT as exc:
         sys.exit(exc.exit_code)
-    except click.Abort:
+    except _ABORT:
         console.print("aborted")
         sys.exit(130)

@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, TypeVar
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn,
@@ -73,7 +72,8 @@ def resolve_config(ctx: typer.Context, cls: type[Config], config_file: Path | No
         if name not in ctx.params:
             continue
         source = ctx.get_parameter_source(name)
-        given = source not in (None, click.core.ParameterSource.DEFAULT)
+        # by name: typer vendors its own click, whose enum is not click's
+        given = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
         if name in file_values and not given:
             values[name] = file_values[name]
         else:

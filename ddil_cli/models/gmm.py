@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ddil_cli.diffusion.schedule import NoiseSchedule
+from ddil_cli.errors import UserError
 from ddil_cli.models.base import Conditioning, Denoiser
 
 # SD's schedule: the lab mirrors the noise levels of the models users distil.
@@ -139,7 +140,7 @@ def class_ids_from_prompts(prompts: list[str], num_classes: int) -> torch.Tensor
             ids.append(-1)
             continue
         if not match or int(match.group(1)) >= num_classes:
-            raise ValueError(f"prompt {prompt!r} is not a class of this mixture; "
+            raise UserError(f"prompt {prompt!r} is not a class of this mixture; "
                              f"use 'class 0' ... 'class {num_classes - 1}'")
         ids.append(int(match.group(1)))
     return torch.tensor(ids, dtype=torch.long)

@@ -141,7 +141,10 @@ def _image_grid_png(images: list[np.ndarray], num_per_prompt: int, path: Path) -
 
 def run_sample(cfg: SampleConfig, work: Path, *, progress=None, models=None) -> dict:
     """Generate into the (empty, private) folder `work`. Returns a summary."""
-    threshold = parse_threshold(cfg.threshold)
+    try:
+        threshold = parse_threshold(cfg.threshold)
+    except ValueError as exc:
+        raise UserError(f"--threshold: {exc}") from None
     teacher, student = models if models is not None else load_models(cfg, cfg.device)
     plan = plan_sampling(cfg, teacher, student)
     jobs = [(p_idx, prompt, k) for p_idx, prompt in enumerate(plan.prompts) for k in range(cfg.num_per_prompt)]
