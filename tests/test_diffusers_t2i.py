@@ -290,3 +290,16 @@ def test_sdxl_student_saves_as_an_sdxl_pipeline(sdxl, tmp_path):
     assert loaded.variant == "sdxl"
     encoded = loaded.encode(PROMPTS)
     assert torch.equal(encoded.cond["text_embeds"], sdxl.encode(PROMPTS).cond["text_embeds"])
+
+
+# ---- the loader every command uses ------------------------------------------------------------
+def test_load_denoiser_dispatches_folders_and_hub_ids(folders):
+    from ddil_cli.models import load_denoiser
+    from ddil_cli.models import make_student as make_any_student
+
+    teacher = load_denoiser(str(folders["pixel"]))
+    assert isinstance(teacher, DiffusersDenoiser) and teacher.variant == "pixel"
+    student = make_any_student(teacher, guidance_embedding=True, time_cond_proj_dim=8)
+    assert isinstance(student, DiffusersDenoiser) and student.guidance_conditioned
+    with pytest.raises(UserError, match="offline"):
+        load_denoiser("some-org/no-such-model")
