@@ -1,0 +1,179 @@
+"""Image preparation, identical for generated samples and reference images.
+
+Protocol (recorded in every metrics.json as `image_prep`):
+1. decode with PIL and convert to RGB;
+2. center-crop the long edge to a square (no padding, no aspect change);
+3. resize the square to `eval_res` x `eval_res` with PIL's LANCZOS filter on the uint8 image
+   (antialiased; skipped when already that size), giving uint8 (H, W, 3).
+Each feature extractor then applies its own fixed input transform to these uint8 images
+(clean-fid's clean bicubic to 299 for Inception, PIL bicubic to 224 for DINOv2, OpenCLIP's
+preprocess for CLIP, none for LPIPS), so both sides always see the same pixels.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from ddil_cli.errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+RESAMPLE_NAME = "PIL.LANCZOS"
+
+
+def prep_description(eval_res: int) -> dict:
+    return {"crop": "center square (long edge cropped)", "resize": RESAMPLE_NAME,
+            "eval_res": eval_res, "dtype": "uint8"}
+
+
+def center_crop_square(img: Image.Image) -> Image.Image:
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return img.crop((left, top, left + side, top + side)) if (w, h) != (side, side) else img
+
+
+def prepare_image(img: Image.Image, eval_res: int) -> np.ndarray:
+    """PIL image -> uint8 (eval_res, eval_res, 3) by the protocol above."""
+    img = center_crop_square(img.convert("RGB"))
+    if img.size != (eval_res, eval_res):
+        img = img.resize((eval_res, eval_res), resample=Image.LANCZOS)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_prepared(path: str | Path, eval_res: int) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            return prepare_image(img, eval_res)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read image {path}: {exc}; remove or replace the file") from None
+
+
+def list_image_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return files
+
+
+def _stat_digest(paths: Iterable[Path], root: Path) -> str:
+    # names, sizes and mtimes: cheap to compute for 30k files, changes when any file does
+    h = hashlib.sha256()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.relative_to(root).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+class ImageFolderSource:
+    """A folder of images (searched recursively, sorted by path)."""
+
+    kind = "image-folder"
+
+    def __init__(self, folder: str | Path, limit: int | None = None):
+        self.root = Path(folder)
+        self.files = list_image_files(self.root)
+        if not self.files:
+            raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}; "
+                            "pass a folder of images, webdataset shards, a statistics .npz or a gmm: spec")
+        if limit is not None:
+            self.files = self.files[:limit]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def manifest_hash(self) -> str:
+        return _stat_digest(self.files, self.root)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": str(self.root), "num_images": len(self.files)}
+
+    def batches(self, eval_res: int, batch_size: int) -> Iterator[np.ndarray]:
+        for start in range(0, len(self.files), batch_size):
+            yield np.stack([load_prepared(p, eval_res) for p in self.files[start:start + batch_size]])
+
+
+class ShardSource:
+    """Image-caption webdataset shards (.tar): the first image member of each sample is used."""
+
+    kind = "webdataset"
+
+    def __init__(self, shards: list[Path], limit: int | None = None):
+        self.shards = sorted(shards)
+        if not self.shards:
+            raise UserError("no .tar shards found; pass a shard file, a folder of shards or a glob")
+        self.limit = limit
+        self._count: int | None = None
+
+    @staticmethod
+    def from_arg(arg: str, limit: int | None = None) -> "ShardSource":
+        p = Path(arg)
+        if p.is_dir():
+            return ShardSource(list(p.glob("*.tar")), limit)
+        if any(ch in arg for ch in "*?["):
+            return ShardSource([Path(s) for s in glob.glob(arg)], limit)
+        return ShardSource([p], limit)
+
+    def manifest_hash(self) -> str:
+        h = hashlib.sha256(_stat_digest(self.shards, Path("/")).encode())
+        h.update(f"limit={self.limit}".encode())
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "shards": [str(s) for s in self.shards], "num_images": len(self)}
+
+    def _samples(self) -> Iterator[tuple[np.ndarray | bytes, str | None]]:
+        import tarfile
+
+        count = 0
+        for shard in self.shards:
+            with tarfile.open(shard) as tar:
+                # webdataset groups members by the key before the first dot of the basename
+                current, image, caption = None, None, None
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    base = member.name.rsplit("/", 1)[-1]
+                    key, _, ext = base.partition(".")
+                    key = member.name.rsplit("/", 1)[0] + "/" + key if "/" in member.name else key
+                    if key != current:
+                        if image is not None:
+                            yield image, caption
+                            count += 1
+                            if self.limit is not None and count >= self.limit:
+                                return
+                        current, image, caption = key, None, None
+                    data = tar.extractfile(member).read()
+                    if "." + ext.lower() in IMAGE_EXTENSIONS and image is None:
+                        image = data
+                    elif ext.lower() == "txt":
+                        caption = data.decode("utf-8").strip()
+                    elif ext.lower() == "json" and caption is None:
+                        caption = json.loads(data).get("caption")
+                if image is not None and (self.limit is None or count < self.limit):
+                    yield image, caption
+                    count += 1
+                    if self.limit is not None and count >= self.limit:
+                        return
+
+    def __len__(self) -> int:
+        if self._count is None:
+            self._count = sum(1 for _ in self._samples())
+        return self._count
+
+    def batches(self, eval_res: int, batch_size: int) -> Iterator[np.ndarray]:
+        batch = []
+        for data, _ in self._samples():
+            with Image.open(io.BytesIO(data)) as img:
+                batch.append(prepare_image(img, eval_res))
+            if len(batch) == batch_size:
+                yield np.stack(batch)
+                batch = []
+        if batch:
+            yield np.stack(batch)
