@@ -1,0 +1,110 @@
+"""The buffer manifest (`manifest.json`): what a replay buffer holds and who added it.
+
+Schema (format "ddil-buffer", version 1; docs/buffer.md has the prose):
+    format, version
+    header:  state {shape, dtype, encoding}, teacher {spec, fingerprint, model}, grid {steps,
+             teacher_steps, timesteps, num_train_timesteps}: fixed when the buffer is created;
+             an append must match it (`check_compatible`)
+    shards:  [{name, samples, bytes, sha256, run, rank, counts {source: {t: n}}}], oldest first
+    counts:  totals recomputed from `shards` (total, by_source, by_timestep, by_source_timestep)
+    runs:    [{run, created, command, config, versions, student_version, world_size,
+              ranks {rank: {samples, shards, finished}}}]: the collect runs that added to it
+    launches: {launch key: run} for multi-process launches still in progress
+    dropped: {shards, samples}: what the FIFO bound has removed so far
+    next_run: the next collect run's number
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ddil_cli.errors import UserError
+
+FORMAT = "ddil-buffer"
+VERSION = 1
+MANIFEST_NAME = "manifest.json"
+PROMPTS_NAME = "prompts.json"
+PRIORITIES_NAME = "priorities.npz"
+LOCK_NAME = ".lock"
+SHARD_PATTERN = re.compile(r"^shard-(\d{4,})-(\d{3,})-(\d{6,})\.tar$")
+
+
+def shard_name(run: int, rank: int, index: int) -> str:
+    """Disjoint per (run, rank): concurrent writers never pick the same name."""
+    return f"shard-{run:04d}-{rank:03d}-{index:06d}.tar"
+
+
+def parse_shard_name(name: str) -> tuple[int, int, int] | None:
+    match = SHARD_PATTERN.match(name)
+    return tuple(int(g) for g in match.groups()) if match else None
+
+
+def new_manifest(header: dict[str, Any]) -> dict[str, Any]:
+    return {"format": FORMAT, "version": VERSION, "header": copy.deepcopy(header), "shards": [],
+            "counts": recount([]), "runs": [], "launches": {}, "dropped": {"shards": 0, "samples": 0},
+            "next_run": 0}
+
+
+def recount(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals from the per-shard counts, so dropping a shard keeps every count exact."""
+    by_source, by_timestep = Counter(), Counter()
+    by_source_timestep: dict[str, Counter] = {}
+    for shard in shards:
+        for source, per_t in shard["counts"].items():
+            for t, n in per_t.items():
+                by_source[source] += n
+                by_timestep[str(t)] += n
+                by_source_timestep.setdefault(source, Counter())[str(t)] += n
+    return {"total": sum(s["samples"] for s in shards), "by_source": dict(sorted(by_source.items())),
+            "by_timestep": dict(sorted(by_timestep.items(), key=lambda kv: -int(kv[0]))),
+            "by_source_timestep": {s: dict(sorted(c.items(), key=lambda kv: -int(kv[0])))
+                                   for s, c in sorted(by_source_timestep.items())}}
+
+
+def check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path} is not a ddil buffer manifest; point --out at a buffer folder or a new folder")
+    if manifest.get("version") != VERSION:
+        raise UserError(f"{path} is buffer format version {manifest.get('version')}, this ddil-cli reads "
+                        f"version {VERSION}; collect into a new folder")
+    return manifest
+
+
+def check_compatible(existing: dict[str, Any], header: dict[str, Any], where: Path) -> None:
+    """An append must produce states the buffer's readers can mix with the old ones."""
+    old = existing["header"]
+    fix = "collect into a new --out folder (or delete this buffer)"
+    if list(old["state"]["shape"]) != list(header["state"]["shape"]):
+        raise UserError(f"buffer {where} holds states of shape {tuple(old['state']['shape'])} but this teacher "
+                        f"makes {tuple(header['state']['shape'])}; {fix}")
+    if old["teacher"]["fingerprint"] != header["teacher"]["fingerprint"]:
+        raise UserError(f"buffer {where} was collected with teacher {old['teacher']['spec']!r}, not "
+                        f"{header['teacher']['spec']!r}; {fix}")
+    if list(old["grid"]["timesteps"]) != list(header["grid"]["timesteps"]):
+        raise UserError(f"buffer {where} is on the {old['grid']['steps']}-step student grid, not "
+                        f"{header['grid']['steps']} steps; pass --steps {old['grid']['steps']} or {fix}")
+
+
+def add_shard(manifest: dict[str, Any], entry: dict[str, Any]) -> None:
+    manifest["shards"].append(entry)
+    manifest["counts"] = recount(manifest["shards"])
+
+
+def drop_shards(manifest: dict[str, Any], names: set[str]) -> list[dict[str, Any]]:
+    dropped = [s for s in manifest["shards"] if s["name"] in names]
+    manifest["shards"] = [s for s in manifest["shards"] if s["name"] not in names]
+    manifest["dropped"]["shards"] += len(dropped)
+    manifest["dropped"]["samples"] += sum(s["samples"] for s in dropped)
+    manifest["counts"] = recount(manifest["shards"])
+    return dropped
+
+
+def run_entry(manifest: dict[str, Any], run: int) -> dict[str, Any]:
+    for entry in manifest["runs"]:
+        if entry["run"] == run:
+            return entry
+    raise KeyError(run)

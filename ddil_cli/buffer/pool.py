@@ -1,0 +1,80 @@
+"""The in-memory side of the replay buffer: the states a training run draws `student` and
+`teacher` inputs from, mirroring the shards it wrote (or read) on disk.
+
+Training draws random rows many times per second; streaming tar shards for each would cost more
+than the update. The pool holds the states (float16, as on disk) and their metadata, applies the
+same FIFO bound as the disk buffer, and is saved whole inside each checkpoint so that a resumed
+run continues from exactly the same pool.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ddil_cli.buffer.replay import PrioritizedPolicy
+
+
+class ReplayPool:
+    def __init__(self, max_samples: int | None = None, policy: PrioritizedPolicy | None = None):
+        self.max_samples = max_samples
+        self.policy = policy
+        self.states: torch.Tensor | None = None  # (N, *state) float16
+        self.t_index = torch.zeros(0, dtype=torch.long)
+        self.guidance = torch.zeros(0)
+        self.keys: list[str] = []
+        self.prompts: list[str] = []
+        self.sources: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def count(self, source: str) -> int:
+        return sum(s == source for s in self.sources)
+
+    def add(self, states: torch.Tensor, t_index, guidance, prompts: list[str], sources: list[str],
+            keys: list[str]) -> None:
+        states = states.detach().to("cpu", torch.float16)
+        self.states = states if self.states is None else torch.cat([self.states, states])
+        self.t_index = torch.cat([self.t_index, torch.as_tensor(t_index, dtype=torch.long).reshape(-1)])
+        self.guidance = torch.cat([self.guidance, torch.as_tensor(guidance, dtype=torch.float32).reshape(-1)])
+        self.prompts += list(prompts)
+        self.sources += list(sources)
+        self.keys += list(keys)
+        if self.max_samples is not None and len(self) > self.max_samples:
+            self._keep(slice(len(self) - self.max_samples, None))  # FIFO: oldest rows go
+
+    def _keep(self, rows) -> None:
+        self.states, self.t_index, self.guidance = self.states[rows], self.t_index[rows], self.guidance[rows]
+        index = range(len(self.keys))[rows]
+        self.keys = [self.keys[i] for i in index]
+        self.prompts = [self.prompts[i] for i in index]
+        self.sources = [self.sources[i] for i in index]
+
+    def draw(self, n: int, source: str, generator: torch.Generator) -> torch.Tensor:
+        """n row indices of `source` with replacement: uniform, or by priority ** alpha."""
+        rows = [i for i, s in enumerate(self.sources) if s == source]
+        if not rows:
+            raise RuntimeError(f"the replay pool holds no {source!r} states yet")
+        if self.policy is None:
+            pick = torch.randint(len(rows), (n,), generator=generator)
+        else:
+            weights = self.policy.weights([self.keys[i] for i in rows])
+            pick = torch.multinomial(weights, n, replacement=True, generator=generator)
+        return torch.tensor(rows, dtype=torch.long)[pick]
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {"t_index": self.t_index, "guidance": self.guidance}
+        if self.states is not None:
+            tensors["states"] = self.states
+        info = {"keys": self.keys, "prompts": self.prompts, "sources": self.sources}
+        if self.policy is not None:
+            info["priorities"] = dict(self.policy.priorities)
+        return tensors, info
+
+    def load(self, tensors: dict[str, torch.Tensor], info: dict) -> None:
+        self.states = tensors.get("states")
+        self.t_index, self.guidance = tensors["t_index"], tensors["guidance"]
+        self.keys, self.prompts, self.sources = list(info["keys"]), list(info["prompts"]), list(info["sources"])
+        if self.policy is not None:
+            self.policy.priorities = dict(info.get("priorities", {}))
