@@ -35,7 +35,9 @@ def _register():
     from ddil_cli.cli.sample import sample_command
 
     app.command("sample", help=sample_command.__doc__)(sample_command)
-    app.command("collect")(_not_implemented("collect", "the collect/buffer issue"))
+    from ddil_cli.cli.collect import collect_command
+
+    app.command("collect", help=collect_command.__doc__)(collect_command)
     app.command("distill")(_not_implemented("distill", "the distill issue"))
     app.command("evaluate")(_not_implemented("evaluate", "the evaluate issue"))
     app.command("covariate-shift")(_not_implemented("covariate-shift", "the covariate-shift issue"))

@@ -1,0 +1,102 @@
+"""`ddil collect`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, HELP_SEED, console, progress,
+                                 resolve_config, resolve_device)
+from ddil_cli.models import MODEL_HELP
+from ddil_cli.stages.collect import CollectConfig, load_models, run_collect
+
+D = CollectConfig()
+
+COLLECT_HELP = f"""Write the student's training inputs into a replay buffer (webdataset shards + manifest).
+
+Sources, mixed by --prior (non-negative weights summing to 1): data (real data forward-diffused to a
+student timestep; the lab draws exact mixture samples, diffusers teachers read --data shards),
+student (rollouts where the student takes each transition with probability 1 - --teacher-prob)
+and teacher (pure teacher rollouts). --rollouts N trajectories on the --steps grid are split
+between student and teacher by their weights; data adds N * steps * data / (student + teacher)
+states. Targets are never stored. Re-running into the same --out appends (new shards, numbering
+continued); --max-samples keeps only the newest states (FIFO, whole shards). Models: {MODEL_HELP}.
+
+Several processes: `torchrun --nproc_per_node N -m ddil_cli collect ...` or
+`accelerate launch -m ddil_cli collect ...`: each rank writes its own shards of one collect run.
+
+Examples:
+
+  ddil collect --teacher gmm:ring:8 --prior data=0.5,teacher=0.5 --rollouts 256 --out buffers/lab
+
+  ddil collect --teacher gmm:ring:8 --student runs/pd/student --prior data=0.3,student=0.5,teacher=0.2 \\
+      --teacher-prob 0.5 --student-version 2000 --max-samples 100000 --out buffers/lab
+
+  ddil collect --teacher embedded:digits --data data/digits --prior data=0.5,teacher=0.5 --out buffers/digits
+"""
+
+
+def distributed_context() -> tuple[int, int, int, str | None]:
+    """(rank, world size, local rank, launch key) from the torchrun / accelerate launch environment.
+
+    The launch key (the rendezvous id and master address) lets every rank of one launch join one
+    collect run without a process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1, 0, None
+    key = ":".join(os.environ.get(name, "") for name in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"))
+    return int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")), key
+
+
+def collect_command(
+    ctx: typer.Context,
+    teacher: str = typer.Option(D.teacher, help=f"Teacher: {MODEL_HELP}."),
+    student: Optional[str] = typer.Option(None, help="Student folder (a `ddil distill` output's student/)."),
+    data: Optional[str] = typer.Option(None, help="Image-caption webdataset shards for the data source: a .tar, "
+                                       "a folder, a brace pattern or a pipe: URL."),
+    prompts: Optional[Path] = typer.Option(None, help="Text file, one prompt per line (default: the data's "
+                                           "captions, or the lab's classes)."),
+    prior: str = typer.Option(D.prior, help="Source weights, e.g. data=0.3,student=0.5,teacher=0.2 (sum 1)."),
+    rollouts: int = typer.Option(D.rollouts, help="Trajectories to roll out (student + teacher)."),
+    steps: int = typer.Option(D.steps, help="Student steps: the grid whose states are stored."),
+    teacher_steps: int = typer.Option(D.teacher_steps, help="Teacher DDIM steps (a multiple of --steps)."),
+    teacher_prob: float = typer.Option(D.teacher_prob, help="In student rollouts, the probability the teacher "
+                                       "takes a transition."),
+    guidance: Optional[float] = typer.Option(None, help="CFG scale w for the rollouts; default: the model's."),
+    threshold: str = typer.Option(D.threshold, help="none, static:C or dynamic:P on every x0 estimate."),
+    student_version: Optional[int] = typer.Option(None, help="The student's checkpoint step, stored with its "
+                                                  "states (default 0 with a student)."),
+    batch_size: int = typer.Option(D.batch_size, help="Rollouts (or data states) per forward batch."),
+    shard_samples: int = typer.Option(D.shard_samples, help="Samples per shard at most."),
+    shard_mb: float = typer.Option(D.shard_mb, help="Shard size in MiB at most."),
+    max_samples: Optional[int] = typer.Option(None, help="Bound on the buffer: drop the oldest shards beyond it."),
+    cache_prompts: bool = typer.Option(False, help="Also store the teacher's prompt encodings, once per prompt "
+                                       "(prompt_cache/)."),
+    seed: int = typer.Option(D.seed, help=HELP_SEED),
+    device: str = typer.Option("auto", help=HELP_DEVICE),
+    out: Path = typer.Option(Path(D.out), help="Buffer folder: created, or appended to when it exists."),
+    quiet: bool = typer.Option(False, help=HELP_QUIET),
+    config: Optional[Path] = typer.Option(None, help=HELP_CONFIG),
+):
+    cfg = resolve_config(ctx, CollectConfig, config)
+    rank, world_size, local_rank, launch_key = distributed_context()
+    cfg.device = resolve_device(cfg.device)
+    if cfg.device == "cuda" and world_size > 1:
+        cfg.device = f"cuda:{local_rank}"
+    models = load_models(cfg, cfg.device)  # load (and fail) before the buffer is touched
+    with progress(cfg.quiet or rank > 0) as bar:
+        summary = run_collect(cfg, models=models, progress=bar, rank=rank, world_size=world_size,
+                              launch_key=launch_key)
+    if not cfg.quiet:
+        sources = ", ".join(f"{n} {s}" for s, n in summary["by_source"].items())
+        dropped = f", {summary['dropped_samples']} dropped by --max-samples so far" if summary["dropped_samples"] else ""
+        where = f" (rank {rank} of {world_size})" if world_size > 1 else ""
+        console.print(f"[green]collect run {summary['run']}{where}[/]: wrote {summary['states']} states in "
+                      f"{summary['shards']} shard(s), {summary['states_per_second']:.1f} states/s, to {cfg.out}; "
+                      f"buffer holds {summary['buffer_total']} ({sources}){dropped}")
+
+
+collect_command.__doc__ = COLLECT_HELP
