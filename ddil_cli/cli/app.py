@@ -38,7 +38,9 @@ def _register():
     from ddil_cli.cli.collect import collect_command
 
     app.command("collect", help=collect_command.__doc__)(collect_command)
-    app.command("distill")(_not_implemented("distill", "the distill issue"))
+    from ddil_cli.cli.distill import distill_command
+
+    app.command("distill", help=distill_command.__doc__)(distill_command)
     app.command("evaluate")(_not_implemented("evaluate", "the evaluate issue"))
     app.command("covariate-shift")(_not_implemented("covariate-shift", "the covariate-shift issue"))
 

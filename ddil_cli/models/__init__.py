@@ -38,7 +38,7 @@ def load_denoiser(spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.
     if path.is_dir():
         if (path / CONFIG_NAME).is_file():
             return MLPDenoiser.from_pretrained(path).to(device)
-        if (path / "model_index.json").is_file() or (path / "unet").is_dir() or (path / "config.json").is_file():
+        if (path / "model_index.json").is_file() or (path / "unet").is_dir():
             return _diffusers(path, device, dtype)
         raise UserError(f"{path} is a folder but holds no model (no model_index.json, unet/ or "
                         f"{CONFIG_NAME}); give {MODEL_HELP}")

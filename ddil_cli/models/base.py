@@ -96,6 +96,15 @@ class Denoiser(ABC):
         """Clean states to uint8 images (B, H, W, 3); None when states are not images (the lab)."""
         return None
 
+    def shares_conditioning(self, other: "Denoiser") -> bool:
+        """True when `other.encode(prompts)` would give what this model needs, so one encoding
+        serves both (a student made from its teacher shares the frozen text encoders)."""
+        return other is self
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] to clean states (a VAE encode for latent models)."""
+        raise NotImplementedError(f"{type(self).__name__} does not take images")
+
     def describe(self) -> dict[str, Any]:
         """What goes into a manifest about this model."""
         return {"kind": self.kind, "prediction_type": self.prediction_type,

@@ -357,6 +357,28 @@ class DiffusersDenoiser(Denoiser):
             pixels = pixels.expand(-1, 3, -1, -1)
         return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
+    def shares_conditioning(self, other) -> bool:
+        """Same tokenizers and text encoder modules (a student made by make_student): one encoding."""
+        mine, theirs = self.text_encoders, getattr(other, "text_encoders", None)
+        return theirs is not None and mine.keys() == theirs.keys() and \
+            all(mine[k] is theirs[k] for k in mine) and self.variant == getattr(other, "variant", None)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, *, batch_size: int = 8) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] at `image_hw` to clean states: the VAE latent mean times
+        the scaling factor (minus the shift) for latent models, the images themselves in pixel space."""
+        if self.vae is None:
+            return images.float()
+        scale = self.vae.config.scaling_factor
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        vae_dtype, vae_device = self.vae.dtype, next(self.vae.parameters()).device
+        return torch.cat([(self.vae.encode(chunk.to(vae_device, vae_dtype)).latent_dist.mean.float() - shift) * scale
+                          for chunk in images.split(batch_size)])
+
+    @property
+    def image_channels(self) -> int:
+        return self.state_shape[0] if self.vae is None else int(self.vae.config.in_channels)
+
     # ---- saving -------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, *, timesteps: list[int] | None = None,
                         scheduler: str = "ddim") -> None:

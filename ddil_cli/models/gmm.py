@@ -179,5 +179,9 @@ class GMMDenoiser(Denoiser):
         x0 = self.mixture.posterior_mean(x_t.cpu(), a, s, cond["class"].cpu())
         return x0.to(device=x_t.device, dtype=x_t.dtype if x_t.is_floating_point() else torch.float32)
 
+    def shares_conditioning(self, other) -> bool:
+        # lab models all encode a prompt as its class id
+        return other.kind in ("gmm", "mlp") and getattr(other, "num_classes", None) == self.num_classes
+
     def describe(self):
         return {**super().describe(), "spec": str(self.spec), "num_classes": self.num_classes}

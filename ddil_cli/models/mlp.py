@@ -88,6 +88,9 @@ class MLPDenoiser(Denoiser):
             guidance = torch.ones(x_t.shape[0], device=x_t.device)
         return self.net(x_t, t, cond["class"].to(x_t.device), guidance)
 
+    def shares_conditioning(self, other) -> bool:
+        return other.kind in ("gmm", "mlp") and getattr(other, "num_classes", None) == self.num_classes
+
     def describe(self):
         return {**super().describe(), "source": self.config.source, "hidden": self.config.hidden,
                 "layers": self.config.layers}

@@ -1,0 +1,105 @@
+"""`ddil distill`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, HELP_SEED, console, progress,
+                                 resolve_config, resolve_device)
+from ddil_cli.models import MODEL_HELP
+from ddil_cli.stages.distill import DEFAULT_PRIOR_SCHEDULE, DEFAULT_STUDENT_PROB, DistillConfig, run_distill
+
+D = DistillConfig()
+
+DISTILL_HELP = f"""Distil a teacher into a few-step student, with DDIL inputs and reflected thresholding.
+
+Every batch mixes forward-diffused data, states on the current student's own (mixed) rollouts
+and states on teacher rollouts, by --prior or --prior-schedule (default
+{DEFAULT_PRIOR_SCHEDULE}); every --collect-every updates the loop rolls out the current
+student (it takes each transition with probability --student-prob, default {DEFAULT_STUDENT_PROB})
+into run/buffer/. `--prior data=1` is plain teacher-forced distillation. Models: {MODEL_HELP}.
+
+PD halves the steps stage by stage (--teacher-steps 32 -> 16 -> 8 -> --steps 4), each stage's
+teacher being the previous student; --max-updates is split over the stages.
+
+Output: OUT/student/ (a diffusers folder, or an MLP folder for the lab), OUT/stages/*/,
+OUT/checkpoints/, OUT/buffer/, OUT/metrics.jsonl, OUT/summary.json, OUT/manifest.json.
+
+Examples:
+
+  ddil distill --method pd --teacher gmm:ring:8 --steps 4 --max-updates 600 --lr 1e-3 --out runs/lab-ddil
+
+  ddil distill --method pd --teacher gmm:ring:8 --prior data=1 --out runs/lab-pd
+
+  ddil distill --method pd --teacher embedded:digits --data data/digits/train --guidance-range 1,4 --out runs/digits
+
+  ddil distill --out runs/digits --resume latest   (same flags as the interrupted run)
+"""
+
+
+def distill_command(
+    ctx: typer.Context,
+    method: str = typer.Option(D.method, help="pd (lcm and dmd2 are planned)."),
+    teacher: str = typer.Option(D.teacher, help=f"Teacher: {MODEL_HELP}."),
+    data: Optional[str] = typer.Option(None, help="Image-caption webdataset shards for the data source "
+                                       "(the lab draws exact mixture samples)."),
+    buffer: Optional[str] = typer.Option(None, help="An external buffer from `ddil collect`."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompts for rollouts, one per line (default: data "
+                                           "captions, or the lab's classes)."),
+    steps: int = typer.Option(D.steps, help="The student's final number of steps."),
+    teacher_steps: int = typer.Option(D.teacher_steps, help="The teacher's steps (PD halves from here)."),
+    max_updates: int = typer.Option(D.max_updates, help="Student updates in all, split over PD stages."),
+    stage_updates: Optional[str] = typer.Option(None, help="Updates per PD stage: N or N1,N2,... (overrides)."),
+    guided_updates: int = typer.Option(D.guided_updates, help="Updates of the guided stage (CFG into a "
+                                       "w-conditioned student at the teacher's steps); 0 skips it."),
+    batch_size: int = typer.Option(D.batch_size, help="Examples per micro-batch (per process)."),
+    lr: float = typer.Option(D.lr, help="AdamW learning rate."),
+    warmup: int = typer.Option(D.warmup, help="Linear warmup updates (then linear decay to 0)."),
+    weight_decay: float = typer.Option(D.weight_decay, help="AdamW weight decay."),
+    max_grad_norm: float = typer.Option(D.max_grad_norm, help="Gradient clipping norm."),
+    grad_accum: int = typer.Option(D.grad_accum, help="Micro-batches per update."),
+    mixed_precision: str = typer.Option(D.mixed_precision, help="no, fp16 or bf16."),
+    gradient_checkpointing: bool = typer.Option(False, help="Trade compute for memory (diffusers UNets)."),
+    ema_decay: float = typer.Option(D.ema_decay, help="EMA of the student's weights (0: off); saved weights are the EMA."),
+    prior: Optional[str] = typer.Option(None, help="A fixed prior, e.g. data=0.3,student=0.5,teacher=0.2."),
+    prior_schedule: Optional[str] = typer.Option(None, help=f"Phases START:PRIOR;... (default {DEFAULT_PRIOR_SCHEDULE})."),
+    collect_every: int = typer.Option(D.collect_every, help="DAgger: roll out the current student every K updates."),
+    rollouts_per_collect: int = typer.Option(D.rollouts_per_collect, help="Trajectories per collection (per process)."),
+    student_prob: str = typer.Option(D.student_prob, help="P or START:P;START:P: how often the student takes a transition."),
+    replay: str = typer.Option(D.replay, help="fifo or prioritised (by the last loss on each state)."),
+    buffer_size: int = typer.Option(D.buffer_size, help="Most states kept in the replay buffer (FIFO bound)."),
+    priority_alpha: float = typer.Option(D.priority_alpha, help="Prioritised replay exponent."),
+    guidance: Optional[float] = typer.Option(None, help="Fixed CFG scale of the teacher's targets (default: the model's)."),
+    guidance_range: Optional[str] = typer.Option(None, help="MIN,MAX: w ~ U[MIN, MAX] per example, student takes w as input."),
+    threshold: Optional[str] = typer.Option(None, help="none, static:C or dynamic:P on the teacher's x0 "
+                                            "(default static:1 for pixel and lab models)."),
+    student_prediction: Optional[str] = typer.Option(None, help="Lab MLP student's output: epsilon, v_prediction, sample."),
+    checkpoint_every: int = typer.Option(D.checkpoint_every, help="Checkpoint every N updates (0: at stage ends)."),
+    keep_checkpoints: int = typer.Option(D.keep_checkpoints, help="How many checkpoints to keep."),
+    log_every: int = typer.Option(D.log_every, help="metrics.jsonl row every N updates."),
+    max_nonfinite: int = typer.Option(D.max_nonfinite, help="Stop after this many non-finite updates in a row."),
+    resume: Optional[str] = typer.Option(None, help="latest or a checkpoint folder: continue the run in --out."),
+    tracker: str = typer.Option(D.tracker, help="none, tensorboard or wandb (through accelerate)."),
+    seed: int = typer.Option(D.seed, help=HELP_SEED),
+    device: str = typer.Option("auto", help=HELP_DEVICE),
+    out: Path = typer.Option(Path(D.out), help="Run folder."),
+    quiet: bool = typer.Option(False, help=HELP_QUIET),
+    overwrite: bool = typer.Option(False, help="Start again in an existing run folder (deletes it first)."),
+    config: Optional[Path] = typer.Option(None, help=HELP_CONFIG),
+):
+    cfg = resolve_config(ctx, DistillConfig, config)
+    cfg.device = resolve_device(cfg.device)
+    with progress(cfg.quiet) as bar:
+        summary = run_distill(cfg, progress=bar)
+    if not cfg.quiet:
+        for phase in summary["phases"]:
+            console.print(f"{phase['phase']}: {phase['updates']} updates, {phase['buffer_states']} buffered states, "
+                          f"{phase['nonfinite_skipped']} non-finite skipped")
+        console.print(f"[green]student[/] saved to {summary['student']} "
+                      f"(collection took {100 * summary['collect_share']:.1f}% of training time)")
+
+
+distill_command.__doc__ = DISTILL_HELP

@@ -1,0 +1,531 @@
+"""`ddil distill`: one accelerate training loop, DDIL input priors, the DAgger collection loop.
+
+A run is a sequence of phases (PD: optional guided stage, then one stage per halving of the
+step count); each phase trains a student against that phase's teacher with the Trainer. Every
+batch is assembled by the priors from three sources: `data` (forward-diffused real data),
+`student` (states on mixed teacher/student rollouts of the *current* student) and `teacher`
+(states on pure teacher rollouts); the latter two come from the replay buffer that the DAgger
+hook fills every --collect-every updates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ddil_cli.buffer.pool import ReplayPool
+from ddil_cli.buffer.replay import FIFOPolicy, PrioritizedPolicy
+from ddil_cli.buffer.sources import DataStates, forward_diffuse, is_lab
+from ddil_cli.buffer.writer import BufferWriter, prompt_id
+from ddil_cli.diffusion.schedule import trailing_timesteps
+from ddil_cli.diffusion.threshold import Threshold, parse_threshold
+from ddil_cli.errors import UserError
+from ddil_cli.manifest import build_manifest, fingerprint, write_json_atomic
+from ddil_cli.methods import METHODS, PLANNED, Batch, PDMethod
+from ddil_cli.models import load_denoiser, make_student
+from ddil_cli.models.base import Conditioning, Denoiser
+from ddil_cli.priors import PriorSchedule, sources_for_batch
+from ddil_cli.rollout import Grid, rollout, seeded_noise, teacher_mask
+from ddil_cli.specs import read_prompts
+from ddil_cli.train import MetricsLog, TrainConfig, Trainer, latest_checkpoint
+
+# ALGORITHMS.md section 4 defaults: phase 1 (first 60%) data 0.5 / buffer 0.5 with the student
+# taking a transition with probability 0.5; phase 2 data 0.3 / buffer 0.7, student 0.8.
+DEFAULT_PRIOR_SCHEDULE = "0:data=0.5,student=0.5;0.6:data=0.3,student=0.7"
+DEFAULT_STUDENT_PROB = "0:0.5;0.6:0.8"
+
+
+@dataclass
+class DistillConfig:
+    method: str = "pd"
+    teacher: str = "gmm:ring:8"
+    data: str | None = None
+    buffer: str | None = None
+    prompts: str | None = None
+    steps: int = 4
+    teacher_steps: int = 32
+    max_updates: int = 600
+    stage_updates: str | None = None
+    guided_updates: int = 0
+    batch_size: int = 64
+    lr: float = 1e-4
+    warmup: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.0
+    prior: str | None = None
+    prior_schedule: str | None = None
+    collect_every: int = 50
+    rollouts_per_collect: int = 64
+    student_prob: str = DEFAULT_STUDENT_PROB
+    replay: str = "fifo"
+    buffer_size: int = 20000
+    priority_alpha: float = 0.6
+    guidance: float | None = None
+    guidance_range: str | None = None
+    threshold: str | None = None
+    student_prediction: str | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    max_nonfinite: int = 5
+    resume: str | None = None
+    tracker: str = "none"
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/distill"
+    quiet: bool = False
+    overwrite: bool = False
+
+
+# ---- resolving the plan (all validation happens here, before anything is written) ------------
+@dataclass
+class Phase:
+    name: str
+    steps: int  # the student's steps in this phase
+    teacher_steps: int  # the phase teacher's steps (2x for a halving stage)
+    updates: int
+    mode: str  # halve | match
+
+
+@dataclass
+class Plan:
+    phases: list[Phase]
+    schedule: PriorSchedule
+    student_prob: PriorSchedule | list
+    guidance_range: tuple[float, float]
+    guidance_embedding: bool
+    threshold: Threshold
+    prompts: list[str] | None
+
+
+def _parse_student_prob(text: str) -> list[tuple[float | int, float]]:
+    """'0:0.5;0.6:0.8' (phase starts as fractions or update counts) or a single '0.7'."""
+    phases = []
+    for part in filter(None, (p.strip() for p in str(text).split(";"))):
+        start, colon, value = part.partition(":")
+        if not colon:
+            start, value = "0", part
+        try:
+            prob = float(value)
+            begin = float(start) if "." in start else int(start)
+        except ValueError:
+            raise UserError(f"bad --student-prob {text!r}; write P or START:P;START:P, e.g. {DEFAULT_STUDENT_PROB}") from None
+        if not 0 <= prob <= 1:
+            raise UserError(f"--student-prob {prob} is outside [0, 1]")
+        phases.append((begin, prob))
+    if not phases or phases[0][0] != 0:
+        raise UserError(f"--student-prob must start at 0, e.g. {DEFAULT_STUDENT_PROB}")
+    return phases
+
+
+def _at(phases, update: int, total: int):
+    current = phases[0][1]
+    for start, value in phases:
+        begin = start if isinstance(start, int) else int(round(start * total))
+        if update >= begin:
+            current = value
+    return current
+
+
+def _halvings(teacher_steps: int, steps: int) -> list[int]:
+    ratio = teacher_steps / steps
+    if steps < 1 or ratio < 2 or ratio != int(ratio) or int(ratio) & (int(ratio) - 1):
+        raise UserError(f"progressive distillation halves the steps, so --teacher-steps {teacher_steps} "
+                        f"cannot reach --steps {steps}; use a power-of-two ratio such as 32 -> 4")
+    stages, current = [], teacher_steps
+    while current > steps:
+        current //= 2
+        stages.append(current)
+    return stages
+
+
+def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
+    if cfg.method not in METHODS:
+        if cfg.method in PLANNED:
+            raise UserError(f"--method {cfg.method} is not implemented yet; use --method pd")
+        raise UserError(f"unknown --method {cfg.method!r}; use one of {', '.join([*METHODS, *PLANNED])}")
+    for flag, value in (("--batch-size", cfg.batch_size), ("--max-updates", cfg.max_updates),
+                        ("--grad-accum", cfg.grad_accum), ("--log-every", cfg.log_every),
+                        ("--max-nonfinite", cfg.max_nonfinite)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise UserError(f"--mixed-precision {cfg.mixed_precision!r}: use no, fp16 or bf16")
+    if cfg.replay not in ("fifo", "prioritised"):
+        raise UserError(f"--replay {cfg.replay!r}: use fifo or prioritised")
+    if cfg.tracker not in ("none", "tensorboard", "wandb"):
+        raise UserError(f"--tracker {cfg.tracker!r}: use none, tensorboard or wandb")
+    halvings = _halvings(cfg.teacher_steps, cfg.steps)
+    budgets = _stage_budgets(cfg, len(halvings))
+    phases = []
+    if cfg.guided_updates > 0:
+        phases.append(Phase(f"guided-{cfg.teacher_steps}", cfg.teacher_steps, cfg.teacher_steps,
+                            cfg.guided_updates, "match"))
+    for steps, updates in zip(halvings, budgets):
+        phases.append(Phase(f"pd-{steps}", steps, steps * 2, updates, "halve"))
+    schedule = PriorSchedule.parse(cfg.prior if cfg.prior else (cfg.prior_schedule or DEFAULT_PRIOR_SCHEDULE),
+                                   flag="--prior" if cfg.prior else "--prior-schedule")
+    if cfg.prior and cfg.prior_schedule:
+        raise UserError("give --prior or --prior-schedule, not both")
+    uses = {s for p in schedule.priors for s, w in p.items() if w > 0}
+    if "data" in uses and not is_lab(teacher) and not cfg.data:
+        raise UserError("the prior gives weight to data but this teacher has no built-in data; pass "
+                        "--data SHARDS (image-caption webdataset) or set data=0")
+    if cfg.data and is_lab(teacher):
+        raise UserError("the Gaussian-mixture lab draws exact samples of its mixture as data; drop --data")
+    student_prob = _parse_student_prob(cfg.student_prob)
+    default_w = cfg.guidance if cfg.guidance is not None else getattr(teacher, "default_guidance", 1.0)
+    if cfg.guidance_range:
+        try:
+            low, high = (float(v) for v in cfg.guidance_range.split(","))
+        except ValueError:
+            raise UserError(f"bad --guidance-range {cfg.guidance_range!r}; write MIN,MAX such as 2,8") from None
+        if not 1 <= low <= high:
+            raise UserError(f"--guidance-range {cfg.guidance_range}: need 1 <= MIN <= MAX")
+        guidance_range = (low, high)
+    else:
+        guidance_range = (float(default_w), float(default_w))
+    # a student cannot fold CFG (two passes) into one pass unless it takes w as an input
+    guidance_embedding = guidance_range != (1.0, 1.0)
+    try:
+        default_threshold = "static:1" if (is_lab(teacher) or getattr(teacher, "vae", 1) is None) else "none"
+        threshold = parse_threshold(cfg.threshold or default_threshold)
+    except ValueError as exc:
+        raise UserError(f"--threshold: {exc}") from None
+    if cfg.student_prediction not in (None, "epsilon", "v_prediction", "sample"):
+        raise UserError(f"--student-prediction {cfg.student_prediction!r}: use epsilon, v_prediction or sample")
+    prompts = read_prompts([], cfg.prompts, getattr(teacher, "default_prompts", lambda: None)()) \
+        if (cfg.prompts or not cfg.data) else None
+    return Plan(phases, schedule, student_prob, guidance_range, guidance_embedding, threshold, prompts)
+
+
+def _stage_budgets(cfg: DistillConfig, stages: int) -> list[int]:
+    if cfg.stage_updates:
+        try:
+            budgets = [int(v) for v in str(cfg.stage_updates).split(",")]
+        except ValueError:
+            budgets = []
+        if len(budgets) == 1:
+            budgets *= stages
+        if len(budgets) != stages or min(budgets) < 1:
+            raise UserError(f"--stage-updates {cfg.stage_updates!r}: give one positive count, or one per "
+                            f"halving stage ({stages} here)")
+        return budgets
+    base = cfg.max_updates // stages
+    if base < 1:
+        raise UserError(f"--max-updates {cfg.max_updates} is fewer than the {stages} halving stages")
+    return [base + (1 if i < cfg.max_updates % stages else 0) for i in range(stages)]
+
+
+# ---- batches ----------------------------------------------------------------------------------
+class InputAssembler:
+    """Builds each training batch from data / student / teacher sources by the prior in force."""
+
+    def __init__(self, *, teacher: Denoiser, student: Denoiser, grid: list[int], plan: Plan, pool: ReplayPool,
+                 data: DataStates | None, batch_size: int, total_updates: int, generator: torch.Generator,
+                 device: str):
+        self.teacher, self.student, self.grid, self.plan = teacher, student, grid, plan
+        self.pool, self.data, self.batch_size = pool, data, batch_size
+        self.total_updates, self.generator, self.device = total_updates, generator, device
+        self.data_index = 0
+
+    def prior(self, update: int) -> dict[str, float]:
+        return self.plan.schedule.at(update, self.total_updates)
+
+    def guidance(self, n: int) -> torch.Tensor:
+        low, high = self.plan.guidance_range
+        return low + (high - low) * torch.rand(n, generator=self.generator)
+
+    def __call__(self, update: int) -> Batch:
+        sources = sources_for_batch(self.batch_size, self.prior(update), self.generator)
+        parts = []  # (x_t, t_index, guidance, prompts, sources, keys)
+        n_data = sources.count("data")
+        if n_data:
+            x0, prompts = self.data.batch(n_data, self.generator, self.data_index)
+            self.data_index += n_data
+            x_t, _t, t_index = forward_diffuse(x0, self.teacher.schedule, self.grid, self.generator)
+            parts.append((x_t, t_index, self.guidance(n_data), prompts, ["data"] * n_data, [None] * n_data))
+        for source in ("student", "teacher"):
+            n = sources.count(source)
+            if n:
+                rows = self.pool.draw(n, source, self.generator)
+                parts.append((self.pool.states[rows].float(), self.pool.t_index[rows], self.pool.guidance[rows],
+                              [self.pool.prompts[i] for i in rows], [source] * n,
+                              [self.pool.keys[i] for i in rows]))
+        x_t = torch.cat([p[0] for p in parts]).to(self.device)
+        t_index = torch.cat([p[1] for p in parts])
+        prompts = [q for p in parts for q in p[3]]
+        cond = self.teacher.encode(prompts)
+        student_cond = cond if self.student.shares_conditioning(self.teacher) else self.student.encode(prompts)
+        return Batch(x_t=x_t, t_index=t_index.to(self.device),
+                     t=torch.tensor(self.grid, dtype=torch.long)[t_index].to(self.device), cond=cond,
+                     student_cond=student_cond, guidance=torch.cat([p[2] for p in parts]).to(self.device),
+                     source=[s for p in parts for s in p[4]], keys=[k for p in parts for k in p[5]])
+
+
+# ---- the DAgger collection hook ----------------------------------------------------------------
+class DaggerCollector:
+    """Every K updates: roll out the current student mixed with the teacher, store the visited
+    states in the run's buffer (shards on disk) and the pool; pure teacher rollouts once."""
+
+    def __init__(self, *, teacher, student, grid: Grid, plan: Plan, pool: ReplayPool, buffer_dir: Path,
+                 rollouts: int, prompts_for, seed: int, total_updates: int, accelerator, phase: str,
+                 fifo: FIFOPolicy, needs_teacher_states: bool):
+        self.teacher, self.student, self.grid, self.plan, self.pool = teacher, student, grid, plan, pool
+        self.buffer_dir, self.rollouts, self.prompts_for, self.seed = buffer_dir, rollouts, prompts_for, seed
+        self.total_updates, self.acc, self.phase, self.fifo = total_updates, accelerator, phase, fifo
+        self.needs_teacher_states = needs_teacher_states
+
+    def header(self) -> dict:
+        return {"state": {"shape": list(self.teacher.state_shape), "dtype": "float16", "encoding": "npy"},
+                "teacher": {"spec": getattr(self.teacher, "source", "") or str(getattr(self.teacher, "spec", "")),
+                            "model": self.teacher.describe()},
+                "grid": {"steps": self.grid.num_transitions, "teacher_steps": len(self.grid.teacher),
+                         "timesteps": self.grid.student,
+                         "num_train_timesteps": self.teacher.schedule.num_train_timesteps}}
+
+    def _roll(self, writer: BufferWriter, update: int, teacher_prob: float, source: str, salt: int) -> int:
+        rank, world = self.acc.process_index, self.acc.num_processes
+        first = (salt * 1_000_003 + update) * world * self.rollouts + rank * self.rollouts
+        seeds = [(self.seed << 32) + first + i for i in range(self.rollouts)]
+        prompts = self.prompts_for(self.rollouts)
+        x_T, uniforms = seeded_noise(seeds, tuple(self.teacher.state_shape), self.grid.num_transitions,
+                                     self.acc.device)
+        gen = torch.Generator().manual_seed(seeds[0])
+        low, high = self.plan.guidance_range
+        guidance = low + (high - low) * torch.rand(self.rollouts, generator=gen)
+        mask = teacher_mask(uniforms, self.grid, teacher_prob=teacher_prob)
+        cond = self.teacher.encode(prompts)
+        student_cond = cond if self.student.shares_conditioning(self.teacher) else self.student.encode(prompts)
+        was_training = self.student.network.training
+        self.student.network.eval()
+        result = rollout(x_T, cond, self.grid, mask, teacher=self.teacher, student=self.student,
+                         guidance=guidance.to(self.acc.device), threshold=self.plan.threshold,
+                         student_cond=student_cond, record=True)
+        self.student.network.train(was_training)
+        states, t_index, keys = [], [], []
+        for i, state_batch in enumerate(result.states):
+            for r in range(self.rollouts):
+                keys.append(writer.write(state_batch[r].float().cpu().numpy(), {
+                    "t": self.grid.student[i], "t_index": i, "source": source, "rollout_id": seeds[r],
+                    "prompt": prompts[r], "prompt_id": prompt_id(prompts[r]), "guidance": float(guidance[r]),
+                    "student_version": update, "phase": self.phase, "teacher_prob": teacher_prob}))
+                states.append(state_batch[r])
+                t_index.append(i)
+        n = len(keys)
+        self.pool.add(torch.stack(states), t_index, guidance.repeat(self.grid.num_transitions),
+                      [prompts[r] for _ in result.states for r in range(self.rollouts)], [source] * n, keys)
+        return n
+
+    def __call__(self, update: int) -> float:
+        start = time.perf_counter()
+        student_prob = _at(self.plan.student_prob, update, self.total_updates)
+        writer = BufferWriter(self.buffer_dir, self.header(), rank=self.acc.process_index,
+                              world_size=self.acc.num_processes,
+                              run_info={"command": "distill (DAgger)", "student_version": update, "phase": self.phase},
+                              on_commit=self.fifo)
+        with writer.open():
+            self._roll(writer, update, 1.0 - student_prob, "student" if student_prob > 0 else "teacher", 0)
+            if self.needs_teacher_states and self.pool.count("teacher") == 0:
+                self._roll(writer, update, 1.0, "teacher", 1)
+        return time.perf_counter() - start
+
+
+class _RunState:
+    """What the Trainer checkpoints besides the networks: the pool, the batch RNG, data position."""
+
+    def __init__(self, pool: ReplayPool, assembler: InputAssembler):
+        self.pool, self.assembler = pool, assembler
+
+    def state(self):
+        tensors, info = self.pool.state()
+        tensors = {f"pool.{k}": v for k, v in tensors.items()}
+        tensors["generator"] = self.assembler.generator.get_state()
+        return tensors, {"pool": info, "data_index": self.assembler.data_index}
+
+    def load(self, tensors, info):
+        self.pool.load({k[5:]: v for k, v in tensors.items() if k.startswith("pool.")}, info["pool"])
+        self.assembler.generator.set_state(tensors["generator"])
+        self.assembler.data_index = info["data_index"]
+
+
+# ---- the run ---------------------------------------------------------------------------------
+COMPATIBLE_KEYS = ("method", "teacher", "steps", "teacher_steps", "guided_updates", "student_prediction")
+
+
+def check_resume(cfg: DistillConfig, run: Path) -> Path | None:
+    """The checkpoint to resume from (None: start fresh), after checking the run matches."""
+    if cfg.resume is None:
+        if run.exists() and any(run.iterdir()) and not cfg.overwrite:
+            raise UserError(f"run folder {run} already exists; pass --resume latest to continue it, "
+                            "another --out, or --overwrite to start again")
+        return None
+    manifest_path = run / "manifest.json"
+    if not manifest_path.is_file():
+        raise UserError(f"--resume: {run} is not a ddil distill run (no manifest.json); check --out")
+    old = json.loads(manifest_path.read_text())["config"]
+    for key in COMPATIBLE_KEYS:
+        if old.get(key) != getattr(cfg, key):
+            raise UserError(f"--resume: the run in {run} has {key}={old.get(key)!r}, this command "
+                            f"{getattr(cfg, key)!r}; resume with the same settings or use another --out")
+    if cfg.resume == "latest":
+        return latest_checkpoint(run)
+    path = Path(cfg.resume)
+    if not (path / "state.json").is_file():
+        raise UserError(f"--resume {path}: not a checkpoint folder (no state.json); use latest or "
+                        f"a folder under {run / 'checkpoints'}")
+    return path
+
+
+def run_distill(cfg: DistillConfig, *, progress=None, log_console=None) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    run = Path(cfg.out)
+    teacher = load_denoiser(cfg.teacher, device=cfg.device)
+    plan = make_plan(cfg, teacher)
+    resume_from = check_resume(cfg, run)
+    data = DataStates(teacher, data=cfg.data, prompts=plan.prompts) \
+        if any(p["data"] > 0 for p in plan.schedule.priors) else None
+    external = None
+    if cfg.buffer:
+        raise UserError("--buffer (an external `ddil collect` buffer) is not wired into distill yet; "
+                        "drop it to let the run collect its own buffer")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to {run} ({exc.strerror}); choose a writable --out") from None
+    if resume_from is None and cfg.overwrite:
+        for child in run.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu",
+                              log_with=None if cfg.tracker == "none" else cfg.tracker, project_dir=str(run / "logs"))
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        write_json_atomic(run / "manifest.json", build_manifest(
+            "distill", cfg, inputs={"teacher": cfg.teacher, "data": cfg.data, "prompts": cfg.prompts},
+            extra={"phases": [asdict(p) for p in plan.phases], "teacher_model": teacher.describe()}))
+    if cfg.tracker != "none":
+        accelerator.init_trackers("ddil-distill", config={k: v for k, v in asdict(cfg).items()
+                                                          if isinstance(v, (int, float, str, bool))})
+    metrics = MetricsLog(run / "metrics.jsonl")
+    resume_info = json.loads((resume_from / "state.json").read_text()) if resume_from else None
+
+    phase_teacher = teacher.to(accelerator.device)
+    offset, summaries = 0, []
+    for k, phase in enumerate(plan.phases):
+        stage_dir = run / "stages" / phase.name
+        done = (stage_dir / "ddil_phase.json").is_file()
+        if done and cfg.resume is not None:
+            phase_teacher = load_denoiser(str(stage_dir), device=accelerator.device)
+            offset += phase.updates
+            summaries.append(json.loads((stage_dir / "ddil_phase.json").read_text()))
+            continue
+        summaries.append(_run_phase(cfg, plan, phase, k, phase_teacher, data, run, accelerator, metrics,
+                                    resume_from if resume_info and resume_info["phase"] == phase.name else None,
+                                    offset, progress))
+        phase_teacher = load_denoiser(str(stage_dir), device=accelerator.device)
+        offset += phase.updates
+    final = run / "student"
+    if accelerator.is_main_process:
+        tmp = run / ".student.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(run / "stages" / plan.phases[-1].name, tmp)
+        (tmp / "ddil_phase.json").unlink()
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    accelerator.end_training()
+    summary = {"phases": summaries, "student": str(final),
+               "collect_share": sum(s["collect_seconds"] for s in summaries) /
+               max(1e-9, sum(s["collect_seconds"] + s["train_seconds"] for s in summaries))}
+    if accelerator.is_main_process:
+        write_json_atomic(run / "summary.json", summary)
+    return summary
+
+
+def _run_phase(cfg, plan, phase, index, phase_teacher, data, run, accelerator, metrics, resume_from,
+               offset, progress) -> dict:
+    student_grid = trailing_timesteps(phase.steps, phase_teacher.schedule.num_train_timesteps)
+    is_first = index == 0
+    kwargs = {}
+    if phase_teacher.kind == "gmm" and cfg.student_prediction:
+        kwargs["prediction_type"] = cfg.student_prediction
+    needs_embedding = plan.guidance_embedding and not phase_teacher.guidance_conditioned
+    torch.manual_seed(cfg.seed + index)
+    student = make_student(phase_teacher, guidance_embedding=needs_embedding, **kwargs).to(accelerator.device)
+    if cfg.gradient_checkpointing and hasattr(student.network, "enable_gradient_checkpointing"):
+        student.network.enable_gradient_checkpointing()
+    method = PDMethod(phase_teacher, student, student_grid=student_grid, threshold=plan.threshold,
+                      mode=phase.mode)
+    policy = PrioritizedPolicy(cfg.priority_alpha) if cfg.replay == "prioritised" else None
+    pool = ReplayPool(cfg.buffer_size, policy)
+    generator = torch.Generator().manual_seed(cfg.seed * 7919 + index * 104729 + accelerator.process_index)
+    assembler = InputAssembler(teacher=phase_teacher, student=student, grid=student_grid, plan=plan, pool=pool,
+                               data=data, batch_size=cfg.batch_size, total_updates=phase.updates,
+                               generator=generator, device=accelerator.device)
+    uses = {s for p in plan.schedule.priors for s, w in p.items() if w > 0}
+    hooks = []
+    if uses & {"student", "teacher"}:
+        grid = Grid.make(phase.steps, phase.teacher_steps)
+        prompt_source = (lambda n: [plan.prompts[i % len(plan.prompts)] for i in
+                                    torch.randint(len(plan.prompts), (n,), generator=generator).tolist()]) \
+            if plan.prompts else data.captions
+        collector = DaggerCollector(teacher=phase_teacher, student=student, grid=grid, plan=plan, pool=pool,
+                                    buffer_dir=run / "buffer" / phase.name, rollouts=cfg.rollouts_per_collect,
+                                    prompts_for=prompt_source, seed=cfg.seed, total_updates=phase.updates,
+                                    accelerator=accelerator, phase=phase.name,
+                                    fifo=FIFOPolicy(cfg.buffer_size), needs_teacher_states="teacher" in uses)
+        hooks.append((cfg.collect_every, collector))
+    train_cfg = TrainConfig(max_updates=phase.updates, lr=cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
+                            max_grad_norm=cfg.max_grad_norm, grad_accum=cfg.grad_accum, ema_decay=cfg.ema_decay,
+                            checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
+                            log_every=cfg.log_every, max_nonfinite=cfg.max_nonfinite)
+    trainer = Trainer(accelerator=accelerator, method=method, config=train_cfg, run_dir=run, phase=phase.name,
+                      make_batch=assembler, hooks=hooks, extra_state=_RunState(pool, assembler),
+                      progress=progress, log=metrics, update_offset=offset)
+    if policy is not None:
+        inner = method.loss
+
+        def scored_loss(batch):  # prioritised replay: the last loss on each buffered state
+            per_example = inner(batch)
+            keyed = [(k, v) for k, v in zip(batch.keys, per_example.detach().float().cpu().tolist()) if k]
+            if keyed:
+                policy.update([k for k, _ in keyed], [v for _, v in keyed])
+            return per_example
+        method.loss = scored_loss
+    if resume_from is not None:
+        trainer.load_checkpoint(resume_from)
+    state = trainer.run()
+    net = trainer.final_weights()
+    stage_dir = run / "stages" / phase.name
+    summary = {"phase": phase.name, "steps": phase.steps, "updates": state.update,
+               "nonfinite_skipped": state.nonfinite_total, "collect_seconds": state.collect_seconds,
+               "train_seconds": state.train_seconds, "buffer_states": len(pool)}
+    if accelerator.is_main_process:
+        tmp = stage_dir.with_name("." + stage_dir.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        student.save_pretrained(tmp, timesteps=student_grid)
+        (tmp / "ddil_phase.json").write_text(json.dumps(summary, indent=2))
+        if stage_dir.exists():
+            shutil.rmtree(stage_dir)
+        stage_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(stage_dir)
+    trainer.save_checkpoint()
+    accelerator.wait_for_everyone()
+    return summary
