@@ -1,0 +1,1 @@
+"""Real data: the image-caption webdataset reader and the embedded digits shards."""
