@@ -281,7 +281,8 @@ class DaggerCollector:
 
     def __init__(self, *, teacher, student, grid: Grid, plan: Plan, pool: ReplayPool, buffer_dir: Path,
                  rollouts: int, prompts_for, seed: int, total_updates: int, accelerator, phase: str,
-                 fifo: FIFOPolicy, needs_teacher_states: bool):
+                 fifo: FIFOPolicy, needs_teacher_states: bool, teacher_source: str):
+        self.teacher_source = teacher_source
         self.teacher, self.student, self.grid, self.plan, self.pool = teacher, student, grid, plan, pool
         self.buffer_dir, self.rollouts, self.prompts_for, self.seed = buffer_dir, rollouts, prompts_for, seed
         self.total_updates, self.acc, self.phase, self.fifo = total_updates, accelerator, phase, fifo
@@ -289,7 +290,7 @@ class DaggerCollector:
 
     def header(self) -> dict:
         return {"state": {"shape": list(self.teacher.state_shape), "dtype": "float16", "encoding": "npy"},
-                "teacher": {"spec": getattr(self.teacher, "source", "") or str(getattr(self.teacher, "spec", "")),
+                "teacher": {"spec": self.teacher_source, "fingerprint": fingerprint(self.teacher_source),
                             "model": self.teacher.describe()},
                 "grid": {"steps": self.grid.num_transitions, "teacher_steps": len(self.grid.teacher),
                          "timesteps": self.grid.student,
@@ -396,9 +397,10 @@ def run_distill(cfg: DistillConfig, *, progress=None, log_console=None) -> dict:
     teacher = load_denoiser(cfg.teacher, device=cfg.device)
     plan = make_plan(cfg, teacher)
     resume_from = check_resume(cfg, run)
-    data = DataStates(teacher, data=cfg.data, prompts=plan.prompts) \
-        if any(p["data"] > 0 for p in plan.schedule.priors) else None
-    external = None
+    uses_data = any(p["data"] > 0 for p in plan.schedule.priors)
+    if uses_data and cfg.data:
+        DataStates(teacher, data=cfg.data).captions(1)  # fail now, not after the run folder exists
+    data = DataStates(teacher, data=cfg.data, prompts=plan.prompts) if uses_data else None
     if cfg.buffer:
         raise UserError("--buffer (an external `ddil collect` buffer) is not wired into distill yet; "
                         "drop it to let the run collect its own buffer")
@@ -427,18 +429,21 @@ def run_distill(cfg: DistillConfig, *, progress=None, log_console=None) -> dict:
     resume_info = json.loads((resume_from / "state.json").read_text()) if resume_from else None
 
     phase_teacher = teacher.to(accelerator.device)
+    teacher_source = str(getattr(teacher, "spec", "") or cfg.teacher)  # normalised lab spec
     offset, summaries = 0, []
     for k, phase in enumerate(plan.phases):
         stage_dir = run / "stages" / phase.name
         done = (stage_dir / "ddil_phase.json").is_file()
         if done and cfg.resume is not None:
             phase_teacher = load_denoiser(str(stage_dir), device=accelerator.device)
+            teacher_source = str(stage_dir)
             offset += phase.updates
             summaries.append(json.loads((stage_dir / "ddil_phase.json").read_text()))
             continue
         summaries.append(_run_phase(cfg, plan, phase, k, phase_teacher, data, run, accelerator, metrics,
                                     resume_from if resume_info and resume_info["phase"] == phase.name else None,
-                                    offset, progress))
+                                    offset, progress, teacher_source))
+        teacher_source = str(stage_dir)
         phase_teacher = load_denoiser(str(stage_dir), device=accelerator.device)
         offset += phase.updates
     final = run / "student"
@@ -460,7 +465,7 @@ def run_distill(cfg: DistillConfig, *, progress=None, log_console=None) -> dict:
 
 
 def _run_phase(cfg, plan, phase, index, phase_teacher, data, run, accelerator, metrics, resume_from,
-               offset, progress) -> dict:
+               offset, progress, teacher_source: str) -> dict:
     student_grid = trailing_timesteps(phase.steps, phase_teacher.schedule.num_train_timesteps)
     is_first = index == 0
     kwargs = {}
@@ -490,7 +495,8 @@ def _run_phase(cfg, plan, phase, index, phase_teacher, data, run, accelerator, m
                                     buffer_dir=run / "buffer" / phase.name, rollouts=cfg.rollouts_per_collect,
                                     prompts_for=prompt_source, seed=cfg.seed, total_updates=phase.updates,
                                     accelerator=accelerator, phase=phase.name,
-                                    fifo=FIFOPolicy(cfg.buffer_size), needs_teacher_states="teacher" in uses)
+                                    fifo=FIFOPolicy(cfg.buffer_size), needs_teacher_states="teacher" in uses,
+                                    teacher_source=teacher_source)
         hooks.append((cfg.collect_every, collector))
     train_cfg = TrainConfig(max_updates=phase.updates, lr=cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
                             max_grad_norm=cfg.max_grad_norm, grad_accum=cfg.grad_accum, ema_decay=cfg.ema_decay,

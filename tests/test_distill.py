@@ -1,0 +1,185 @@
+"""`ddil distill`: tiny real runs on the lab and on a tiny diffusers pipeline; exact resume;
+the non-finite guard; prior frequencies; one-line errors that leave the run folder alone."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddil_cli.buffer.pool import ReplayPool
+from ddil_cli.cli.app import main
+from ddil_cli.errors import UserError
+from ddil_cli.methods.pd import PDMethod
+from ddil_cli.models.gmm import GMMDenoiser
+from ddil_cli.models.mlp import mlp_student_for
+from ddil_cli.priors import PriorSchedule
+from ddil_cli.stages.distill import DistillConfig, InputAssembler, Plan, run_distill
+from ddil_cli.train import Trainer
+
+LAB = dict(method="pd", teacher="gmm:ring:8", steps=4, teacher_steps=16, batch_size=16, lr=1e-3,
+           collect_every=3, rollouts_per_collect=8, quiet=True, log_every=2)
+
+
+def cli(argv, capsys):
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_lab_run_with_and_without_ddil(tmp_path):
+    ddil = run_distill(DistillConfig(**LAB, stage_updates="6", out=str(tmp_path / "ddil")))
+    plain = run_distill(DistillConfig(**LAB, stage_updates="6", prior="data=1", out=str(tmp_path / "plain")))
+    assert [p["phase"] for p in ddil["phases"]] == ["pd-8", "pd-4"]
+    assert all(p["buffer_states"] > 0 for p in ddil["phases"])
+    assert all(p["buffer_states"] == 0 for p in plain["phases"])  # teacher forcing: no rollouts
+    student = json.loads((tmp_path / "ddil/student/ddil_mlp.json").read_text())
+    assert student["timesteps"] == [999, 749, 499, 249]
+    rows = [json.loads(line) for line in open(tmp_path / "ddil/metrics.jsonl")]
+    assert {"loss/data", "loss/student", "loss/t0", "lr", "grad_norm", "updates_per_s"} <= set(rows[-1])
+    manifest = json.loads((tmp_path / "ddil/buffer/pd-4/manifest.json").read_text())
+    assert manifest["counts"]["total"] > 0 and manifest["header"]["grid"]["timesteps"] == [999, 749, 499, 249]
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
+    cfg = DistillConfig(**LAB, stage_updates="8", checkpoint_every=4, out=str(tmp_path / "full"))
+    run_distill(cfg)
+    save = Trainer.save_checkpoint
+
+    def crash_after_update_12(self):
+        path = save(self)
+        if self.update_offset + self.state.update == 12:
+            raise Stop()
+        return path
+    monkeypatch.setattr(Trainer, "save_checkpoint", crash_after_update_12)
+    broken = replace(cfg, out=str(tmp_path / "broken"))
+    with pytest.raises(Stop):
+        run_distill(broken)
+    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    assert not (tmp_path / "broken/student").exists()
+    run_distill(replace(broken, resume="latest"))
+    full = load_file(str(tmp_path / "full/student/model.safetensors"))
+    resumed = load_file(str(tmp_path / "broken/student/model.safetensors"))
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+
+
+def test_nonfinite_loss_is_skipped_counted_and_stops(tmp_path, monkeypatch):
+    loss = PDMethod.loss
+    calls = {"n": 0}
+
+    def sometimes_nan(self, batch):
+        calls["n"] += 1
+        value = loss(self, batch)
+        return value * float("nan") if calls["n"] in (2, 3) else value
+    monkeypatch.setattr(PDMethod, "loss", sometimes_nan)
+    summary = run_distill(DistillConfig(**{**LAB, "teacher_steps": 8}, stage_updates="6", prior="data=1",
+                                        out=str(tmp_path / "a")))
+    assert summary["phases"][0]["nonfinite_skipped"] == 2
+    monkeypatch.setattr(PDMethod, "loss", lambda self, batch: loss(self, batch) * float("nan"))
+    with pytest.raises(UserError, match="non-finite for 3 updates in a row"):
+        run_distill(DistillConfig(**{**LAB, "teacher_steps": 8}, stage_updates="6", prior="data=1",
+                                  max_nonfinite=3, out=str(tmp_path / "b")))
+
+
+def test_prior_frequencies_in_assembled_batches():
+    teacher = GMMDenoiser("gmm:ring:8")
+    student = mlp_student_for(teacher, hidden=16, layers=1)
+    pool = ReplayPool()
+    for source in ("student", "teacher"):
+        pool.add(torch.randn(50, 2), torch.randint(4, (50,)), torch.ones(50), ["class 1"] * 50, [source] * 50,
+                 [f"{source}-{i}" for i in range(50)])
+    prior = "data=0.2,student=0.5,teacher=0.3"
+    plan = Plan([], PriorSchedule.parse(prior), [(0, 0.5)], (1.0, 1.0), False, None, ["class 0"])
+    from ddil_cli.buffer.sources import DataStates
+
+    assembler = InputAssembler(teacher=teacher, student=student, grid=[999, 749, 499, 249], plan=plan,
+                               pool=pool, data=DataStates(teacher, prompts=["class 0", "class 2"]),
+                               batch_size=64, total_updates=100, generator=torch.Generator().manual_seed(0),
+                               device="cpu")
+    counts = {"data": 0, "student": 0, "teacher": 0}
+    for update in range(100):
+        batch = assembler(update)
+        assert batch.x_t.shape == (64, 2) and len(batch.source) == 64
+        for s in batch.source:
+            counts[s] += 1
+    total = sum(counts.values())
+    for source, p in (("data", 0.2), ("student", 0.5), ("teacher", 0.3)):
+        assert abs(counts[source] / total - p) < 0.03, counts  # ~5 binomial std
+
+
+def test_diffusers_student_loads_in_plain_diffusers(tmp_path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from tests.tiny_models import build_tiny_sd
+
+    teacher = tmp_path / "teacher"
+    build_tiny_sd(teacher)
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    summary = run_distill(DistillConfig(method="pd", teacher=str(teacher), prompts=str(tmp_path / "prompts.txt"),
+                                        prior="student=0.5,teacher=0.5", steps=4, teacher_steps=8,
+                                        stage_updates="2", batch_size=2, collect_every=2, rollouts_per_collect=2,
+                                        guidance=2.0, quiet=True, out=str(tmp_path / "run")))
+    assert summary["phases"][0]["buffer_states"] > 0
+    student = tmp_path / "run/student"
+    unet = UNet2DConditionModel.from_pretrained(student / "unet")
+    assert unet.config.time_cond_proj_dim is not None  # CFG was folded into a w-conditioned student
+    scheduler = DDIMScheduler.from_pretrained(student / "scheduler")
+    scheduler.set_timesteps(4)
+    assert scheduler.timesteps.tolist() == [999, 749, 499, 249]
+    pipe = StableDiffusionPipeline.from_pretrained(student, safety_checker=None, requires_safety_checker=False)
+    assert pipe.unet.config.time_cond_proj_dim == unet.config.time_cond_proj_dim
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--method", "gan"], "unknown --method"),
+    (["--method", "lcm"], "not implemented yet"),
+    (["--steps", "3"], "cannot reach --steps 3"),
+    (["--prior", "data=0.5,student=0.6"], "sum to 1.1"),
+    (["--prior", "data=-1,student=2"], "non-negative"),
+    (["--student-prob", "1.5"], "outside [0, 1]"),
+    (["--data", "/no/such/shards"], "drop --data"),
+])
+def test_bad_input_is_one_line_and_creates_nothing(tmp_path, capsys, extra, needle):
+    out = tmp_path / "run"
+    code, err = cli(["distill", "--quiet", "--out", str(out), *extra], capsys)
+    assert code == 2 and needle in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_resume_with_other_settings_is_refused_and_leaves_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["distill", "--quiet", "--teacher-steps", "8", "--stage-updates", "2", "--prior", "data=1",
+            "--batch-size", "8", "--out", str(out)]
+    assert cli(args, capsys)[0] == 0
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    code, err = cli([*args, "--resume", "latest", "--steps", "2"], capsys)
+    assert code == 2 and "steps=4" in err
+    code, err = cli(args, capsys)
+    assert code == 2 and "--resume latest" in err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+
+def test_image_data_without_usable_samples(tmp_path, capsys):
+    from tests.tiny_models import build_tiny_pixel
+
+    build_tiny_pixel(tmp_path / "teacher")
+    (tmp_path / "shards").mkdir()
+    import webdataset as wds
+
+    with wds.TarWriter(str(tmp_path / "shards/bad-000000.tar")) as sink:
+        sink.write({"__key__": "a", "png": b"not a png", "txt": b"a caption"})
+    code, err = cli(["distill", "--quiet", "--teacher", str(tmp_path / "teacher"), "--data",
+                     str(tmp_path / "shards"), "--prior", "data=1", "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "no usable" in err, err
+    assert not (tmp_path / "run").exists()

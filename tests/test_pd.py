@@ -1,0 +1,62 @@
+"""PD's target against an independent two-step DDIM from diffusers' scheduler."""
+
+import torch
+from diffusers import DDIMScheduler
+
+from ddil_cli.diffusion.ddim import ddim_step
+from ddil_cli.methods.base import Batch
+from ddil_cli.methods.pd import PDMethod
+from ddil_cli.models.gmm import GMM_SCHEDULER_CONFIG, GMMDenoiser
+from ddil_cli.models.mlp import mlp_student_for
+
+
+def _batch(teacher, student, t_index, grid, w=2.0, n=5):
+    torch.manual_seed(0)
+    t_index = torch.full((n,), t_index)
+    cond = teacher.encode([f"class {i % 4}" for i in range(n)])
+    return Batch(x_t=torch.randn(n, 2), t_index=t_index, t=torch.tensor(grid)[t_index], cond=cond,
+                 student_cond=cond, guidance=torch.full((n,), w), source=["data"] * n, keys=[None] * n)
+
+
+def test_student_outputting_target_lands_on_teacher_two_steps():
+    teacher = GMMDenoiser("gmm:ring:8")
+    student = mlp_student_for(teacher, hidden=16, layers=1)
+    grid = [999, 749, 499, 249]
+    method = PDMethod(teacher, student, student_grid=grid)
+    sched = DDIMScheduler(**GMM_SCHEDULER_CONFIG, clip_sample=False, prediction_type="sample",
+                          timestep_spacing="trailing", set_alpha_to_one=True)
+    sched.set_timesteps(8)
+    fine = sched.timesteps.tolist()
+    for i, t in enumerate(grid):
+        batch = _batch(teacher, student, i, grid)
+        target = method.target(batch)
+        one_student_step = ddim_step(batch.x_t, target, batch.t, torch.full((5,), grid[i + 1] if i < 3 else -1),
+                                     teacher.schedule)
+        x = batch.x_t
+        for t_fine in fine[2 * i:2 * i + 2]:  # the teacher's two steps, by diffusers
+            x0 = teacher.predict_x0(x, torch.full((5,), t_fine), batch.cond, batch.guidance)
+            x = sched.step(x0, t_fine, x, eta=0.0).prev_sample
+        assert (one_student_step - x).abs().max() < 1e-4, (t, (one_student_step - x).abs().max())
+
+
+def test_loss_zero_when_student_predicts_target_and_snr_weighting():
+    teacher = GMMDenoiser("gmm:ring:8")
+    student = mlp_student_for(teacher, hidden=16, layers=1)
+    grid = [999, 749, 499, 249]
+    method = PDMethod(teacher, student, student_grid=grid)
+    batch = _batch(teacher, student, 3, grid)
+    target = method.target(batch)
+    method.student_x0 = lambda b: target  # a perfect student
+    assert method.loss(batch).abs().max() < 1e-10
+    method.student_x0 = lambda b: target + 0.1
+    snr = teacher.schedule.snr(torch.tensor([249])).item()
+    assert torch.allclose(method.loss(batch), torch.full((5,), max(snr, 1) * 0.01), rtol=1e-4)
+
+
+def test_match_mode_targets_teacher_cfg_x0():
+    teacher = GMMDenoiser("gmm:ring:8")
+    student = mlp_student_for(teacher, guidance_conditioned=True, hidden=16, layers=1)
+    grid = [999, 749, 499, 249]
+    method = PDMethod(teacher, student, student_grid=grid, mode="match")
+    batch = _batch(teacher, student, 1, grid, w=3.0)
+    assert torch.allclose(method.target(batch), teacher.predict_x0(batch.x_t, batch.t, batch.cond, 3.0))
