@@ -6,7 +6,7 @@ import torch
 
 from ddil_cli.buffer import BufferReader, load_manifest, mix_streams
 from ddil_cli.errors import UserError
-from test_buffer_writer import write_samples
+from tests.test_buffer_writer import write_samples
 
 
 @pytest.fixture

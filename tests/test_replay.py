@@ -8,7 +8,7 @@ from scipy.stats import chisquare
 from ddil_cli.buffer import BufferReader, FIFOPolicy, PrioritizedPolicy, load_manifest
 from ddil_cli.buffer.replay import shard_of_key
 from ddil_cli.errors import UserError
-from test_buffer_writer import write_samples
+from tests.test_buffer_writer import write_samples
 
 PRIORITIES = [0.5, 1.0, 2.0, 4.0, 8.0]
 
