@@ -1,0 +1,1 @@
+"""The embedded image lab: tiny pixel-space teachers and the digits classifier."""
