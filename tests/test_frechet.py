@@ -64,3 +64,15 @@ def test_stats_use_unbiased_covariance():
     stats = GaussianStats.from_features(x)
     np.testing.assert_allclose(stats.sigma, np.cov(x.T, ddof=1))
     assert stats.num == 50
+
+
+@pytest.mark.parametrize("n", [10, 40])
+def test_low_rank_route_equals_full_route(n):
+    from ddil_cli.evaluate.frechet import frechet_distance_stats, frechet_distance_to_stats
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((n, 64)) * rng.uniform(0.5, 2, 64)
+    ref = GaussianStats.from_features(rng.standard_normal((500, 64)) + 0.2)
+    full = frechet_distance_stats(GaussianStats.from_features(x), ref)
+    # the full route takes sqrt of the round-off in S1's D - N + 1 zero eigenvalues (~1e-7 each)
+    assert frechet_distance_to_stats(x, ref) == pytest.approx(full, rel=1e-6)

@@ -64,6 +64,7 @@ class ExtractorOptions:
     clip: str | None = None             # OpenCLIP checkpoint file for clip_arch
     clip_arch: str = DEFAULT_CLIP_ARCH
     lpips_backbone: str | None = None   # torchvision AlexNet state_dict
+    digits_classifier: str | None = None  # embedded:digits classifier (default: the shipped one)
     cache_dir: str | None = None        # weights-hash memo and reference statistics
     # for tests and unusual checkpoints: extra timm kwargs for the DINOv2 model (e.g. tiny dims)
     dinov2_model_kwargs: dict = field(default_factory=dict)
@@ -108,6 +109,7 @@ class FeatureExtractor(ABC):
     name: str
     description: str
     input_kind: str = "images"  # or "states": the lab's raw samples (states.npy rows)
+    eval_res: int | None = None  # a resolution the extractor needs (None: the run's --eval-res)
 
     def __init__(self, weights_path: str | Path | None, options: ExtractorOptions):
         self.options = options
@@ -348,7 +350,7 @@ _FEATURE_SPACES: dict[str, FeatureFactory] = {
 }
 # modules that register an embedded feature space when imported
 EMBEDDED_PROVIDERS: dict[str, tuple[str, ...]] = {
-    "embedded:digits": ("ddil_cli.lab.digits_classifier", "ddil_cli.lab.digits", "ddil_cli.lab.embedded"),
+    "embedded:digits": ("ddil_cli.evaluate.embedded",),
 }
 
 

@@ -59,6 +59,32 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return max(value, 0.0)
 
 
+def trace_sqrt_product_lowrank(features: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr((S1 S2)^(1/2)) with S1 the covariance of `features` (N, D), for N <= D.
+
+    S1 = A^T A with A the centred features / sqrt(N - 1); the nonzero eigenvalues of S1 S2 are
+    those of A S2 A^T (N x N, symmetric PSD), so one small eigendecomposition replaces two
+    D x D ones: exact, and much faster when there are fewer samples than dimensions."""
+    x = np.asarray(features, dtype=np.float64)
+    a = (x - x.mean(0)) / np.sqrt(x.shape[0] - 1)
+    middle = a @ np.asarray(sigma2, dtype=np.float64) @ a.T
+    vals = np.linalg.eigvalsh((middle + middle.T) / 2)
+    return float(np.sqrt(np.clip(vals, 0, None)).sum())
+
+
+def frechet_distance_to_stats(features: np.ndarray, ref: GaussianStats) -> float:
+    """FD between the Gaussian fitted to `features` and `ref`, taking the low-rank route when
+    there are fewer samples than dimensions."""
+    x = np.asarray(features, dtype=np.float64)
+    own = GaussianStats.from_features(x)
+    if x.shape[0] > x.shape[1]:
+        return frechet_distance_stats(own, ref)
+    diff = own.mu - np.asarray(ref.mu, np.float64)
+    value = float(diff @ diff + np.trace(own.sigma) + np.trace(ref.sigma)
+                  - 2 * trace_sqrt_product_lowrank(x, ref.sigma))
+    return max(value, 0.0)
+
+
 def frechet_distance_stats(a: GaussianStats, b: GaussianStats) -> float:
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
 
