@@ -183,3 +183,15 @@ def test_image_data_without_usable_samples(tmp_path, capsys):
                      str(tmp_path / "shards"), "--prior", "data=1", "--out", str(tmp_path / "run")], capsys)
     assert code == 2 and "no usable" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_external_collect_buffer_feeds_the_matching_stage(tmp_path, capsys):
+    buffer = tmp_path / "buffer"
+    assert cli(["collect", "--quiet", "--teacher", "gmm:ring:8", "--steps", "4", "--teacher-steps", "8",
+                "--prior", "teacher=1", "--rollouts", "6", "--out", str(buffer)], capsys)[0] == 0
+    summary = run_distill(DistillConfig(**{**LAB, "teacher_steps": 8, "collect_every": 0}, stage_updates="3",
+                                        buffer=str(buffer), prior="teacher=1", out=str(tmp_path / "run")))
+    assert summary["phases"][0]["buffer_states"] == 6 * 4
+    code, err = cli(["distill", "--quiet", "--teacher-steps", "16", "--steps", "8", "--buffer", str(buffer),
+                     "--out", str(tmp_path / "other")], capsys)
+    assert code == 2 and "grid" in err

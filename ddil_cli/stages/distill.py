@@ -184,6 +184,9 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
                         "--data SHARDS (image-caption webdataset) or set data=0")
     if cfg.data and is_lab(teacher):
         raise UserError("the Gaussian-mixture lab draws exact samples of its mixture as data; drop --data")
+    if uses & {"student", "teacher"} and cfg.collect_every < 1 and not cfg.buffer:
+        raise UserError("the prior draws buffer states but --collect-every is 0 and no --buffer is given; "
+                        "collect during training (--collect-every K) or pass --buffer DIR")
     student_prob = _parse_student_prob(cfg.student_prob)
     default_w = cfg.guidance if cfg.guidance is not None else getattr(teacher, "default_guidance", 1.0)
     if cfg.guidance_range:
@@ -343,6 +346,41 @@ class DaggerCollector:
         return time.perf_counter() - start
 
 
+class ExternalBuffer:
+    """A buffer made by `ddil collect` (--buffer): its states join the pool of the stage whose
+    student grid they were collected on."""
+
+    def __init__(self, source: str, teacher: Denoiser, plan: Plan):
+        from ddil_cli.buffer.reader import resolve_buffer
+
+        self.source = source
+        _urls, _expected, manifest = resolve_buffer(source)
+        header = (manifest or {}).get("header")
+        if header is None:
+            raise UserError(f"--buffer {source}: give a buffer folder made by `ddil collect` (with manifest.json)")
+        if list(header["state"]["shape"]) != list(teacher.state_shape):
+            raise UserError(f"--buffer {source} holds states of shape {tuple(header['state']['shape'])} but the "
+                            f"teacher's are {tuple(teacher.state_shape)}; collect it with this teacher")
+        self.timesteps = list(header["grid"]["timesteps"])
+        grids = {p.name: trailing_timesteps(p.steps) for p in plan.phases}
+        if self.timesteps not in grids.values():
+            raise UserError(f"--buffer {source} was collected on the grid {self.timesteps}, which no stage of this "
+                            f"run uses ({', '.join(grids)}); collect it with --steps of one of them")
+
+    def load_into(self, pool: ReplayPool, grid: list[int], default_guidance: float) -> int:
+        from ddil_cli.buffer.reader import BufferReader
+
+        if grid != self.timesteps:
+            return 0
+        reader = BufferReader(self.source, shuffle=0, split_by_node=False, split_by_worker=False)
+        samples = [s for s in reader if s.source in ("student", "teacher")]
+        if samples:
+            pool.add(torch.stack([s.state for s in samples]), [s.t_index for s in samples],
+                     [s.meta.get("guidance", default_guidance) for s in samples],
+                     [s.prompt or "" for s in samples], [s.source for s in samples], [s.key for s in samples])
+        return len(samples)
+
+
 class _RunState:
     """What the Trainer checkpoints besides the networks: the pool, the batch RNG, data position."""
 
@@ -401,9 +439,7 @@ def run_distill(cfg: DistillConfig, *, progress=None, log_console=None) -> dict:
     if uses_data and cfg.data:
         DataStates(teacher, data=cfg.data).captions(1)  # fail now, not after the run folder exists
     data = DataStates(teacher, data=cfg.data, prompts=plan.prompts) if uses_data else None
-    if cfg.buffer:
-        raise UserError("--buffer (an external `ddil collect` buffer) is not wired into distill yet; "
-                        "drop it to let the run collect its own buffer")
+    external = ExternalBuffer(cfg.buffer, teacher, plan) if cfg.buffer else None
     try:
         run.mkdir(parents=True, exist_ok=True)
         probe = run / f".write-test-{os.getpid()}"
@@ -442,7 +478,7 @@ def run_distill(cfg: DistillConfig, *, progress=None, log_console=None) -> dict:
             continue
         summaries.append(_run_phase(cfg, plan, phase, k, phase_teacher, data, run, accelerator, metrics,
                                     resume_from if resume_info and resume_info["phase"] == phase.name else None,
-                                    offset, progress, teacher_source))
+                                    offset, progress, teacher_source, external))
         teacher_source = str(stage_dir)
         phase_teacher = load_denoiser(str(stage_dir), device=accelerator.device)
         offset += phase.updates
@@ -465,7 +501,7 @@ def run_distill(cfg: DistillConfig, *, progress=None, log_console=None) -> dict:
 
 
 def _run_phase(cfg, plan, phase, index, phase_teacher, data, run, accelerator, metrics, resume_from,
-               offset, progress, teacher_source: str) -> dict:
+               offset, progress, teacher_source: str, external: ExternalBuffer | None) -> dict:
     student_grid = trailing_timesteps(phase.steps, phase_teacher.schedule.num_train_timesteps)
     is_first = index == 0
     kwargs = {}
@@ -484,6 +520,8 @@ def _run_phase(cfg, plan, phase, index, phase_teacher, data, run, accelerator, m
     assembler = InputAssembler(teacher=phase_teacher, student=student, grid=student_grid, plan=plan, pool=pool,
                                data=data, batch_size=cfg.batch_size, total_updates=phase.updates,
                                generator=generator, device=accelerator.device)
+    if external is not None:
+        external.load_into(pool, student_grid, plan.guidance_range[0])
     uses = {s for p in plan.schedule.priors for s, w in p.items() if w > 0}
     hooks = []
     if uses & {"student", "teacher"}:
