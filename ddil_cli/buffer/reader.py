@@ -161,7 +161,10 @@ class BufferReader(torch.utils.data.IterableDataset):
                             current = {"__key__": prefix, "__url__": url}
                         current[suffix.lower()] = entry["data"]
                 finally:
-                    stream.close()
+                    try:
+                        stream.close()
+                    except Exception:  # a pipe: closed before its end reports SIGPIPE; nothing lost
+                        pass
             except Exception as exc:  # any tar or I/O failure: skip the shard, never the stream
                 if current is not None:
                     self.stats.bad_samples += 1  # the sample the damage cut through
