@@ -100,6 +100,8 @@ def metrics_table(result: dict) -> Table:
                           for k, _ in heads)
         if name == "clip" and "clip_score_x100" in entry:
             value += f" ({_fmt(entry['clip_score_x100'])} x100)"
+        if name == "swd" and "floor" in entry:
+            value += f" (truth vs truth {_fmt(entry['floor'])})"
         table.add_row(name, value, str(entry.get("feature_space", "")), _fmt(entry.get("num_samples")),
                       _fmt(entry.get("num_reference")), _fmt(entry.get("eval_res")))
     return table
