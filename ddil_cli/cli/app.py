@@ -18,6 +18,7 @@ app = typer.Typer(
          "collect -> distill -> sample -> evaluate -> covariate-shift.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: rich would turn "gmm:ring:8" into an emoji
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
 )
@@ -31,18 +32,22 @@ def _not_implemented(name: str, issue: str):
     return command
 
 
+def keep_examples(text: str) -> str:
+    """Mark indented example paragraphs with click's no-rewrap marker so commands stay one line."""
+    paragraphs = (text or "").split("\n\n")
+    return "\n\n".join("\b\n" + p if p.startswith("  ") else p for p in paragraphs)
+
+
 def _register():
-    from ddil_cli.cli.sample import sample_command
-
-    app.command("sample", help=sample_command.__doc__)(sample_command)
     from ddil_cli.cli.collect import collect_command
-
-    app.command("collect", help=collect_command.__doc__)(collect_command)
     from ddil_cli.cli.distill import distill_command
+    from ddil_cli.cli.sample import sample_command
+    from ddil_cli.cli.shift import covariate_shift_command
 
-    app.command("distill", help=distill_command.__doc__)(distill_command)
+    for name, command in (("collect", collect_command), ("distill", distill_command),
+                          ("sample", sample_command), ("covariate-shift", covariate_shift_command)):
+        app.command(name, help=keep_examples(command.__doc__))(command)
     app.command("evaluate")(_not_implemented("evaluate", "the evaluate issue"))
-    app.command("covariate-shift")(_not_implemented("covariate-shift", "the covariate-shift issue"))
 
 
 @app.callback(invoke_without_command=True)

@@ -28,8 +28,7 @@ Examples:
 
   ddil sample --teacher gmm:ring:8 --student runs/pd/student --steps 4 --teacher-prob 0.4 --out s/mixed
 
-  ddil sample --teacher runwayml/stable-diffusion-v1-5 --student runs/sd/student --switch t2s:500 \\
-      --prompts prompts.txt --guidance 7.5 --out s/switch
+  ddil sample --teacher runwayml/stable-diffusion-v1-5 --student runs/sd/student --switch t2s:500 --prompts prompts.txt --out s/switch
 """
 
 
