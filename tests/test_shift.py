@@ -170,3 +170,34 @@ def test_shift_features_pool_images_and_project_flat_states():
     flat = torch.randn(6, 100)
     projected = shift_features(flat, 64)
     assert projected.shape == (6, 64) and np.allclose(projected, shift_features(flat, 64))
+
+
+def test_image_teacher_end_to_end_with_digits_features_and_data(tmp_path, capsys):
+    # the embedded digits layout (1x16x16 pixel states) with the shipped digits classifier as
+    # feature space and the real digits as both evaluation reference and direct-measure data
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import build_tiny_pixel
+
+    from ddil_cli.data.digits import build_digits_shards, split_source
+
+    teacher = str(build_tiny_pixel(tmp_path / "pixel"))
+    build_digits_shards(tmp_path / "digits")
+    args = ["covariate-shift", "--teacher", teacher, "--student", teacher, "--student-label", "same",
+            "--teacher-steps", "4", "--steps", "2", "--prompt", "a handwritten digit three", "--num-per-prompt", "6",
+            "--betas", "0", "--settings", "beta-*,direct-*", "--features", "embedded:digits", "--metrics", "fid",
+            "--reference", str(tmp_path / "digits" / "heldout-000000.tar"),
+            "--data", split_source(tmp_path / "digits", "train"), "--shift-samples", "16", "--quiet",
+            "--out", str(tmp_path / "s")]
+    assert run(args, capsys)[0] == 0
+    out = tmp_path / "s"
+    rows = {r["setting"]: r for r in csv.DictReader(open(out / "table.csv"))}
+    assert set(rows) == {"beta-1", "beta-0"} and all(float(r["fid"]) > 0 for r in rows.values())
+    assert len(list((out / "settings/beta-0/images").glob("*.png"))) == 6
+    direct = list(csv.DictReader(open(out / "direct.csv")))
+    assert [int(r["timestep"]) for r in direct] == [999, 499, -1]
+    assert all(float(r["fd"]) > 0 and float(r["fd_floor"]) > 0 for r in direct)
+    assert all(float(r["err_own"]) > 0 for r in direct[:2])  # one step vs two teacher steps differ
+    assert json.loads((out / "manifest.json").read_text())["reference_states"] == "data"
