@@ -180,3 +180,29 @@ def test_registry_accepts_a_new_space():
     assert out.shape == (2, 3)
     with pytest.raises(Exception, match="unknown feature space"):
         F.build_feature_extractor("nonsense", F.ExtractorOptions())
+
+
+def test_webdataset_shards_reference(tmp_path):
+    import io
+    import tarfile
+
+    from ddil_cli.evaluate.images import ShardSource
+
+    imgs = random_images(3, size=40)
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
+        for i, img in enumerate(imgs):
+            for ext, data in (("png", None), ("txt", f"caption {i}".encode())):
+                if data is None:
+                    buf = io.BytesIO()
+                    Image.fromarray(img).save(buf, format="PNG")
+                    data = buf.getvalue()
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    source = ShardSource.from_arg(str(tmp_path))
+    assert len(source) == 3
+    batches = list(source.batches(40, 2))
+    assert [len(b) for b in batches] == [2, 1]
+    np.testing.assert_array_equal(np.concatenate(batches), imgs)  # PNG is lossless, 40 -> 40 is no resize
+    assert len(ShardSource.from_arg(str(tmp_path / "*.tar"), limit=2)) == 2
+    assert source.manifest_hash() == ShardSource.from_arg(str(tmp_path / "shard-000.tar")).manifest_hash()

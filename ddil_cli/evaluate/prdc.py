@@ -44,7 +44,9 @@ def _chunk_rows(num_cols: int, dtype: torch.dtype, chunk_bytes: int) -> int:
 
 
 def _distances(a: torch.Tensor, b: torch.Tensor, a_sq: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
-    d2 = a_sq[:, None] + b_sq[None, :] - 2.0 * (a @ b.T)
+    # |a|^2 + |b|^2 - 2 a.b with one (B, M) buffer: addmm writes it, the rest is in place
+    d2 = torch.addmm(b_sq.unsqueeze(0), a, b.T, beta=1.0, alpha=-2.0)
+    d2.add_(a_sq.unsqueeze(1))
     return d2.clamp_min_(0).sqrt_()
 
 
