@@ -108,6 +108,8 @@ def select(names: list[str], patterns: list[str] | None) -> list[str]:
     """The names matching any pattern (shell globs such as 'beta-*'); all when no pattern."""
     if not patterns:
         return list(names)
+    if isinstance(patterns, str):  # a config file's `settings = "beta-*"`
+        patterns = [patterns]
     patterns = [p.strip() for item in patterns for p in str(item).split(",") if p.strip()]
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unmatched:

@@ -201,3 +201,14 @@ def test_image_teacher_end_to_end_with_digits_features_and_data(tmp_path, capsys
     assert all(float(r["fd"]) > 0 and float(r["fd_floor"]) > 0 for r in direct)
     assert all(float(r["err_own"]) > 0 for r in direct[:2])  # one step vs two teacher steps differ
     assert json.loads((out / "manifest.json").read_text())["reference_states"] == "data"
+
+
+def test_config_file_lists_and_strings(tmp_path, capsys, students):
+    (tmp_path / "c.toml").write_text(f'student = "{students / "a" / "student"}"\nbetas = [0.5]\nswitch_at = ""\n'
+                                     'settings = "beta-*"\nnum_per_prompt = 2\nmetrics = "swd"\n')
+    code, err = run(["covariate-shift", "--config", str(tmp_path / "c.toml"), "--quiet", "--out",
+                     str(tmp_path / "s")], capsys)
+    assert code == 0, err
+    assert [r["setting"] for r in csv.DictReader(open(tmp_path / "s/table.csv"))] == ["beta-1", "beta-0.5"]
+    metrics = json.loads((tmp_path / "s/settings/beta-0.5/metrics.json").read_text())
+    assert metrics["samples"]["path"] == str(tmp_path / "s/settings/beta-0.5")

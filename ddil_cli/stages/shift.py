@@ -30,6 +30,7 @@ import torch
 from ddil_cli.buffer.sources import DataStates, is_lab
 from ddil_cli.diffusion.threshold import parse_threshold
 from ddil_cli.errors import UserError
+from ddil_cli.evaluate import report
 from ddil_cli.evaluate.run import ALL_METRICS, EvaluateConfig, evaluate, resolve_reference
 from ddil_cli.manifest import fingerprint, write_json_atomic, write_manifest
 from ddil_cli.models import EMBEDDED, load_denoiser
@@ -84,9 +85,12 @@ def student_label(path: str) -> str:
 def parse_compare(items: list[str]) -> list[tuple[str, str]]:
     """'LABEL=DIR' or 'DIR' -> (label, dir)."""
     found = []
-    for item in items or []:
+    for item in [items] if isinstance(items, str) else items or []:
         label, eq, path = str(item).partition("=")
         found.append((label, path) if eq and label and path else (student_label(item), str(item)))
+    for label, _ in found:
+        if "/" in label or label.startswith("."):
+            raise UserError(f"student label {label!r} cannot name a folder; use letters, digits, - or _")
     return found
 
 
@@ -140,7 +144,7 @@ def resolve_inputs(cfg: ShiftConfig) -> Inputs:
                           seed=cfg.seed, device=cfg.device, quiet=True)
     teacher, student = load_models(sample, cfg.device)
     plan = plan_sampling(sample, teacher, student)
-    label = cfg.student_label or student_label(cfg.student)
+    label = parse_compare([f"{cfg.student_label or student_label(cfg.student)}={cfg.student}"])[0][0]
     students, paths = {label: student}, {label: cfg.student}
     for other_label, path in parse_compare(cfg.compare_student):
         if other_label in students:
@@ -242,7 +246,10 @@ def compute_setting(cfg: ShiftConfig, inputs: Inputs, setting: Setting, key: str
     with atomic_folder(folder) as work:
         sample_cfg = replace(inputs.sample, teacher_prob=setting.teacher_prob, switch=setting.switch, out=str(folder))
         summary = run_sample(sample_cfg, work, models=(inputs.teacher, next(iter(inputs.students.values()))))
-        result = evaluate(replace(inputs.evaluate, samples=str(work), out=str(folder)), work)
+        result = evaluate(replace(inputs.evaluate, samples=str(work), out=str(folder)))
+        # evaluate read the work folder; record where the samples live once it is renamed
+        result["samples"]["path"] = result["config"]["samples"] = str(folder)
+        report.write_metrics_json(work / "metrics.json", result)
         rows = [json.loads(line) for line in (work / "samples.jsonl").read_text().splitlines() if line.strip()]
         share = sum(r["teacher_transitions"] for r in rows) / (len(rows) * inputs.plan.grid.num_transitions)
         record = {"key": key, "name": setting.name, "kind": setting.kind, "value": setting.value,
