@@ -1,11 +1,11 @@
 """PD vs PD+DDIL on the Gaussian-mixture lab, at the same number of updates, over several seeds.
 
-Each run: `ddil distill --method pd` (32 -> 4 steps) with the plain teacher-forced prior
+Each run: `ddil distill --method pd` (--teacher-steps, default 16, -> 4 steps) with the plain teacher-forced prior
 (`--prior data=1`) and with the default DDIL prior schedule; then 4-step student samples
 (`ddil sample`) and the lab's exact metrics (`ddil evaluate --reference gmm:...`), all through
 the stage functions the CLI calls. Prints a mean +- std table (and writes it with --markdown).
 
-    python bench/lab_pd.py --seeds 5 --updates 600 --markdown docs/results-lab.md
+    python bench/lab_pd.py --seeds 5 --updates 3000 --markdown docs/results-lab.md
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ def lab_numbers(folder: Path, spec: str) -> dict:
     return {column: metrics[name][field] for column, name, field in METRICS}
 
 
-def sample_into(folder: Path, spec: str, student: str | None, steps: int, per_class: int, guidance: float) -> float:
+def sample_into(folder: Path, spec: str, student: str | None, steps: int, per_class: int, guidance: float,
+                teacher_steps: int) -> float:
     folder.mkdir(parents=True)
-    summary = run_sample(SampleConfig(teacher=spec, student=student, steps=steps, teacher_steps=32,
+    summary = run_sample(SampleConfig(teacher=spec, student=student, steps=steps, teacher_steps=teacher_steps,
                                       num_per_prompt=per_class, batch_size=512, guidance=guidance, quiet=True,
                                       out=str(folder)), folder)
     return summary["seconds_per_sample"]
@@ -44,8 +45,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default="gmm:ring:8")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--updates", type=int, default=600)
+    parser.add_argument("--updates", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--teacher-steps", type=int, default=16)
     parser.add_argument("--per-class", type=int, default=256)
     parser.add_argument("--guidance", type=float, default=1.0)
     parser.add_argument("--markdown", type=Path, default=None)
@@ -55,17 +58,19 @@ def main() -> None:
     variants = {"PD (teacher-forced, --prior data=1)": "data=1", "PD + DDIL (default prior schedule)": None}
     rows: dict[str, list[dict]] = {name: [] for name in variants}
     teacher_dir = work / "teacher-samples"
-    sample_into(teacher_dir, args.spec, None, 32, args.per_class, args.guidance)
+    sample_into(teacher_dir, args.spec, None, args.teacher_steps, args.per_class, args.guidance, args.teacher_steps)
     teacher = lab_numbers(teacher_dir, args.spec)
     for seed in range(args.seeds):
         for name, prior in variants.items():
             out = work / f"{'pd' if prior else 'ddil'}-{seed}"
             start = time.perf_counter()
-            summary = run_distill(DistillConfig(method="pd", teacher=args.spec, steps=4, teacher_steps=32,
+            summary = run_distill(DistillConfig(method="pd", teacher=args.spec, steps=4,
+                                                teacher_steps=args.teacher_steps, batch_size=args.batch_size,
                                                 max_updates=args.updates, lr=args.lr, prior=prior, seed=seed,
                                                 guidance=args.guidance, quiet=True, out=str(out)))
             wall = time.perf_counter() - start
-            sample_into(out / "samples", args.spec, str(out / "student"), 4, args.per_class, args.guidance)
+            sample_into(out / "samples", args.spec, str(out / "student"), 4, args.per_class, args.guidance,
+                        args.teacher_steps)
             numbers = lab_numbers(out / "samples", args.spec)
             numbers["wall_seconds"] = wall
             numbers["collect_share"] = summary["collect_share"]
@@ -74,7 +79,7 @@ def main() -> None:
     columns = [c for c, _, _ in METRICS]
     header = ["model", *columns, "distill wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines.append("| teacher, 32 steps | " + " | ".join(f"{teacher[c]:.4f}" for c in columns) + " | - |")
+    lines.append(f"| teacher, {args.teacher_steps} steps | " + " | ".join(f"{teacher[c]:.4f}" for c in columns) + " | - |")
     for name, runs in rows.items():
         cells = []
         for metric in (*columns, "wall_seconds"):

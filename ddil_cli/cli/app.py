@@ -24,14 +24,6 @@ app = typer.Typer(
 )
 
 
-def _not_implemented(name: str, issue: str):
-    def command():
-        raise UserError(f"`ddil {name}` is not implemented yet (tracked as {issue}); "
-                        f"see `ddil --help` for the stages that work")
-    command.__doc__ = f"(not implemented yet: {issue})"
-    return command
-
-
 def keep_examples(text: str) -> str:
     """Mark indented example paragraphs with click's no-rewrap marker so commands stay one line."""
     paragraphs = (text or "").split("\n\n")
@@ -41,13 +33,14 @@ def keep_examples(text: str) -> str:
 def _register():
     from ddil_cli.cli.collect import collect_command
     from ddil_cli.cli.distill import distill_command
+    from ddil_cli.cli.evaluate import evaluate_command
     from ddil_cli.cli.sample import sample_command
     from ddil_cli.cli.shift import covariate_shift_command
 
     for name, command in (("collect", collect_command), ("distill", distill_command),
-                          ("sample", sample_command), ("covariate-shift", covariate_shift_command)):
+                          ("sample", sample_command), ("evaluate", evaluate_command),
+                          ("covariate-shift", covariate_shift_command)):
         app.command(name, help=keep_examples(command.__doc__))(command)
-    app.command("evaluate")(_not_implemented("evaluate", "the evaluate issue"))
 
 
 @app.callback(invoke_without_command=True)
