@@ -121,7 +121,7 @@ def test_prior_frequencies_in_assembled_batches():
 def test_diffusers_student_loads_in_plain_diffusers(tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    from tests.tiny_models import build_tiny_sd
+    from tiny_models import build_tiny_sd
 
     teacher = tmp_path / "teacher"
     build_tiny_sd(teacher)
@@ -171,7 +171,7 @@ def test_resume_with_other_settings_is_refused_and_leaves_run(tmp_path, capsys):
 
 
 def test_image_data_without_usable_samples(tmp_path, capsys):
-    from tests.tiny_models import build_tiny_pixel
+    from tiny_models import build_tiny_pixel
 
     build_tiny_pixel(tmp_path / "teacher")
     (tmp_path / "shards").mkdir()
