@@ -92,7 +92,8 @@ def main() -> None:
     ddil_wall = statistics.fmean(r["wall_seconds"] for r in rows[list(variants)[1]])
     share = statistics.fmean(r["collect_share"] for r in rows[list(variants)[1]])
     table = "\n".join(lines)
-    note = (f"\n\n{args.seeds} seeds, {args.updates} updates each (split over the 3 halving stages), "
+    stages = (args.teacher_steps // 4).bit_length() - 1
+    note = (f"\n\n{args.seeds} seeds, {args.updates} updates each (split over the {stages} halving stages), "
             f"{args.per_class} samples per class, spec {args.spec}, guidance {args.guidance}.\n"
             f"DDIL wall-clock overhead at equal updates: {100 * (ddil_wall / pd_wall - 1):+.1f}% "
             f"(DAgger collection is {100 * share:.1f}% of DDIL's training time).\n")

@@ -13,6 +13,8 @@ import torch
 
 from ddil_cli.buffer.replay import PrioritizedPolicy
 
+SOURCE_CODES = ("data", "student", "teacher")
+
 
 class ReplayPool:
     def __init__(self, max_samples: int | None = None, policy: PrioritizedPolicy | None = None):
@@ -24,12 +26,13 @@ class ReplayPool:
         self.keys: list[str] = []
         self.prompts: list[str] = []
         self.sources: list[str] = []
+        self._source_code = torch.zeros(0, dtype=torch.long)  # index into SOURCE_CODES, for fast draws
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def count(self, source: str) -> int:
-        return sum(s == source for s in self.sources)
+        return int((self._source_code == SOURCE_CODES.index(source)).sum())
 
     def add(self, states: torch.Tensor, t_index, guidance, prompts: list[str], sources: list[str],
             keys: list[str]) -> None:
@@ -39,12 +42,15 @@ class ReplayPool:
         self.guidance = torch.cat([self.guidance, torch.as_tensor(guidance, dtype=torch.float32).reshape(-1)])
         self.prompts += list(prompts)
         self.sources += list(sources)
+        self._source_code = torch.cat([self._source_code,
+                                       torch.tensor([SOURCE_CODES.index(s) for s in sources], dtype=torch.long)])
         self.keys += list(keys)
         if self.max_samples is not None and len(self) > self.max_samples:
             self._keep(slice(len(self) - self.max_samples, None))  # FIFO: oldest rows go
 
     def _keep(self, rows) -> None:
         self.states, self.t_index, self.guidance = self.states[rows], self.t_index[rows], self.guidance[rows]
+        self._source_code = self._source_code[rows]
         index = range(len(self.keys))[rows]
         self.keys = [self.keys[i] for i in index]
         self.prompts = [self.prompts[i] for i in index]
@@ -52,15 +58,15 @@ class ReplayPool:
 
     def draw(self, n: int, source: str, generator: torch.Generator) -> torch.Tensor:
         """n row indices of `source` with replacement: uniform, or by priority ** alpha."""
-        rows = [i for i, s in enumerate(self.sources) if s == source]
-        if not rows:
+        rows = (self._source_code == SOURCE_CODES.index(source)).nonzero().squeeze(1)
+        if rows.numel() == 0:
             raise RuntimeError(f"the replay pool holds no {source!r} states yet")
         if self.policy is None:
-            pick = torch.randint(len(rows), (n,), generator=generator)
+            pick = torch.randint(rows.numel(), (n,), generator=generator)
         else:
-            weights = self.policy.weights([self.keys[i] for i in rows])
+            weights = self.policy.weights([self.keys[i] for i in rows.tolist()])
             pick = torch.multinomial(weights, n, replacement=True, generator=generator)
-        return torch.tensor(rows, dtype=torch.long)[pick]
+        return rows[pick]
 
     # ---- checkpoints --------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -76,5 +82,6 @@ class ReplayPool:
         self.states = tensors.get("states")
         self.t_index, self.guidance = tensors["t_index"], tensors["guidance"]
         self.keys, self.prompts, self.sources = list(info["keys"]), list(info["prompts"]), list(info["sources"])
+        self._source_code = torch.tensor([SOURCE_CODES.index(s) for s in self.sources], dtype=torch.long)
         if self.policy is not None:
             self.policy.priorities = dict(info.get("priorities", {}))
