@@ -303,3 +303,18 @@ def test_load_denoiser_dispatches_folders_and_hub_ids(folders):
     assert isinstance(student, DiffusersDenoiser) and student.guidance_conditioned
     with pytest.raises(UserError, match="offline"):
         load_denoiser("some-org/no-such-model")
+
+
+def test_sampling_defaults_travel_from_teacher_to_saved_student(tmp_path):
+    import json
+
+    from ddil_cli.models.diffusers_t2i import DEFAULTS_FILE, DiffusersDenoiser, make_student
+
+    build_tiny_pixel(tmp_path / "t")
+    assert DiffusersDenoiser.from_pretrained(tmp_path / "t").default_guidance == 7.5  # diffusers' default
+    (tmp_path / "t" / DEFAULTS_FILE).write_text(json.dumps({"guidance": 2.5, "prompts": ["a one", "a two"]}))
+    teacher = DiffusersDenoiser.from_pretrained(tmp_path / "t")
+    assert teacher.default_guidance == 2.5 and teacher.default_prompts() == ["a one", "a two"]
+    make_student(teacher).save_pretrained(tmp_path / "s", timesteps=[999, 499])
+    student = DiffusersDenoiser.from_pretrained(tmp_path / "s")
+    assert student.default_guidance == 2.5 and student.default_prompts() == ["a one", "a two"]

@@ -31,6 +31,10 @@ from ddil_cli.errors import UserError
 from ddil_cli.models.base import Conditioning, Denoiser
 
 STUDENT_FILE = "ddil_student.json"
+# optional sampling defaults a pipeline folder can carry: {"guidance": w, "prompts": [...]}
+DEFAULTS_FILE = "ddil_defaults.json"
+# diffusers' Stable Diffusion pipelines sample at 7.5 unless told otherwise
+DIFFUSERS_DEFAULT_GUIDANCE = 7.5
 # (tokenizer, text encoder) subfolders in the order SDXL concatenates their hidden states
 TEXT_PAIRS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 # the scheduler keys that define the noise schedule; a student's scheduler must keep them
@@ -279,10 +283,24 @@ class DiffusersDenoiser(Denoiser):
         for module in [unet, *text_encoders.values(), vae]:
             if module is not None:
                 module.requires_grad_(False).eval().to(device)
-        return cls(unet, text_encoders=text_encoders, tokenizers=tokenizers, vae=vae,
-                   scheduler_config=json.loads(scheduler_file.read_text()), pipeline_index=index,
-                   source=str(source), prediction_type=student.get("prediction_type"),
-                   student_timesteps=student.get("timesteps"))
+        model = cls(unet, text_encoders=text_encoders, tokenizers=tokenizers, vae=vae,
+                    scheduler_config=json.loads(scheduler_file.read_text()), pipeline_index=index,
+                    source=str(source), prediction_type=student.get("prediction_type"),
+                    student_timesteps=student.get("timesteps"))
+        defaults_file = folder / DEFAULTS_FILE
+        if defaults_file.is_file():
+            model.sampling_defaults = json.loads(defaults_file.read_text())
+        return model
+
+    # ---- sampling defaults --------------------------------------------------------------------
+    sampling_defaults: dict = {}
+
+    @property
+    def default_guidance(self) -> float:
+        return float(self.sampling_defaults.get("guidance", DIFFUSERS_DEFAULT_GUIDANCE))
+
+    def default_prompts(self) -> list[str] | None:
+        return list(self.sampling_defaults.get("prompts", [])) or None
 
     # ---- conditioning -------------------------------------------------------------------------
     @torch.no_grad()
@@ -417,6 +435,8 @@ class DiffusersDenoiser(Denoiser):
                   "timesteps": list(timesteps) if timesteps is not None else self.student_timesteps,
                   "scheduler": type(sched).__name__}
         (path / STUDENT_FILE).write_text(json.dumps(record, indent=2))
+        if self.sampling_defaults:
+            (path / DEFAULTS_FILE).write_text(json.dumps(self.sampling_defaults, indent=2))
 
     def _teacher_scheduler(self):
         import diffusers
@@ -488,7 +508,9 @@ def make_student(teacher: DiffusersDenoiser, *, guidance_embedding: bool = False
     else:
         unet = copy.deepcopy(source)
     unet.requires_grad_(True).train(source.training)
-    return DiffusersDenoiser(unet, text_encoders=teacher.text_encoders, tokenizers=teacher.tokenizers,
-                             vae=teacher.vae, scheduler_config=teacher.scheduler_config,
-                             pipeline_index=teacher.pipeline_index, source=teacher.source,
-                             prediction_type=prediction_type or teacher.prediction_type)
+    student = DiffusersDenoiser(unet, text_encoders=teacher.text_encoders, tokenizers=teacher.tokenizers,
+                                vae=teacher.vae, scheduler_config=teacher.scheduler_config,
+                                pipeline_index=teacher.pipeline_index, source=teacher.source,
+                                prediction_type=prediction_type or teacher.prediction_type)
+    student.sampling_defaults = dict(teacher.sampling_defaults)
+    return student
