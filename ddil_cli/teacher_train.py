@@ -50,7 +50,7 @@ class TeacherTrainConfig:
     max_length: int = 16
     prediction_type: str = "v_prediction"
     beta_schedule: str = "squaredcos_cap_v2"
-    steps: int = 6000
+    steps: int = 5000
     batch_size: int = 64
     lr: float = 1e-3
     # constant (after linear warmup; EMA does the averaging): a run to N steps is exactly the first
@@ -410,6 +410,9 @@ def train_teacher(config: TeacherTrainConfig, out: str | Path, checkpoint_dir: s
             indent=2) + "\n")
         if log_file.is_file():
             shutil.copy(log_file, out / "train_log.jsonl")
+    if start_step == config.steps and log_file.is_file():  # an export: report the run's last logged loss
+        lines = log_file.read_text().splitlines()
+        last_loss = json.loads(lines[-1])["loss"] if lines else last_loss
     return TrainResult(config.steps, last_loss, time.time() - started, data.stats.as_dict(),
                        str(resume_path) if resume_path else None, log)
 
@@ -423,6 +426,7 @@ class TeacherCommandConfig(TeacherTrainConfig):
     checkpoints: str | None = None  # default: OUT-checkpoints beside --out (outlives a failed run)
     resume: bool = False
     resume_from: str | None = None
+    threads: int | None = None  # torch CPU threads (None: torch's default)
     quiet: bool = False
     overwrite: bool = False
 
@@ -448,6 +452,9 @@ def run_teacher(cfg: TeacherCommandConfig, work: Path, *, progress=None, console
     from ddil_cli.data.shards import resolve_shards
     from ddil_cli.manifest import fingerprint, write_manifest
 
+    if cfg.threads is not None:
+        # On shared cores one thread can be many times faster than two (spinning OpenMP workers).
+        torch.set_num_threads(cfg.threads)
     resume = cfg.resume_from or ("latest" if cfg.resume else None)
     checkpoint_dir = cfg.checkpoint_dir()
     resumed = resolve_resume(resume, checkpoint_dir)

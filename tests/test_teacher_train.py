@@ -131,3 +131,41 @@ def test_bad_data_is_a_user_error(tmp_path):
             train_teacher(TeacherTrainConfig(data=data, steps=1, **TINY), tmp_path / "o", tmp_path / "c")
     with pytest.raises(UserError, match="prediction type"):
         TeacherTrainConfig(data="x", prediction_type="sample").validate()
+
+
+def run_cli(argv, capsys):
+    from ddil_cli.cli.app import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_cli_trains_resumes_and_writes_a_manifest(shards, tmp_path, capsys):
+    tiny = ["--block-channels", "16,32", "--layers-per-block", "1", "--text-width", "16", "--text-layers", "1",
+            "--max-length", "8", "--batch-size", "8", "--warmup-steps", "2", "--checkpoint-every", "2"]
+    out = tmp_path / "teacher"
+    code, err = run_cli(["teacher", "--data", shards, "--steps", "2", "--out", str(out), "--quiet", *tiny], capsys)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "teacher" and manifest["config"]["block_out_channels"] == [16, 32]
+    assert manifest["summary"]["data"]["skipped_total"] == 3 and list(manifest["data_shards"]) == [shards]
+    # extend the finished run by two steps from its checkpoint
+    code, err = run_cli(["teacher", "--data", shards, "--steps", "4", "--out", str(out), "--resume", "--overwrite",
+                         "--quiet", *tiny], capsys)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["summary"]["resumed_from"].endswith("checkpoint-000002") and manifest["summary"]["steps"] == 4
+
+
+@pytest.mark.parametrize("data, message", [("", "no data path given"), ("MISSING", "does not exist"),
+                                           ("EMPTY", "holds no .tar shards")])
+def test_cli_bad_data_path_is_one_line_exit_2(tmp_path, capsys, data, message):
+    (tmp_path / "empty").mkdir()
+    data = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path / "empty")}.get(data, data)
+    code, err = run_cli(["teacher", "--data", data, "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
