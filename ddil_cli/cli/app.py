@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+# our own rich bars report progress; the libraries' tqdm bars (weights loading, shard writing)
+# would interleave with them. Set before transformers/diffusers are imported.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import click
 import typer
