@@ -66,6 +66,8 @@ class TeacherTrainConfig:
     log_every: int = 50
     seed: int = 0
     max_samples: int | None = None
+    default_guidance: float = 1.5  # written to ddil_defaults.json: the CFG scale commands use unless told
+    default_prompts: str | None = None  # a text file, one prompt per line, also written there
     mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
     device: str = "auto"  # auto | cpu (accelerate picks the GPU when there is one)
 
@@ -93,6 +95,8 @@ class TeacherTrainConfig:
             raise UserError(f"mixed precision {self.mixed_precision!r} is unknown; use no, fp16 or bf16")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"device {self.device!r} is unknown; use auto, cpu or cuda")
+        if self.default_guidance < 1:
+            raise UserError(f"default guidance must be >= 1 (1 = no CFG), got {self.default_guidance}")
         if self.lr <= 0:
             raise UserError(f"lr must be > 0, got {self.lr}")
         self.arch()
@@ -268,6 +272,17 @@ def save_pipeline(out: Path, unet, text_encoder, tokenizer_dir: Path, scheduler)
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def write_sampling_defaults(out: Path, config: TeacherTrainConfig) -> None:
+    """ddil_defaults.json: the guidance scale (and prompts) the models layer uses for this pipeline
+    when a command is given none: a tiny CFG teacher wants a far lower scale than SD's 7.5."""
+    from ddil_cli.specs import read_prompts
+
+    defaults: dict[str, Any] = {"guidance": config.default_guidance}
+    if config.default_prompts:
+        defaults["prompts"] = read_prompts(None, config.default_prompts, None)
+    (out / "ddil_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
+
+
 # ---- the loop ---------------------------------------------------------------------------------
 def train_teacher(config: TeacherTrainConfig, out: str | Path, checkpoint_dir: str | Path, *,
                   resume: str | Path | None = None, console=None, progress=None,
@@ -281,6 +296,10 @@ def train_teacher(config: TeacherTrainConfig, out: str | Path, checkpoint_dir: s
     from safetensors.torch import load_file
 
     config.validate()
+    if config.default_prompts:
+        from ddil_cli.specs import read_prompts
+
+        read_prompts(None, config.default_prompts, None)  # a bad file fails now, not after training
     out, checkpoint_dir = Path(out), Path(checkpoint_dir)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
     data = load_image_captions(config.data, resolution=config.resolution, channels=config.channels,
@@ -405,6 +424,7 @@ def train_teacher(config: TeacherTrainConfig, out: str | Path, checkpoint_dir: s
             ema.copy_to(final_net)
         save_pipeline(out, final_net.unet, final_net.text_encoder, tokenizer_dir,
                       make_scheduler(config.prediction_type, config.beta_schedule))
+        write_sampling_defaults(out, config)
         (out / "train_config.json").write_text(json.dumps(
             {"config": asdict(config), "data": data.stats.as_dict(), "weights": "ema" if ema else "raw"},
             indent=2) + "\n")

@@ -108,6 +108,8 @@ def test_shipped_teacher_draws_the_prompted_digits_and_matches_the_adapter():
     ours = lab.ddim_sample(pipe, prompts, steps=16, guidance=3.0, seed=1)
     assert lab.prompt_alignment(ours, prompts) >= 0.9
     teacher = load_denoiser("embedded:digits")
+    # the folder's ddil_defaults.json: the measured CFG scale and the ten canonical prompts
+    assert teacher.default_guidance == 1.5 and teacher.default_prompts() == [digit_prompt(d) for d in range(10)]
     schedule = NoiseSchedule.from_scheduler_config(pipe.scheduler_config)
     assert torch.allclose(schedule.alphas_cumprod, teacher.schedule.alphas_cumprod)
     x = torch.randn(len(prompts), 1, 16, 16, generator=torch.Generator().manual_seed(1))

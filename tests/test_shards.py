@@ -58,6 +58,8 @@ def test_digits_split_counts_disjoint_stratified_and_true_to_sklearn(digits_dir)
         labels = [m["label"] for m in data.metadata]
         assert labels == bunch.target[src].tolist()
         assert [digit_from_prompt(c) for c in data.captions] == labels
+    prompts = (digits_dir / "prompts.txt").read_text().splitlines()
+    assert [digit_from_prompt(p) for p in prompts] == list(range(10))
     used = {m["caption_template"] for m in train.metadata}
     assert used == set(range(len(CAPTION_TEMPLATES)))  # every phrasing occurs
 

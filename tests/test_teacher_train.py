@@ -148,8 +148,12 @@ def test_cli_trains_resumes_and_writes_a_manifest(shards, tmp_path, capsys):
     tiny = ["--block-channels", "16,32", "--layers-per-block", "1", "--text-width", "16", "--text-layers", "1",
             "--max-length", "8", "--batch-size", "8", "--warmup-steps", "2", "--checkpoint-every", "2"]
     out = tmp_path / "teacher"
-    code, err = run_cli(["teacher", "--data", shards, "--steps", "2", "--out", str(out), "--quiet", *tiny], capsys)
+    (tmp_path / "prompts.txt").write_text("a handwritten digit one\n\na handwritten digit two\n")
+    code, err = run_cli(["teacher", "--data", shards, "--steps", "2", "--out", str(out), "--quiet",
+                         "--default-guidance", "2", "--default-prompts", str(tmp_path / "prompts.txt"), *tiny], capsys)
     assert code == 0, err
+    assert json.loads((out / "ddil_defaults.json").read_text()) == {
+        "guidance": 2.0, "prompts": ["a handwritten digit one", "a handwritten digit two"]}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "teacher" and manifest["config"]["block_out_channels"] == [16, 32]
     assert manifest["summary"]["data"]["skipped_total"] == 3 and list(manifest["data_shards"]) == [shards]
@@ -159,6 +163,12 @@ def test_cli_trains_resumes_and_writes_a_manifest(shards, tmp_path, capsys):
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["summary"]["resumed_from"].endswith("checkpoint-000002") and manifest["summary"]["steps"] == 4
+
+
+def test_cli_bad_default_prompts_fail_before_training(shards, tmp_path, capsys):
+    code, err = run_cli(["teacher", "--data", shards, "--default-prompts", str(tmp_path / "none.txt"),
+                         "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "prompts file" in err and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("data, message", [("", "no data path given"), ("MISSING", "does not exist"),

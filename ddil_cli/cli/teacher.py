@@ -63,6 +63,10 @@ def teacher_command(
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint (fresh start if none)."),
     resume_from: Optional[Path] = typer.Option(None, help="Continue from this checkpoint-NNNNNN folder."),
     max_samples: Optional[int] = typer.Option(None, help="Use at most this many samples."),
+    default_guidance: float = typer.Option(D.default_guidance, help="CFG scale written to ddil_defaults.json: "
+                                           "what commands use with this teacher unless given --guidance."),
+    default_prompts: Optional[Path] = typer.Option(None, help="Text file (one prompt per line) written to "
+                                                   "ddil_defaults.json: the prompts commands use when given none."),
     mixed_precision: str = typer.Option(D.mixed_precision, help="no, fp16 or bf16."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's); on busy shared "
                                           "cores 1 can be much faster than 2."),

@@ -7,6 +7,7 @@ bring real data (LAION/COCO layout, read back by `ddil_cli.data.shards`):
     OUT/train-000000.tar, train-000001.tar    1500 samples (stratified, seeded split)
     OUT/heldout-000000.tar                    297 samples
     OUT/digits.json                           split seed, counts, captions, shard checksums
+    OUT/prompts.txt                           the ten canonical prompts, one per line
 
 Each sample is `digits_NNNNN.png` (the original 8x8 image, 8-bit grayscale, value v -> round(v *
 255 / 16), white ink on black), `digits_NNNNN.txt` (a caption such as "a handwritten digit seven",
@@ -108,6 +109,8 @@ def build_digits_shards(out: str | Path, *, seed: int = SPLIT_SEED, heldout_size
             "sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards},
         }
     (out / "digits.json").write_text(json.dumps(description, indent=2) + "\n")
+    # The canonical prompt of each digit: the default prompts of a teacher trained on these shards.
+    (out / "prompts.txt").write_text("".join(digit_prompt(d) + "\n" for d in range(10)))
     return description
 
 
