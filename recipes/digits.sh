@@ -3,6 +3,8 @@
 # and (plain) teacher-forced, then sampled and evaluated in the embedded feature space, ending in
 # one table. About 10 minutes on 2 CPU cores. Usage: recipes/digits.sh [OUT]   (env: UPDATES, PER_DIGIT)
 set -euo pipefail
+# One torch thread: on 2 shared cores two threads spin against any other load (measured 40x slower).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OUT=${1:-runs/digits}
 UPDATES=${UPDATES:-360}          # per student, over the 3 halving stages 32 -> 16 -> 8 -> 4
 PER_DIGIT=${PER_DIGIT:-100}      # samples per digit for evaluation (x 10 digits)

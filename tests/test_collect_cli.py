@@ -177,7 +177,7 @@ def _caption_shard(path: Path, n: int) -> list[str]:
 
 def test_pixel_diffusers_teacher_collects_real_data_and_caches_prompts_once(tmp_path, capsys):
     from safetensors.torch import load_file
-    from tests.tiny_models import build_tiny_pixel
+    from tiny_models import build_tiny_pixel
 
     teacher_dir = build_tiny_pixel(tmp_path / "teacher")
     captions = _caption_shard(tmp_path / "data.tar", 3)

@@ -41,10 +41,11 @@ def _register():
     from ddil_cli.cli.evaluate import evaluate_command
     from ddil_cli.cli.sample import sample_command
     from ddil_cli.cli.shift import covariate_shift_command
+    from ddil_cli.cli.teacher import teacher_command
 
     for name, command in (("collect", collect_command), ("distill", distill_command),
                           ("sample", sample_command), ("evaluate", evaluate_command),
-                          ("covariate-shift", covariate_shift_command)):
+                          ("covariate-shift", covariate_shift_command), ("teacher", teacher_command)):
         app.command(name, help=keep_examples(command.__doc__))(command)
 
 
