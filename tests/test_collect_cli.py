@@ -11,20 +11,13 @@ import pytest
 import torch
 
 from ddil_cli.buffer import BufferReader, load_manifest
-from ddil_cli.cli.app import main
 from ddil_cli.models import load_denoiser, make_student
 from ddil_cli.rollout import seeded_noise
 from ddil_cli.stages.collect import CollectConfig, derived_seed, run_collect
+from cli_runner import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB = ["--teacher", "gmm:ring:8", "--steps", "2", "--teacher-steps", "4", "--quiet"]
-
-
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-        raise SystemExit(0)
-    return exit_info.value.code, capsys.readouterr().err
 
 
 def snapshot(folder: Path) -> dict:

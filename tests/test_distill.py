@@ -3,14 +3,12 @@ the non-finite guard; prior frequencies; one-line errors that leave the run fold
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from ddil_cli.buffer.pool import ReplayPool
-from ddil_cli.cli.app import main
 from ddil_cli.errors import UserError
 from ddil_cli.methods.pd import PDMethod
 from ddil_cli.models.gmm import GMMDenoiser
@@ -18,18 +16,10 @@ from ddil_cli.models.mlp import mlp_student_for
 from ddil_cli.priors import PriorSchedule
 from ddil_cli.stages.distill import DistillConfig, InputAssembler, Plan, run_distill
 from ddil_cli.train import Trainer
+from cli_runner import run_cli as cli
 
 LAB = dict(method="pd", teacher="gmm:ring:8", steps=4, teacher_steps=16, batch_size=16, lr=1e-3,
            collect_every=3, rollouts_per_collect=8, quiet=True, log_every=2)
-
-
-def cli(argv, capsys):
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
 
 
 def test_lab_run_with_and_without_ddil(tmp_path):

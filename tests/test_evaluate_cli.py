@@ -15,7 +15,8 @@ from ddil_cli.cli import app as app_module
 from ddil_cli.cli.evaluate import evaluate_command
 from ddil_cli.evaluate import features as F
 from ddil_cli.evaluate.lpips_div import ALEXNET_FILENAME
-from tests.test_features import TINY_DINO, save_tiny_dinov2, save_tiny_inception
+from test_features import TINY_DINO, save_tiny_dinov2, save_tiny_inception
+from cli_runner import run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -30,13 +31,7 @@ def evaluate_registered(monkeypatch):
 
 
 def run(argv, capsys):
-    try:
-        app_module.main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.err + captured.out
+    return run_cli(argv, capsys, with_stdout=True)
 
 
 def test_lab_teacher_samples_cover_every_mode(tmp_path, capsys):

@@ -7,19 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from ddil_cli.cli.app import main
 from ddil_cli.models.gmm import GMMDenoiser
 from ddil_cli.models.mlp import mlp_student_for
-
-
-def run(argv, capsys=None):
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    err = capsys.readouterr().err if capsys else ""
-    return code, err
+from cli_runner import run_cli as run
 
 
 @pytest.fixture

@@ -8,22 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from ddil_cli.cli.app import main
 from ddil_cli.models.gmm import GMMDenoiser
 from ddil_cli.models.mlp import mlp_student_for
 from ddil_cli.shift import Setting, build_settings, select, shift_features
+from cli_runner import run_cli as run
 
 LAB = ["--teacher", "gmm:ring:8", "--teacher-steps", "32", "--steps", "4", "--quiet"]
-
-
-def run(argv, capsys=None):
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    err = capsys.readouterr().err if capsys else ""
-    return code, err
 
 
 @pytest.fixture(scope="module")

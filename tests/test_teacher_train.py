@@ -16,6 +16,7 @@ from ddil_cli.errors import UserError
 from ddil_cli.lab.digits import make_scheduler
 from ddil_cli.teacher_train import (TeacherTrainConfig, _optimizer_from_safetensors, _optimizer_to_safetensors,
                                     list_checkpoints, train_teacher, training_target)
+from cli_runner import run_cli
 
 TINY = dict(block_out_channels=(16, 32), layers_per_block=1, text_width=16, text_layers=1, max_length=8,
             batch_size=8, log_every=1, warmup_steps=2)
@@ -131,17 +132,6 @@ def test_bad_data_is_a_user_error(tmp_path):
             train_teacher(TeacherTrainConfig(data=data, steps=1, **TINY), tmp_path / "o", tmp_path / "c")
     with pytest.raises(UserError, match="prediction type"):
         TeacherTrainConfig(data="x", prediction_type="sample").validate()
-
-
-def run_cli(argv, capsys):
-    from ddil_cli.cli.app import main
-
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
 
 
 def test_cli_trains_resumes_and_writes_a_manifest(shards, tmp_path, capsys):

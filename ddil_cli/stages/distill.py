@@ -11,11 +11,10 @@ hook fills every --collect-every updates.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from ddil_cli.errors import UserError
 from ddil_cli.manifest import build_manifest, fingerprint, write_json_atomic
 from ddil_cli.methods import METHODS, PLANNED, Batch, PDMethod
 from ddil_cli.models import load_denoiser, make_student
-from ddil_cli.models.base import Conditioning, Denoiser
+from ddil_cli.models.base import Denoiser
 from ddil_cli.priors import PriorSchedule, sources_for_batch
 from ddil_cli.rollout import Grid, rollout, seeded_noise, teacher_mask
 from ddil_cli.specs import read_prompts
@@ -503,7 +502,6 @@ def run_distill(cfg: DistillConfig, *, progress=None, log_console=None) -> dict:
 def _run_phase(cfg, plan, phase, index, phase_teacher, data, run, accelerator, metrics, resume_from,
                offset, progress, teacher_source: str, external: ExternalBuffer | None) -> dict:
     student_grid = trailing_timesteps(phase.steps, phase_teacher.schedule.num_train_timesteps)
-    is_first = index == 0
     kwargs = {}
     if phase_teacher.kind == "gmm" and cfg.student_prediction:
         kwargs["prediction_type"] = cfg.student_prediction
@@ -556,7 +554,7 @@ def _run_phase(cfg, plan, phase, index, phase_teacher, data, run, accelerator, m
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
     state = trainer.run()
-    net = trainer.final_weights()
+    trainer.final_weights()  # EMA weights into the student before it is saved
     stage_dir = run / "stages" / phase.name
     summary = {"phase": phase.name, "steps": phase.steps, "updates": state.update,
                "nonfinite_skipped": state.nonfinite_total, "collect_seconds": state.collect_seconds,

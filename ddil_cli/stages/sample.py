@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ddil_cli.diffusion.threshold import parse_threshold
 from ddil_cli.errors import UserError
