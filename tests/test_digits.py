@@ -77,8 +77,11 @@ def test_missing_classifier_is_a_user_error(tmp_path):
 
 
 def test_decode_convention():
+    """The adapter's pixel decode: [-1, 1] clipped, to uint8, grayscale repeated to RGB."""
+    from ddil_cli.models import load_denoiser
+
     x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).reshape(1, 1, 2, 2)
-    rgb = lab.to_uint8_rgb(x)
+    rgb = load_denoiser("embedded:digits").decode(x)
     assert rgb.shape == (1, 2, 2, 3) and rgb.dtype == np.uint8
     assert rgb[0, :, :, 0].tolist() == [[0, 128], [255, 255]] and (rgb[..., 0] == rgb[..., 2]).all()
 
@@ -97,30 +100,28 @@ def test_shipped_teacher_folder_is_a_standard_diffusers_pipeline():
     assert scheduler["clip_sample"] is False and scheduler["timestep_spacing"] == "trailing"
 
 
-def test_shipped_teacher_draws_the_prompted_digits_and_matches_the_adapter():
-    """Our DDIM loop and the models layer's adapter (an independent path) give the same samples,
-    and the classifier reads them as the prompted digits."""
-    from ddil_cli.diffusion import NoiseSchedule, ddim_step, trailing_timesteps
+def test_shipped_teacher_draws_the_prompted_digits():
+    """Through the models layer's adapter and the sample stage, the classifier reads the shipped
+    teacher's samples as the prompted digits; its folder carries the measured sampling defaults."""
+    from ddil_cli.data.shards import to_model_tensor
+    from ddil_cli.diffusion.threshold import parse_threshold
     from ddil_cli.models import load_denoiser
+    from ddil_cli.stages.sample import SampleConfig, generate, plan_sampling, sample_seed
 
-    prompts = [digit_prompt(d) for d in (0, 3, 7) for _ in range(8)]
-    pipe = lab.load_pixel_pipeline()
-    ours = lab.ddim_sample(pipe, prompts, steps=16, guidance=3.0, seed=1)
-    assert lab.prompt_alignment(ours, prompts) >= 0.9
     teacher = load_denoiser("embedded:digits")
     # the folder's ddil_defaults.json: the measured CFG scale and the ten canonical prompts
     assert teacher.default_guidance == 1.5 and teacher.default_prompts() == [digit_prompt(d) for d in range(10)]
-    schedule = NoiseSchedule.from_scheduler_config(pipe.scheduler_config)
-    assert torch.allclose(schedule.alphas_cumprod, teacher.schedule.alphas_cumprod)
-    x = torch.randn(len(prompts), 1, 16, 16, generator=torch.Generator().manual_seed(1))
-    cond = teacher.encode(prompts)
-    grid = trailing_timesteps(16) + [-1]
-    with torch.no_grad():
-        for t, s in zip(grid[:-1], grid[1:]):
-            x = ddim_step(x, teacher.predict_x0(x, torch.tensor(t), cond, guidance=3.0), t, s, schedule)
-    assert torch.allclose(x, ours, atol=1e-4)
-    images = teacher.decode(x)
-    assert images.shape == (len(prompts), 16, 16, 3) and np.array_equal(images, lab.to_uint8_rgb(ours))
+    assert tuple(teacher.state_shape) == (1, 16, 16)
+    prompts = [digit_prompt(d) for d in (0, 3, 7) for _ in range(8)]
+    cfg = SampleConfig(teacher="embedded:digits", teacher_steps=16, guidance=3.0, prompt=sorted(set(prompts)))
+    plan = plan_sampling(cfg, teacher, None)
+    assert plan.sampler == "teacher" and plan.grid.num_transitions == 16
+    result = generate(plan, teacher, [sample_seed(1, i) for i in range(len(prompts))], prompts,
+                      parse_threshold("none"), "cpu")
+    assert bool(result.teacher_mask.all())
+    images = teacher.decode(result.final)
+    assert images.shape == (len(prompts), 16, 16, 3) and images.dtype == np.uint8
+    assert lab.prompt_alignment(to_model_tensor(images[..., :1]), prompts) >= 0.9
 
 
 def test_measure_writes_grids_and_scores(tmp_path):

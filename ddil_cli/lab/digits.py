@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -178,72 +177,6 @@ def make_teacher_components(captions: Iterable[str], tokenizer_dir: str | Path, 
 def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
     return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
                      truncation=True, return_tensors="pt").input_ids
-
-
-@dataclass
-class PixelPipeline:
-    """A loaded pixel-space teacher folder, for code below the models layer (training, the lab's
-    own measurements). Everything else loads teachers through `ddil_cli.models.load_denoiser`."""
-
-    unet: nn.Module
-    text_encoder: nn.Module
-    tokenizer: object
-    scheduler_config: dict
-
-    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        device = next(self.text_encoder.parameters()).device
-        return self.text_encoder(tokenize(self.tokenizer, prompts).to(device))[0]
-
-
-def load_pixel_pipeline(path: str | Path = TEACHER_PATH) -> PixelPipeline:
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    path = Path(path)
-    if not (path / "model_index.json").is_file():
-        raise UserError(f"{path} is not a pipeline folder (no model_index.json); train one with `ddil teacher`")
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").eval()
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").eval()
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
-    return PixelPipeline(unet, text_encoder, tokenizer, dict(scheduler.config))
-
-
-@torch.no_grad()
-def ddim_sample(pipe: PixelPipeline, prompts: Sequence[str], *, steps: int = 32, guidance: float = 3.0,
-                seed: int = 0, batch_size: int = 250, negative_prompt: str = "") -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) with CFG on the trailing grid, built on `ddim_step`.
-    Returns the final states (N, C, H, W) in the model's space ([-1, 1], unclipped)."""
-    from ddil_cli.diffusion import NoiseSchedule, cfg_combine, ddim_step, to_x0, trailing_timesteps
-    from ddil_cli.diffusion.schedule import bcast
-
-    schedule = NoiseSchedule.from_scheduler_config(pipe.scheduler_config)
-    grid = trailing_timesteps(steps, schedule.num_train_timesteps) + [-1]
-    prediction_type = pipe.scheduler_config["prediction_type"]
-    cfg = pipe.unet.config
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(prompts), cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator)
-    uncond = pipe.encode([negative_prompt])
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        x = noise[start:start + batch_size]
-        cond = pipe.encode(prompts[start:start + batch_size])
-        both = torch.cat([uncond.expand_as(cond), cond])
-        for t, s in zip(grid[:-1], grid[1:]):
-            tt = torch.full((2 * x.shape[0],), t, dtype=torch.long)
-            output = pipe.unet(torch.cat([x, x]), tt, encoder_hidden_states=both).sample
-            a, sig = schedule.alpha_sigma(tt)
-            x0_u, x0_c = to_x0(output, torch.cat([x, x]), bcast(a, output), bcast(sig, output),
-                               prediction_type).chunk(2)
-            x = ddim_step(x, cfg_combine(x0_u, x0_c, guidance), t, s, schedule)
-        out.append(x)
-    return torch.cat(out)
-
-
-def to_uint8_rgb(x: torch.Tensor) -> np.ndarray:
-    """The pixel decode convention: [-1, 1] -> uint8 (B, H, W, 3), grayscale repeated to RGB."""
-    images = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(1, -1).cpu().numpy()
-    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
 # ---- classifier -------------------------------------------------------------------------------

@@ -4,7 +4,10 @@
         --num-per-digit 100 --steps 32 --guidance 3 --out docs/embedded-lab
 
 For each digit d, `--num-per-digit` samples of the canonical prompt ("a handwritten digit
-seven") by deterministic DDIM on the trailing grid with CFG. Reported:
+seven") by deterministic DDIM on the trailing grid with CFG, drawn through the sample stage (the
+models layer's adapter and the one rollout), so they are the samples `ddil sample --teacher T
+--teacher-steps STEPS --guidance W --seed S --num-per-prompt N` gives for the ten prompts (each
+sample from its own seed, `(seed << 20) + index`). Reported:
 - prompt alignment: the fraction the classifier reads as the prompted digit;
 - Frechet distance in the classifier's penultimate feature space between the samples and the
   held-out split, next to the floor: the same distance between the train and held-out splits;
@@ -28,8 +31,10 @@ from PIL import Image
 
 from ddil_cli.data.digits import digit_prompt, split_source
 from ddil_cli.data.shards import load_image_captions, to_model_tensor
-from ddil_cli.lab.digits import (TEACHER_PATH, classify, ddim_sample, load_digits_classifier, load_pixel_pipeline,
-                                 prompt_alignment, to_uint8_rgb)
+from ddil_cli.diffusion.threshold import parse_threshold
+from ddil_cli.lab.digits import TEACHER_PATH, classify, load_digits_classifier, prompt_alignment
+from ddil_cli.models import load_denoiser
+from ddil_cli.stages.sample import SampleConfig, generate, plan_sampling, sample_seed
 
 
 def save_grid(images: np.ndarray, columns: int, path: Path, upscale: int = 4) -> None:
@@ -43,21 +48,36 @@ def save_grid(images: np.ndarray, columns: int, path: Path, upscale: int = 4) ->
     Image.fromarray(canvas).resize((canvas.shape[1] * upscale, canvas.shape[0] * upscale), Image.NEAREST).save(path)
 
 
+def sample_digits(teacher: str | Path, *, num_per_digit: int, steps: int, guidance: float, seed: int,
+                  batch_size: int = 250) -> tuple[np.ndarray, list[str], float, tuple[int, ...]]:
+    """The teacher's samples of the ten canonical prompts, digit-major, decoded to uint8 RGB
+    (N, H, W, 3), through the sample stage. Returns (images, prompts, seconds, state shape)."""
+    cfg = SampleConfig(teacher=str(teacher), teacher_steps=steps, guidance=guidance,
+                       prompt=[digit_prompt(d) for d in range(10)], num_per_prompt=num_per_digit,
+                       batch_size=batch_size, seed=seed)
+    model = load_denoiser(cfg.teacher, device=cfg.device)
+    plan = plan_sampling(cfg, model, None)
+    prompts = [p for p in plan.prompts for _ in range(num_per_digit)]
+    started = time.time()
+    images = []
+    for begin in range(0, len(prompts), batch_size):
+        batch = prompts[begin:begin + batch_size]
+        seeds = [sample_seed(seed, begin + j) for j in range(len(batch))]
+        result = generate(plan, model, seeds, batch, parse_threshold(cfg.threshold), cfg.device)
+        images.append(model.decode(result.final))
+    return np.concatenate(images), prompts, time.time() - started, tuple(model.state_shape)
+
+
 def measure_teacher(teacher: str | Path, data_dir: str | Path, *, num_per_digit: int = 100, steps: int = 32,
                     guidance: float = 3.0, seed: int = 0, out: str | Path | None = None) -> dict:
     from ddil_cli.evaluate.frechet import frechet_distance_features
     from ddil_cli.evaluate.prdc import compute_prdc
 
     classifier = load_digits_classifier()
-    pipe = load_pixel_pipeline(teacher)
-    res, channels = pipe.unet.config.sample_size, pipe.unet.config.in_channels
+    images, prompts, seconds, (channels, res, _) = sample_digits(teacher, num_per_digit=num_per_digit, steps=steps,
+                                                                 guidance=guidance, seed=seed)
     train = load_image_captions(split_source(data_dir, "train"), resolution=res, channels=channels)
     held = load_image_captions(split_source(data_dir, "heldout"), resolution=res, channels=channels)
-    prompts = [digit_prompt(d) for d in range(10) for _ in range(num_per_digit)]
-    started = time.time()
-    states = ddim_sample(pipe, prompts, steps=steps, guidance=guidance, seed=seed)
-    seconds = time.time() - started
-    images = to_uint8_rgb(states)
     samples = to_model_tensor(images[..., :channels])  # what a saved PNG holds, back in [-1, 1]
 
     with torch.no_grad():
@@ -93,7 +113,7 @@ def measure_teacher(teacher: str | Path, data_dir: str | Path, *, num_per_digit:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Measure a digits teacher with the embedded classifier.")
-    parser.add_argument("--teacher", default=str(TEACHER_PATH), help="pipeline folder")
+    parser.add_argument("--teacher", default=str(TEACHER_PATH), help="pipeline folder (or embedded:digits)")
     parser.add_argument("--data", required=True, help="folder made by `python -m ddil_cli.data.digits`")
     parser.add_argument("--num-per-digit", type=int, default=100)
     parser.add_argument("--steps", type=int, default=32)
