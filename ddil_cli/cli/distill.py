@@ -30,11 +30,11 @@ OUT/checkpoints/, OUT/buffer/, OUT/metrics.jsonl, OUT/summary.json, OUT/manifest
 
 Examples:
 
-  ddil distill --method pd --teacher gmm:ring:8 --steps 4 --max-updates 600 --lr 1e-3 --out runs/lab-ddil
+  ddil distill --method pd --teacher gmm:ring:8 --teacher-steps 16 --max-updates 3000 --batch-size 256 --lr 1e-3 --out runs/lab-ddil
 
-  ddil distill --method pd --teacher gmm:ring:8 --prior data=1 --out runs/lab-pd
+  ddil distill --method pd --teacher gmm:ring:8 --teacher-steps 16 --max-updates 3000 --batch-size 256 --lr 1e-3 --prior data=1 --out runs/lab-pd
 
-  ddil distill --method pd --teacher embedded:digits --data data/digits/train --guidance-range 1,4 --out runs/digits
+  ddil distill --method pd --teacher embedded:digits --data "data/digits/train-{{000000..000001}}.tar" --max-updates 360 --batch-size 32 --out runs/digits
 
   ddil distill --out runs/digits --resume latest   (same flags as the interrupted run)
 """
