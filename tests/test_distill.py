@@ -185,3 +185,9 @@ def test_external_collect_buffer_feeds_the_matching_stage(tmp_path, capsys):
     code, err = cli(["distill", "--quiet", "--teacher-steps", "16", "--steps", "8", "--buffer", str(buffer),
                      "--out", str(tmp_path / "other")], capsys)
     assert code == 2 and "grid" in err
+
+
+def test_tensorboard_tracker_logs_through_accelerate(tmp_path):
+    run_distill(DistillConfig(**{**LAB, "teacher_steps": 8}, stage_updates="4", prior="data=1",
+                              tracker="tensorboard", out=str(tmp_path / "run")))
+    assert list((tmp_path / "run/logs").rglob("events.out.tfevents*"))

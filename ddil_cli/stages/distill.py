@@ -165,6 +165,13 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
         raise UserError(f"--replay {cfg.replay!r}: use fifo or prioritised")
     if cfg.tracker not in ("none", "tensorboard", "wandb"):
         raise UserError(f"--tracker {cfg.tracker!r}: use none, tensorboard or wandb")
+    if cfg.tracker != "none":
+        import importlib.util
+
+        module = {"tensorboard": "tensorboard", "wandb": "wandb"}[cfg.tracker]
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"--tracker {cfg.tracker} needs the {module} package; pip install {module}, "
+                            "or use --tracker none")
     halvings = _halvings(cfg.teacher_steps, cfg.steps)
     budgets = _stage_budgets(cfg, len(halvings))
     phases = []
