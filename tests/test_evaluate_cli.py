@@ -183,3 +183,18 @@ def test_embedded_digits_space_is_available_or_explained(tmp_path, capsys):
     if m["fid"]["available"]:
         assert m["fid"]["value"] == pytest.approx(0.0, abs=1e-6) and m["fid"]["eval_res"] == 16
         assert 0.0 <= m["clip"]["value"] <= 1.0
+
+
+def test_shard_reference_by_relative_path_and_brace_pattern(tmp_path, monkeypatch):
+    from ddil_cli.data.digits import build_digits_shards
+    from ddil_cli.errors import UserError
+    from ddil_cli.evaluate.run import resolve_reference
+
+    build_digits_shards(tmp_path / "digits")
+    monkeypatch.chdir(tmp_path)
+    plain = resolve_reference("digits/heldout-000000.tar", None)
+    braced = resolve_reference("digits/heldout-{000000..000000}.tar", None)
+    assert plain.source.manifest_hash() == braced.source.manifest_hash()
+    assert len(plain.source) == 297
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_reference("digits/heldout-{000001..000002}.tar", None)

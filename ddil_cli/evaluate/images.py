@@ -12,7 +12,6 @@ preprocess for CLIP, none for LPIPS), so both sides always see the same pixels.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
@@ -113,12 +112,15 @@ class ShardSource:
 
     @staticmethod
     def from_arg(arg: str, limit: int | None = None) -> "ShardSource":
-        p = Path(arg)
-        if p.is_dir():
-            return ShardSource(list(p.glob("*.tar")), limit)
-        if any(ch in arg for ch in "*?["):
-            return ShardSource([Path(s) for s in glob.glob(arg)], limit)
-        return ShardSource([p], limit)
+        """A shard file, a folder of shards, a glob or a brace pattern (the project's one resolver)."""
+        from ddil_cli.data.shards import resolve_shards
+
+        urls = resolve_shards(arg)
+        remote = [u for u in urls if u.startswith("pipe:") or "://" in u]
+        if remote:
+            raise UserError(f"reference shards must be local files ({remote[0]} is not): their statistics are "
+                            "cached by file size and time; copy them locally or pass a statistics .npz")
+        return ShardSource([Path(u).resolve() for u in urls], limit)
 
     def manifest_hash(self) -> str:
         h = hashlib.sha256(_stat_digest(self.shards, Path("/")).encode())
