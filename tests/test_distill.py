@@ -191,3 +191,21 @@ def test_tensorboard_tracker_logs_through_accelerate(tmp_path):
     run_distill(DistillConfig(**{**LAB, "teacher_steps": 8}, stage_updates="4", prior="data=1",
                               tracker="tensorboard", out=str(tmp_path / "run")))
     assert list((tmp_path / "run/logs").rglob("events.out.tfevents*"))
+
+
+@pytest.mark.parametrize("prior", [None, "data=1"])
+def test_pixel_diffusers_teacher_with_real_data_with_and_without_ddil(tmp_path, prior):
+    from ddil_cli.data.digits import build_digits_shards
+    from tiny_models import build_tiny_pixel
+
+    build_tiny_pixel(tmp_path / "teacher")
+    build_digits_shards(tmp_path / "digits")
+    summary = run_distill(DistillConfig(method="pd", teacher=str(tmp_path / "teacher"), prior=prior,
+                                        data=str(tmp_path / "digits/train-{000000..000001}.tar"),
+                                        steps=4, teacher_steps=8, stage_updates="3", batch_size=4,
+                                        collect_every=2, rollouts_per_collect=2, quiet=True,
+                                        out=str(tmp_path / "run")))
+    (phase,) = summary["phases"]
+    assert phase["updates"] == 3 and (phase["buffer_states"] > 0) == (prior is None)
+    rows = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
+    assert "loss/data" in rows[-1] and all(r["nonfinite_skipped"] == 0 for r in rows)
