@@ -3,6 +3,7 @@ the non-finite guard; prior frequencies; one-line errors that leave the run fold
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,3 +210,24 @@ def test_pixel_diffusers_teacher_with_real_data_with_and_without_ddil(tmp_path, 
     assert phase["updates"] == 3 and (phase["buffer_states"] > 0) == (prior is None)
     rows = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
     assert "loss/data" in rows[-1] and all(r["nonfinite_skipped"] == 0 for r in rows)
+
+
+def test_two_processes_under_torchrun_share_one_run(tmp_path):
+    """A real 2-process (gloo) run: each rank collects into its own shards of one buffer."""
+    import os
+    import subprocess
+    import sys
+
+    import ddil_cli
+
+    main_py = Path(ddil_cli.__file__).parent / "__main__.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(main_py), "distill", "--teacher", "gmm:ring:8", "--teacher-steps", "8",
+                           "--stage-updates", "6", "--batch-size", "16", "--collect-every", "3",
+                           "--rollouts-per-collect", "4", "--device", "cpu", "--quiet", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shards = sorted(p.name for p in (tmp_path / "run/buffer/pd-4").glob("shard-*.tar"))
+    assert {name.split("-")[2] for name in shards} == {"000", "001"}  # both ranks wrote, disjoint names
+    assert (tmp_path / "run/student/model.safetensors").is_file()

@@ -438,27 +438,28 @@ def run_distill(cfg: DistillConfig, *, progress=None, log_console=None) -> dict:
     from accelerate.utils import set_seed
 
     run = Path(cfg.out)
-    teacher = load_denoiser(cfg.teacher, device=cfg.device)
+    # first: under a launcher every process validates, and only the main process writes
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu",
+                              log_with=None if cfg.tracker == "none" else cfg.tracker, project_dir=str(run / "logs"))
+    teacher = load_denoiser(cfg.teacher, device=str(accelerator.device))
     plan = make_plan(cfg, teacher)
     resume_from = check_resume(cfg, run)
     uses_data = any(p["data"] > 0 for p in plan.schedule.priors)
     if uses_data and cfg.data:
         DataStates(teacher, data=cfg.data).captions(1)  # fail now, not after the run folder exists
-    data = DataStates(teacher, data=cfg.data, prompts=plan.prompts) if uses_data else None
+    data = DataStates(teacher, data=cfg.data, prompts=plan.prompts,
+                      part=accelerator.process_index, parts=accelerator.num_processes) if uses_data else None
     external = ExternalBuffer(cfg.buffer, teacher, plan) if cfg.buffer else None
-    try:
+    existing = next((p for p in [run, *run.absolute().parents] if p.exists()), Path("/"))
+    if not os.access(existing, os.W_OK | os.X_OK) or (existing == run and not run.is_dir()):
+        raise UserError(f"cannot write to {run} ({existing} is not a writable folder); choose a writable --out")
+    accelerator.wait_for_everyone()  # every process has checked the folder before anything is written
+    if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
-        probe = run / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write to {run} ({exc.strerror}); choose a writable --out") from None
-    if resume_from is None and cfg.overwrite:
-        for child in run.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu",
-                              log_with=None if cfg.tracker == "none" else cfg.tracker, project_dir=str(run / "logs"))
+        if resume_from is None and cfg.overwrite:
+            for child in run.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         write_json_atomic(run / "manifest.json", build_manifest(
