@@ -178,22 +178,37 @@ def make_blocks(plan: CollectPlan, batch_size: int) -> list[Block]:
     return [block for _, _, block in sorted(keyed, key=lambda k: (k[0], k[1]))]
 
 
+def visited_states(teacher: Denoiser, student: Denoiser | None, grid: Grid, prompts: list[str],
+                   seeds: list[int], *, teacher_prob: float, guidance, threshold, device):
+    """Roll out one trajectory per seed and list the states it visits on the student grid, as
+    (state, t, t_index, source, row): the row indexes `prompts`/`seeds`; the source is 'teacher'
+    for a trajectory the teacher drove throughout, else 'student'. Used by `collect` and by
+    distill's DAgger hook, so both store the same thing."""
+    x_T, uniforms = seeded_noise(seeds, tuple(teacher.state_shape), grid.num_transitions, device)
+    mask = teacher_mask(uniforms, grid, teacher_prob=teacher_prob)
+    cond = teacher.encode(prompts)
+    student_cond = None
+    if student is not None and teacher_prob < 1:
+        student_cond = cond if student.shares_conditioning(teacher) else student.encode(prompts)
+    result = rollout(x_T, cond, grid, mask, teacher=teacher, student=student if teacher_prob < 1 else None,
+                     guidance=guidance, threshold=threshold, student_cond=student_cond, record=True)
+    states_cpu = [s.float().cpu() for s in result.states]  # one transfer per grid point, not per row
+    records = []
+    for row in range(len(seeds)):
+        source = "teacher" if bool(result.teacher_mask[row].all()) else "student"
+        for t_index, (t, states) in enumerate(zip(result.timesteps, states_cpu)):
+            records.append((states[row], t, t_index, source, row))
+    return records
+
+
 def _rollout_block(plan: CollectPlan, block: Block, teacher: Denoiser, student: Denoiser | None,
                    prompts: list[str], threshold, device: str, seed: int, run: int):
     seeds = [derived_seed(seed, run, "rollout", rid) for rid in block.ids]
-    x_T, uniforms = seeded_noise(seeds, tuple(teacher.state_shape), plan.grid.num_transitions, device)
     teacher_prob = plan.teacher_prob if block.kind == "student" else 1.0
-    mask = teacher_mask(uniforms, plan.grid, teacher_prob=teacher_prob)
-    cond = teacher.encode(prompts)
-    student_cond = student.encode(prompts) if student is not None and block.kind == "student" else None
-    result = rollout(x_T, cond, plan.grid, mask, teacher=teacher,
-                     student=student if block.kind == "student" else None, guidance=plan.guidance,
-                     threshold=threshold, student_cond=student_cond, record=True)
-    states_cpu = [s.float().cpu() for s in result.states]  # one transfer per grid point, not per row
-    for row, rid in enumerate(block.ids):
-        source = "teacher" if bool(result.teacher_mask[row].all()) else "student"
-        for t_index, (t, states) in enumerate(zip(result.timesteps, states_cpu)):
-            yield states[row], t, t_index, source, rid, prompts[row]
+    for state, t, t_index, source, row in visited_states(teacher, student, plan.grid, prompts, seeds,
+                                                         teacher_prob=teacher_prob, guidance=plan.guidance,
+                                                         threshold=threshold, device=device):
+        yield state, t, t_index, source, block.ids[row], prompts[row]
 
 
 def run_collect(cfg: CollectConfig, *, models: tuple[Denoiser, Denoiser | None] | None = None,

@@ -31,7 +31,8 @@ from ddil_cli.methods import METHODS, PLANNED, Batch, PDMethod
 from ddil_cli.models import load_denoiser, make_student
 from ddil_cli.models.base import Denoiser
 from ddil_cli.priors import PriorSchedule, sources_for_batch
-from ddil_cli.rollout import Grid, rollout, seeded_noise, teacher_mask
+from ddil_cli.rollout import Grid
+from ddil_cli.stages.collect import visited_states
 from ddil_cli.specs import read_prompts
 from ddil_cli.train import MetricsLog, TrainConfig, Trainer, latest_checkpoint
 
@@ -305,38 +306,28 @@ class DaggerCollector:
                          "timesteps": self.grid.student,
                          "num_train_timesteps": self.teacher.schedule.num_train_timesteps}}
 
-    def _roll(self, writer: BufferWriter, update: int, teacher_prob: float, source: str, salt: int) -> int:
+    def _roll(self, writer: BufferWriter, update: int, teacher_prob: float, salt: int) -> int:
         rank, world = self.acc.process_index, self.acc.num_processes
         first = (salt * 1_000_003 + update) * world * self.rollouts + rank * self.rollouts
+        # seeded by the update (not by the buffer's run number) so a resumed run rolls out the same
         seeds = [(self.seed << 32) + first + i for i in range(self.rollouts)]
         prompts = self.prompts_for(self.rollouts)
-        x_T, uniforms = seeded_noise(seeds, tuple(self.teacher.state_shape), self.grid.num_transitions,
-                                     self.acc.device)
-        gen = torch.Generator().manual_seed(seeds[0])
         low, high = self.plan.guidance_range
-        guidance = low + (high - low) * torch.rand(self.rollouts, generator=gen)
-        mask = teacher_mask(uniforms, self.grid, teacher_prob=teacher_prob)
-        cond = self.teacher.encode(prompts)
-        student_cond = cond if self.student.shares_conditioning(self.teacher) else self.student.encode(prompts)
+        guidance = low + (high - low) * torch.rand(self.rollouts, generator=torch.Generator().manual_seed(seeds[0]))
         was_training = self.student.network.training
         self.student.network.eval()
-        result = rollout(x_T, cond, self.grid, mask, teacher=self.teacher, student=self.student,
-                         guidance=guidance.to(self.acc.device), threshold=self.plan.threshold,
-                         student_cond=student_cond, record=True)
+        records = visited_states(self.teacher, self.student, self.grid, prompts, seeds, teacher_prob=teacher_prob,
+                                 guidance=guidance.to(self.acc.device), threshold=self.plan.threshold,
+                                 device=self.acc.device)
         self.student.network.train(was_training)
-        states, t_index, keys = [], [], []
-        for i, state_batch in enumerate(result.states):
-            for r in range(self.rollouts):
-                keys.append(writer.write(state_batch[r].float().cpu().numpy(), {
-                    "t": self.grid.student[i], "t_index": i, "source": source, "rollout_id": seeds[r],
-                    "prompt": prompts[r], "prompt_id": prompt_id(prompts[r]), "guidance": float(guidance[r]),
-                    "student_version": update, "phase": self.phase, "teacher_prob": teacher_prob}))
-                states.append(state_batch[r])
-                t_index.append(i)
-        n = len(keys)
-        self.pool.add(torch.stack(states), t_index, guidance.repeat(self.grid.num_transitions),
-                      [prompts[r] for _ in result.states for r in range(self.rollouts)], [source] * n, keys)
-        return n
+        keys = [writer.write(state.numpy(), {
+            "t": t, "t_index": t_index, "source": source, "rollout_id": seeds[row], "prompt": prompts[row],
+            "prompt_id": prompt_id(prompts[row]), "guidance": float(guidance[row]), "student_version": update,
+            "phase": self.phase, "teacher_prob": teacher_prob}) for state, t, t_index, source, row in records]
+        rows = [r[4] for r in records]
+        self.pool.add(torch.stack([r[0] for r in records]), [r[2] for r in records], guidance[rows],
+                      [prompts[r] for r in rows], [r[3] for r in records], keys)
+        return len(keys)
 
     def __call__(self, update: int) -> float:
         start = time.perf_counter()
@@ -346,9 +337,9 @@ class DaggerCollector:
                               run_info={"command": "distill (DAgger)", "student_version": update, "phase": self.phase},
                               on_commit=self.fifo)
         with writer.open():
-            self._roll(writer, update, 1.0 - student_prob, "student" if student_prob > 0 else "teacher", 0)
+            self._roll(writer, update, 1.0 - student_prob, 0)
             if self.needs_teacher_states and self.pool.count("teacher") == 0:
-                self._roll(writer, update, 1.0, "teacher", 1)
+                self._roll(writer, update, 1.0, 1)
         return time.perf_counter() - start
 
 
