@@ -14,6 +14,7 @@ import math
 import shutil
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,7 +23,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ddil_cli.errors import UserError
-from ddil_cli.manifest import write_json_atomic
 from ddil_cli.methods.base import Batch, DistillMethod
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -220,7 +220,7 @@ class Trainer:
             for micro in range(cfg.grad_accum):
                 batch = self.make_batch(state.update)
                 sync = micro == cfg.grad_accum - 1
-                ctx = acc.no_sync(self.net) if not sync and acc.num_processes > 1 else _null()
+                ctx = acc.no_sync(self.net) if not sync and acc.num_processes > 1 else nullcontext()
                 with ctx, acc.autocast():
                     per_example = self.method.loss(batch)
                     loss = per_example.mean() / cfg.grad_accum
@@ -283,14 +283,6 @@ class Trainer:
         return net
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted(p for p in (Path(run_dir) / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")
                    if p.is_dir() and (p / "state.json").is_file())
@@ -308,4 +300,4 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
 
 
-__all__ = ["MetricsLog", "NonFiniteLoss", "TrainConfig", "Trainer", "latest_checkpoint", "write_json_atomic"]
+__all__ = ["MetricsLog", "NonFiniteLoss", "TrainConfig", "Trainer", "latest_checkpoint"]

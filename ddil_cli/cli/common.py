@@ -141,9 +141,3 @@ def progress(quiet: bool = False) -> Progress:
     return Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
                     MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=console, disable=quiet, transient=False)
-
-
-def parse_choice(value: str, choices: tuple[str, ...], flag: str) -> str:
-    if value not in choices:
-        raise UserError(f"{flag} {value!r} is not one of {', '.join(choices)}")
-    return value

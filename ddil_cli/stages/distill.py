@@ -102,7 +102,7 @@ class Phase:
 class Plan:
     phases: list[Phase]
     schedule: PriorSchedule
-    student_prob: PriorSchedule | list
+    student_prob: list[tuple[float | int, float]]  # (phase start, student probability)
     guidance_range: tuple[float, float]
     guidance_embedding: bool
     threshold: Threshold
@@ -424,7 +424,7 @@ def check_resume(cfg: DistillConfig, run: Path) -> Path | None:
     return path
 
 
-def run_distill(cfg: DistillConfig, *, progress=None, log_console=None) -> dict:
+def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
