@@ -147,13 +147,17 @@ def plan_collect(cfg: CollectConfig, teacher: Denoiser, student: Denoiser | None
     else:  # data only: --rollouts counts trajectories' worth of states
         num_rollouts = {"student": 0, "teacher": 0}
         num_data = cfg.rollouts * grid.num_transitions
-    header = {"state": {"shape": list(teacher.state_shape), "dtype": "float16", "encoding": "npy"},
-              "teacher": {"spec": cfg.teacher, "fingerprint": teacher_fingerprint(cfg, teacher),
-                          "model": teacher.describe()},
-              "grid": {"steps": cfg.steps, "teacher_steps": cfg.teacher_steps, "timesteps": list(grid.student),
-                       "num_train_timesteps": teacher.schedule.num_train_timesteps}}
+    header = buffer_header(teacher, cfg.teacher, teacher_fingerprint(cfg, teacher), grid)
     return CollectPlan(prior, grid, prompts, float(guidance), float(cfg.teacher_prob), num_rollouts,
                        num_data, header)
+
+
+def buffer_header(teacher: Denoiser, spec: str, teacher_fingerprint: str, grid: Grid) -> dict[str, Any]:
+    """What every state in a buffer shares; an append must match it (buffer/manifest.py)."""
+    return {"state": {"shape": list(teacher.state_shape), "dtype": "float16", "encoding": "npy"},
+            "teacher": {"spec": spec, "fingerprint": teacher_fingerprint, "model": teacher.describe()},
+            "grid": {"steps": grid.num_transitions, "teacher_steps": len(grid.teacher),
+                     "timesteps": list(grid.student), "num_train_timesteps": teacher.schedule.num_train_timesteps}}
 
 
 def check_buffer(out: str | Path, header: dict[str, Any]) -> dict[str, Any] | None:

@@ -32,7 +32,7 @@ from ddil_cli.models import load_denoiser, make_student
 from ddil_cli.models.base import Denoiser
 from ddil_cli.priors import PriorSchedule, sources_for_batch
 from ddil_cli.rollout import Grid
-from ddil_cli.stages.collect import visited_states
+from ddil_cli.stages.collect import buffer_header, visited_states
 from ddil_cli.specs import read_prompts
 from ddil_cli.train import MetricsLog, TrainConfig, Trainer, latest_checkpoint
 
@@ -292,19 +292,12 @@ class DaggerCollector:
     def __init__(self, *, teacher, student, grid: Grid, plan: Plan, pool: ReplayPool, buffer_dir: Path,
                  rollouts: int, prompts_for, seed: int, total_updates: int, accelerator, phase: str,
                  fifo: FIFOPolicy, needs_teacher_states: bool, teacher_source: str):
-        self.teacher_source = teacher_source
+        # fingerprinted once: a stage teacher is a folder, hashing it at every collection is waste
+        self.header = buffer_header(teacher, teacher_source, fingerprint(teacher_source), grid)
         self.teacher, self.student, self.grid, self.plan, self.pool = teacher, student, grid, plan, pool
         self.buffer_dir, self.rollouts, self.prompts_for, self.seed = buffer_dir, rollouts, prompts_for, seed
         self.total_updates, self.acc, self.phase, self.fifo = total_updates, accelerator, phase, fifo
         self.needs_teacher_states = needs_teacher_states
-
-    def header(self) -> dict:
-        return {"state": {"shape": list(self.teacher.state_shape), "dtype": "float16", "encoding": "npy"},
-                "teacher": {"spec": self.teacher_source, "fingerprint": fingerprint(self.teacher_source),
-                            "model": self.teacher.describe()},
-                "grid": {"steps": self.grid.num_transitions, "teacher_steps": len(self.grid.teacher),
-                         "timesteps": self.grid.student,
-                         "num_train_timesteps": self.teacher.schedule.num_train_timesteps}}
 
     def _roll(self, writer: BufferWriter, update: int, teacher_prob: float, salt: int) -> int:
         rank, world = self.acc.process_index, self.acc.num_processes
@@ -332,7 +325,7 @@ class DaggerCollector:
     def __call__(self, update: int) -> float:
         start = time.perf_counter()
         student_prob = _at(self.plan.student_prob, update, self.total_updates)
-        writer = BufferWriter(self.buffer_dir, self.header(), rank=self.acc.process_index,
+        writer = BufferWriter(self.buffer_dir, self.header, rank=self.acc.process_index,
                               world_size=self.acc.num_processes,
                               run_info={"command": "distill (DAgger)", "student_version": update, "phase": self.phase},
                               on_commit=self.fifo)
