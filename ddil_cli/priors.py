@@ -74,27 +74,27 @@ def require_sources(prior: dict[str, float], available: dict[str, str | None], *
 
 
 @dataclass(frozen=True)
-class PriorSchedule:
-    """Priors that change over training: phase i applies from its start to the next phase's."""
+class PhaseSchedule:
+    """A value that changes over training: phase i applies from its start to the next phase's.
+    Written `START:VALUE;START:VALUE` (a lone VALUE is one phase from 0)."""
 
     starts: tuple[float | int, ...]  # float: fraction of all updates; int: an update count
-    priors: tuple[dict[str, float], ...]
+    values: tuple
 
     @classmethod
-    def parse(cls, text: str, *, flag: str = "--prior-schedule") -> "PriorSchedule":
-        starts, priors = [], []
+    def parse(cls, text: str, parse_value, *, flag: str, example: str):
+        starts, values = [], []
         for phase in filter(None, (p.strip() for p in str(text).split(";"))):
-            start_text, colon, prior_text = phase.partition(":")
+            start_text, colon, value_text = phase.partition(":")
             if not colon:
-                # a single prior with no start is a one-phase schedule
-                start_text, prior_text = "0", phase
+                start_text, value_text = "0", phase
             starts.append(_parse_start(start_text.strip(), flag))
-            priors.append(parse_prior(prior_text, flag=flag))
+            values.append(parse_value(value_text))
         if not starts:
-            raise UserError(f"{flag} is empty; write START:PRIOR;START:PRIOR, e.g. 0:data=0.5,student=0.5")
+            raise UserError(f"{flag} is empty; write START:VALUE;START:VALUE, e.g. {example}")
         if starts[0] != 0:
             raise UserError(f"{flag} must start its first phase at 0, not {starts[0]}")
-        return cls(tuple(starts), tuple(priors))
+        return cls(tuple(starts), tuple(values))
 
     def start_update(self, index: int, total_updates: int | None) -> int:
         start = self.starts[index]
@@ -104,13 +104,30 @@ class PriorSchedule:
             raise ValueError("a schedule with fractional starts needs total_updates")
         return int(round(start * total_updates))
 
-    def at(self, update: int, total_updates: int | None = None) -> dict[str, float]:
-        """The prior in force at `update` (0-based)."""
-        current = self.priors[0]
+    def at(self, update: int, total_updates: int | None = None):
+        """The value in force at `update` (0-based)."""
+        current = self.values[0]
         for i in range(len(self.starts)):
             if update >= self.start_update(i, total_updates):
-                current = self.priors[i]
-        return dict(current)
+                current = self.values[i]
+        return current
+
+
+@dataclass(frozen=True)
+class PriorSchedule(PhaseSchedule):
+    """Priors over training, e.g. `0:data=0.5,student=0.5;0.6:data=0.3,student=0.7`."""
+
+    @classmethod
+    def parse(cls, text: str, *, flag: str = "--prior-schedule") -> "PriorSchedule":
+        return super().parse(text, lambda value: parse_prior(value, flag=flag), flag=flag,
+                             example="0:data=0.5,student=0.5")
+
+    @property
+    def priors(self) -> tuple[dict[str, float], ...]:
+        return self.values
+
+    def at(self, update: int, total_updates: int | None = None) -> dict[str, float]:
+        return dict(super().at(update, total_updates))
 
     def describe(self) -> list[dict]:
         return [{"start": s, "prior": dict(p)} for s, p in zip(self.starts, self.priors)]

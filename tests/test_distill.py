@@ -14,7 +14,7 @@ from ddil_cli.errors import UserError
 from ddil_cli.methods.pd import PDMethod
 from ddil_cli.models.gmm import GMMDenoiser
 from ddil_cli.models.mlp import mlp_student_for
-from ddil_cli.priors import PriorSchedule
+from ddil_cli.priors import PhaseSchedule, PriorSchedule
 from ddil_cli.stages.distill import DistillConfig, InputAssembler, Plan, run_distill
 from ddil_cli.train import Trainer
 from cli_runner import run_cli as cli
@@ -91,7 +91,8 @@ def test_prior_frequencies_in_assembled_batches():
         pool.add(torch.randn(50, 2), torch.randint(4, (50,)), torch.ones(50), ["class 1"] * 50, [source] * 50,
                  [f"{source}-{i}" for i in range(50)])
     prior = "data=0.2,student=0.5,teacher=0.3"
-    plan = Plan([], PriorSchedule.parse(prior), [(0, 0.5)], (1.0, 1.0), False, None, ["class 0"])
+    plan = Plan([], PriorSchedule.parse(prior), PhaseSchedule((0,), (0.5,)), (1.0, 1.0), False, None,
+                ["class 0"])
     from ddil_cli.buffer.sources import DataStates
 
     assembler = InputAssembler(teacher=teacher, student=student, grid=[999, 749, 499, 249], plan=plan,

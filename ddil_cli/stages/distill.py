@@ -30,7 +30,7 @@ from ddil_cli.manifest import build_manifest, fingerprint, write_json_atomic
 from ddil_cli.methods import METHODS, PLANNED, Batch, PDMethod
 from ddil_cli.models import load_denoiser, make_student
 from ddil_cli.models.base import Denoiser
-from ddil_cli.priors import PriorSchedule, sources_for_batch
+from ddil_cli.priors import PhaseSchedule, PriorSchedule, sources_for_batch
 from ddil_cli.rollout import Grid
 from ddil_cli.stages.collect import buffer_header, visited_states
 from ddil_cli.specs import read_prompts
@@ -102,40 +102,25 @@ class Phase:
 class Plan:
     phases: list[Phase]
     schedule: PriorSchedule
-    student_prob: list[tuple[float | int, float]]  # (phase start, student probability)
+    student_prob: PhaseSchedule  # how often the student takes a transition in DAgger rollouts
     guidance_range: tuple[float, float]
     guidance_embedding: bool
     threshold: Threshold
     prompts: list[str] | None
 
 
-def _parse_student_prob(text: str) -> list[tuple[float | int, float]]:
+def _parse_student_prob(text: str) -> PhaseSchedule:
     """'0:0.5;0.6:0.8' (phase starts as fractions or update counts) or a single '0.7'."""
-    phases = []
-    for part in filter(None, (p.strip() for p in str(text).split(";"))):
-        start, colon, value = part.partition(":")
-        if not colon:
-            start, value = "0", part
+    def probability(value: str) -> float:
         try:
             prob = float(value)
-            begin = float(start) if "." in start else int(start)
         except ValueError:
-            raise UserError(f"bad --student-prob {text!r}; write P or START:P;START:P, e.g. {DEFAULT_STUDENT_PROB}") from None
+            raise UserError(f"bad --student-prob {text!r}; write P or START:P;START:P, "
+                            f"e.g. {DEFAULT_STUDENT_PROB}") from None
         if not 0 <= prob <= 1:
             raise UserError(f"--student-prob {prob} is outside [0, 1]")
-        phases.append((begin, prob))
-    if not phases or phases[0][0] != 0:
-        raise UserError(f"--student-prob must start at 0, e.g. {DEFAULT_STUDENT_PROB}")
-    return phases
-
-
-def _at(phases, update: int, total: int):
-    current = phases[0][1]
-    for start, value in phases:
-        begin = start if isinstance(start, int) else int(round(start * total))
-        if update >= begin:
-            current = value
-    return current
+        return prob
+    return PhaseSchedule.parse(text, probability, flag="--student-prob", example=DEFAULT_STUDENT_PROB)
 
 
 def _halvings(teacher_steps: int, steps: int) -> list[int]:
@@ -324,7 +309,7 @@ class DaggerCollector:
 
     def __call__(self, update: int) -> float:
         start = time.perf_counter()
-        student_prob = _at(self.plan.student_prob, update, self.total_updates)
+        student_prob = self.plan.student_prob.at(update, self.total_updates)
         writer = BufferWriter(self.buffer_dir, self.header, rank=self.acc.process_index,
                               world_size=self.acc.num_processes,
                               run_info={"command": "distill (DAgger)", "student_version": update, "phase": self.phase},
