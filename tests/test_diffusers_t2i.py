@@ -318,3 +318,18 @@ def test_sampling_defaults_travel_from_teacher_to_saved_student(tmp_path):
     make_student(teacher).save_pretrained(tmp_path / "s", timesteps=[999, 499])
     student = DiffusersDenoiser.from_pretrained(tmp_path / "s")
     assert student.default_guidance == 2.5 and student.default_prompts() == ["a one", "a two"]
+
+
+def test_repeated_prompts_encode_once_with_the_same_rows(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from ddil_cli.models.diffusers_t2i import DiffusersDenoiser
+
+    build_tiny_sd(tmp_path / "sd")
+    model = DiffusersDenoiser.from_pretrained(tmp_path / "sd")
+    prompts = ["a cat", "a dog", "a cat", "a cat"]
+    cond = model.encode(prompts)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd", safety_checker=None, requires_safety_checker=False)
+    ref, ref_neg = pipe.encode_prompt(prompts, "cpu", 1, True, [""] * len(prompts))
+    assert torch.allclose(cond.cond["encoder_hidden_states"], ref, atol=1e-6)
+    assert torch.allclose(cond.uncond["encoder_hidden_states"], ref_neg, atol=1e-6)

@@ -331,12 +331,17 @@ class DiffusersDenoiser(Denoiser):
         return cond
 
     def encode(self, prompts: list[str]) -> Conditioning:
+        # each distinct prompt (and the empty one) through the text encoders once: training batches
+        # repeat prompts, and the unconditional branch is the same row for every example
         prompts = [str(p) for p in prompts]
-        cond = self._embed(prompts)
+        distinct = list(dict.fromkeys(prompts))
+        rows = torch.tensor([distinct.index(p) for p in prompts], dtype=torch.long)
+        cond = {k: v[rows.to(v.device)] for k, v in self._embed(distinct).items()}
         if self.force_zeros_for_empty_prompt:
             uncond = {k: (v if k == "time_ids" else torch.zeros_like(v)) for k, v in cond.items()}
         else:
-            uncond = self._embed([""] * len(prompts))
+            empty = self._embed([""])
+            uncond = {k: v.expand(len(prompts), *v.shape[1:]).clone() for k, v in empty.items()}
         return Conditioning(prompts, cond, uncond)
 
     # ---- the network call ---------------------------------------------------------------------
