@@ -1,10 +1,12 @@
 """Mixed teacher/student trajectories on nested grids (ALGORITHMS.md sections 4 and 8).
 
-A student with S steps and a teacher with T steps (T a multiple of S) share the student's grid
-(trailing spacing: 999, 749, 499, 249 for S = 4). Each student transition t_i -> t_{i+1} is
-taken either by the student in one DDIM step or by the teacher in T/S DDIM steps of its own
-grid. Because the DDIM step is stateless, the choice can differ per example and per transition.
-This is the one rollout used by `sample`, `collect`, `distill` and `covariate-shift`.
+A student with S steps and a teacher with T steps share the student's grid (trailing spacing:
+999, 749, 499, 249 for S = 4; or any decreasing list, e.g. an LCM grid 999, 759, 499, 259). Each
+student transition t_i -> t_{i+1} is taken either by the student in one step or by the teacher
+in DDIM steps over its own grid points in between. The student's step is its own sampler's:
+DDIM (PD) or the consistency re-noising step x_s = a_s f(x_t, t) + s_s z (LCM, DMD2). Both are
+stateless, so the choice can differ per example and per transition. This is the one rollout
+used by `sample`, `collect`, `distill` and `covariate-shift`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ddil_cli.diffusion.consistency import consistency_output, renoise_step
 from ddil_cli.diffusion.ddim import ddim_step
-from ddil_cli.diffusion.schedule import nested_grids
+from ddil_cli.diffusion.schedule import nested_grids, trailing_timesteps
 from ddil_cli.diffusion.threshold import Threshold
 from ddil_cli.models.base import Conditioning, Denoiser
 
@@ -23,28 +26,53 @@ SWITCH_KINDS = ("t2s", "s2t")
 
 @dataclass(frozen=True)
 class Grid:
-    """The student's timesteps and, per student transition, the teacher's sub-steps."""
+    """The student's timesteps and the teacher's, which it uses between two student timesteps."""
 
     student: list[int]
     teacher: list[int]
-    ratio: int
 
     @classmethod
     def make(cls, student_steps: int, teacher_steps: int, num_train_timesteps: int = 1000) -> "Grid":
-        student, teacher, ratio = nested_grids(student_steps, teacher_steps, num_train_timesteps)
-        return cls(student, teacher, ratio)
+        """Nested trailing grids (the student's points are every T/S-th of the teacher's)."""
+        student, teacher, _ratio = nested_grids(student_steps, teacher_steps, num_train_timesteps)
+        return cls(student, teacher)
+
+    @classmethod
+    def from_timesteps(cls, student: list[int], teacher_steps: int, num_train_timesteps: int = 1000) -> "Grid":
+        """Any decreasing student grid (an LCM scheduler's, say) with a trailing teacher grid."""
+        student = [int(t) for t in student]
+        if not student or any(b >= a for a, b in zip(student, student[1:])) or student[-1] < 0 \
+                or student[0] >= num_train_timesteps:
+            raise ValueError(f"student timesteps must decrease within [0, {num_train_timesteps}), got {student}")
+        return cls(student, trailing_timesteps(teacher_steps, num_train_timesteps))
 
     @property
     def num_transitions(self) -> int:
         return len(self.student)
+
+    @property
+    def ratio(self) -> int:
+        """Teacher steps per student transition (the most over the grid)."""
+        return max(len(self.teacher_path(i)) - 1 for i in range(self.num_transitions))
 
     def student_path(self, i: int) -> list[int]:
         """[t_i, t_{i+1}] (the last transition ends at -1, clean data)."""
         return [self.student[i], self.student[i + 1] if i + 1 < len(self.student) else -1]
 
     def teacher_path(self, i: int) -> list[int]:
-        """The teacher's timesteps from t_i to t_{i+1}, both ends included."""
-        return self.teacher[i * self.ratio:(i + 1) * self.ratio] + [self.student_path(i)[1]]
+        """The teacher's timesteps from t_i to t_{i+1}, both ends included: t_i, then its own grid
+        points strictly between, then t_{i+1}."""
+        start, end = self.student_path(i)
+        return [start] + [t for t in self.teacher if end < t < start] + [end]
+
+
+def sampling_grid(student: Denoiser | None, steps: int, teacher_steps: int, num_train_timesteps: int = 1000) -> Grid:
+    """The grid a rollout with this student runs on: the timesteps the student was distilled on
+    when it has `steps` of them (an LCM student's 999, 759, 499, 259), else nested trailing grids."""
+    own = getattr(student, "student_timesteps", None) if student is not None else None
+    if own and len(own) == steps and own != trailing_timesteps(steps, num_train_timesteps):
+        return Grid.from_timesteps(own, teacher_steps, num_train_timesteps)
+    return Grid.make(steps, teacher_steps, num_train_timesteps)
 
 
 def teacher_mask(uniforms: torch.Tensor, grid: Grid, *, teacher_prob: float = 1.0,
@@ -73,6 +101,29 @@ def ddim_path(model: Denoiser, x: torch.Tensor, path: list[int], cond: Condition
     return x
 
 
+def consistency_step(model: Denoiser, x: torch.Tensor, t: int, s: int, cond: Conditioning, guidance,
+                     threshold: Threshold | None, noise: torch.Tensor) -> torch.Tensor:
+    """One re-noising multistep-consistency step: x_s = a_s f(x_t, t) + s_s z (LCM's sampler)."""
+    from ddil_cli.diffusion.threshold import apply_threshold
+
+    t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    x0_hat = model.predict_x0(x, t_batch, cond, guidance)
+    if threshold is not None:
+        x0_hat = apply_threshold(x0_hat, threshold)
+    endpoint = consistency_output(x, x0_hat, t_batch, timestep_scaling=model.timestep_scaling)
+    return renoise_step(endpoint, s, model.schedule, noise).to(x.dtype)
+
+
+def student_path(model: Denoiser, x: torch.Tensor, path: list[int], cond: Conditioning, guidance,
+                 threshold: Threshold | None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The student's one transition along `path` = [t, s] with its own sampler (model.sampler)."""
+    if model.sampler == "consistency":
+        if noise is None:
+            raise ValueError("a consistency student's transition needs its re-noising noise")
+        return consistency_step(model, x, path[0], path[-1], cond, guidance, threshold, noise)
+    return ddim_path(model, x, path, cond, guidance, threshold)
+
+
 @dataclass
 class RolloutResult:
     final: torch.Tensor  # the clean state (t = -1)
@@ -90,12 +141,14 @@ def _rows(value, index):
 def rollout(x_T: torch.Tensor, cond: Conditioning, grid: Grid, mask: torch.Tensor, *,
             teacher: Denoiser | None, student: Denoiser | None, guidance=1.0,
             threshold: Threshold | None = None, student_cond: Conditioning | None = None,
-            stop_at: int | None = None, record: bool = False) -> RolloutResult:
+            stop_at: int | None = None, record: bool = False,
+            renoise: torch.Tensor | None = None) -> RolloutResult:
     """Run the transitions of `grid` from x_T; row b's transition i is the teacher's when mask[b, i].
 
     `student_cond` is the student's encoding of the same prompts when it differs from the
     teacher's (a lab MLP student); `stop_at` ends after that many transitions (for a state in the
-    middle of a trajectory); `record` keeps every state on the student grid (for the buffer).
+    middle of a trajectory); `record` keeps every state on the student grid (for the buffer);
+    `renoise` (B, S, *state) is the fresh noise of a consistency student's steps.
     """
     student_cond = cond if student_cond is None else student_cond
     x = x_T
@@ -114,8 +167,13 @@ def rollout(x_T: torch.Tensor, cond: Conditioning, grid: Grid, mask: torch.Tenso
                 raise ValueError(f"transition {i} needs the {'teacher' if use_teacher else 'student'}, "
                                  "which was not given")
             rows_dev = rows.to(x.device)
-            nxt[rows_dev] = ddim_path(model, x[rows_dev], path, c.select(rows),
-                                      _rows(guidance, rows), threshold).to(x.dtype)
+            if use_teacher:
+                landed = ddim_path(model, x[rows_dev], path, c.select(rows), _rows(guidance, rows), threshold)
+            else:
+                noise = None if renoise is None else renoise[rows_dev, i]
+                landed = student_path(model, x[rows_dev], path, c.select(rows), _rows(guidance, rows),
+                                      threshold, noise)
+            nxt[rows_dev] = landed.to(x.dtype)
         x = nxt
     return RolloutResult(final=x, states=states, timesteps=list(grid.student[:steps]), teacher_mask=mask)
 
@@ -130,3 +188,32 @@ def seeded_noise(seeds: list[int], shape: tuple[int, ...], num_transitions: int,
         noises.append(torch.randn(shape, generator=gen))
         uniforms.append(torch.rand(num_transitions, generator=gen))
     return torch.stack(noises).to(device), torch.stack(uniforms).to(device)
+
+
+def seeded_renoise(seeds: list[int], shape: tuple[int, ...], num_transitions: int, device="cpu") -> torch.Tensor:
+    """(B, S, *shape) fresh noise for a re-noising sampler's steps, from each example's own seed
+    (a stream apart from `seeded_noise`'s, so adding it changes no DDIM trajectory)."""
+    return torch.stack([torch.randn((num_transitions, *shape),
+                                    generator=torch.Generator().manual_seed((int(seed) * 2654435761 + 1) % 2 ** 63))
+                        for seed in seeds]).to(device)
+
+
+def rollout_seeds(seeds: list[int], prompts: list[str], grid: Grid, *, teacher: Denoiser,
+                  student: Denoiser | None, teacher_prob: float = 1.0, switch: tuple[str, int] | None = None,
+                  guidance=1.0, threshold: Threshold | None = None, record: bool = False,
+                  device="cpu") -> RolloutResult:
+    """One trajectory per seed and prompt, everything random drawn from the seed: the start
+    noise, which model takes each transition, and a consistency student's re-noising noise."""
+    shape = tuple(teacher.state_shape)
+    x_T, uniforms = seeded_noise(seeds, shape, grid.num_transitions, device)
+    mask = teacher_mask(uniforms, grid, teacher_prob=teacher_prob, switch=switch)
+    cond = teacher.encode(prompts)
+    uses_student = student is not None and not bool(mask.all())
+    student_cond = renoise = None
+    if uses_student:
+        student_cond = cond if student.shares_conditioning(teacher) else student.encode(prompts)
+        if student.sampler == "consistency":
+            renoise = seeded_renoise(seeds, shape, grid.num_transitions, device)
+    return rollout(x_T, cond, grid, mask, teacher=teacher, student=student if uses_student else None,
+                   guidance=guidance, threshold=threshold, student_cond=student_cond, record=record,
+                   renoise=renoise)

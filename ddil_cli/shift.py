@@ -41,7 +41,7 @@ import torch
 from ddil_cli.errors import UserError
 from ddil_cli.evaluate.frechet import frechet_distance_features
 from ddil_cli.models.base import Denoiser
-from ddil_cli.rollout import Grid, ddim_path, rollout, seeded_noise
+from ddil_cli.rollout import Grid, ddim_path, rollout_seeds, student_path
 
 SETTING_KINDS = ("beta", "t2s", "s2t")
 REFERENCE_KINDS = ("auto", "data", "teacher")
@@ -169,13 +169,9 @@ def visited_states(model: Denoiser, teacher: Denoiser, grid: Grid, prompts: list
     parts = []
     for begin, end in _batches(len(seeds), batch_size):
         batch_prompts = prompts[begin:end]
-        x_T, _ = seeded_noise(seeds[begin:end], tuple(teacher.state_shape), grid.num_transitions, device)
-        mask = torch.full((end - begin, grid.num_transitions), as_teacher, dtype=torch.bool, device=device)
-        cond = teacher.encode(batch_prompts)
-        student_cond = None if as_teacher else model.encode(batch_prompts)
-        result = rollout(x_T, cond, grid, mask, teacher=teacher if as_teacher else None,
-                         student=None if as_teacher else model, guidance=guidance, threshold=threshold,
-                         student_cond=student_cond, record=True)
+        result = rollout_seeds(seeds[begin:end], batch_prompts, grid, teacher=teacher,
+                               student=None if as_teacher else model, teacher_prob=1.0 if as_teacher else 0.0,
+                               guidance=guidance, threshold=threshold, record=True, device=device)
         parts.append(StateSet([s.cpu() for s in result.states], result.final.cpu(), batch_prompts))
     return _cat(parts)
 

@@ -1,10 +1,14 @@
-"""The one training loop for every method, on accelerate (ALGORITHMS.md sections 4-7).
+"""The one training loop for every method, on accelerate (docs/distill.md).
 
-Mixed precision, gradient accumulation and checkpointing, AdamW with warmup and linear decay,
-optional EMA of the student, checkpoints with exact resume (safetensors + JSON only, never
-pickle), a non-finite-loss guard, metrics.jsonl and accelerate trackers, and hooks that run
-every K updates (the DAgger collection). A method supplies the loss; `make_batch` supplies the
-inputs; the loop knows neither where inputs come from nor what the loss means.
+Every network a method trains (the student; DMD2's critic and GAN head) has its own AdamW with
+warmup and linear decay, its own number of optimiser steps per student update, gradient
+clipping, and is prepared by accelerate and called through its wrapped module in the loss, so
+gradients are all-reduced under several processes. Mixed precision, gradient accumulation,
+optional EMA of the student (published without overwriting the online weights), checkpoints
+with exact resume (safetensors + JSON only, never pickle), a non-finite-loss guard,
+metrics.jsonl averaged over each logging window, accelerate trackers, and hooks that run every K
+updates (the DAgger collection). A method supplies the losses; `make_batch` the inputs; the loop
+knows neither where inputs come from nor what a loss means.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import math
 import shutil
 import time
 from collections import defaultdict
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ddil_cli.errors import UserError
-from ddil_cli.methods.base import Batch, DistillMethod
+from ddil_cli.methods.base import Batch, DistillMethod, TrainedGroup
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -92,12 +96,50 @@ class TrainState:
     train_seconds: float = 0.0
 
 
+class _Group:
+    """One optimiser's networks at run time: raw modules (checkpoints) and wrapped ones (losses)."""
+
+    def __init__(self, spec: TrainedGroup, accelerator, config: TrainConfig):
+        self.name = spec.name
+        self.steps_per_update = max(1, int(spec.steps_per_update))
+        self.raw = dict(spec.modules)
+        for module in self.raw.values():
+            module.requires_grad_(True)
+            module.train()
+        self.params = [p for m in self.raw.values() for p in m.parameters() if p.requires_grad]
+        self.lr = spec.lr if spec.lr is not None else config.lr
+        optimizer = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=config.weight_decay)
+        names = list(self.raw)
+        *wrapped, self.optimizer = accelerator.prepare(*[self.raw[n] for n in names], optimizer)
+        self.wrapped = dict(zip(names, wrapped))
+        # not prepared: accelerate's scheduler wrapper steps once per process per update, which
+        # decayed the LR num_processes times too fast; ours steps once per optimiser step
+        steps = config.max_updates * self.steps_per_update
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
+            lr_lambda(config.warmup * self.steps_per_update, steps))
+
+    @property
+    def key(self) -> str:
+        """Checkpoint key prefix: the student's keep the names of one-network checkpoints."""
+        return "" if self.name == "student" else f".{self.name}"
+
+
+def _loss_and_metrics(output) -> tuple[torch.Tensor, dict[str, float]]:
+    if isinstance(output, tuple):
+        per_example, metrics = output
+        return per_example, dict(metrics)
+    return output, {}
+
+
 class Trainer:
-    """Owns the student's optimisation for one training phase (one PD stage, one LCM run...)."""
+    """Owns one training phase's optimisation (one PD stage, one LCM run...): every network the
+    method trains, each through its own optimiser, all prepared by accelerate."""
 
     def __init__(self, *, accelerator, method: DistillMethod, config: TrainConfig, run_dir: Path,
                  phase: str, make_batch: Callable[[int], Batch], hooks=(), extra_state=None,
-                 progress=None, log: Callable[[dict], None] | None = None, update_offset: int = 0):
+                 progress=None, log: Callable[[dict], None] | None = None, update_offset: int = 0,
+                 loss_observers=()):
         from diffusers.training_utils import EMAModel
 
         self.accelerator = accelerator
@@ -111,17 +153,34 @@ class Trainer:
         self.progress = progress
         self.log = log
         self.update_offset = update_offset  # updates of earlier phases: checkpoint names stay ordered
-        net = method.student.network
-        net.requires_grad_(True)
-        net.train()
-        params = [p for p in net.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup, config.max_updates))
-        self.net, self.optimizer, self.scheduler = accelerator.prepare(net, optimizer, scheduler)
-        self.ema = EMAModel(params, decay=config.ema_decay) if config.ema_decay > 0 else None
+        self.loss_observers = list(loss_observers)  # fn(batch, per_example) after each student loss
+        specs = method.groups()
+        if not specs or specs[0].name != "student" or "student" not in specs[0].modules:
+            raise ValueError(f"{type(method).__name__}.groups() must start with the 'student' group")
+        names = [n for spec in specs for n in spec.modules]
+        if len(set(names)) != len(names) or len({s.name for s in specs}) != len(specs):
+            raise ValueError(f"{type(method).__name__}.groups(): group and module names must be unique")
+        self.groups = [_Group(spec, accelerator, config) for spec in specs]
+        self.student_group = self.groups[0]
+        self.nets = {n: m for g in self.groups for n, m in g.wrapped.items()}
+        student_params = list(self.student_group.raw["student"].parameters())
+        self.ema = EMAModel(student_params, decay=config.ema_decay) if config.ema_decay > 0 else None
         self.state = TrainState()
         self._sums = defaultdict(float)
         self._counts = defaultdict(int)
+
+    @property
+    def net(self):
+        """The student's network as the launcher wrapped it."""
+        return self.student_group.wrapped["student"]
+
+    @property
+    def optimizer(self):
+        return self.student_group.optimizer
+
+    @property
+    def scheduler(self):
+        return self.student_group.scheduler
 
     # ---- checkpoints ------------------------------------------------------------------------
     @property
@@ -138,10 +197,13 @@ class Trainer:
         tmp = final.with_name("." + final.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        net = acc.unwrap_model(self.net)
-        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp / "student.safetensors"))
-        tensors, info = {}, {}
-        _split_state(self.optimizer.state_dict(), "optimizer", tensors, info)
+        tensors, info = {}, {"schedulers": {}}
+        for group in self.groups:
+            for name, module in group.raw.items():
+                save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+                          str(tmp / f"{name}.safetensors"))
+            _split_state(group.optimizer.state_dict(), f"optimizer{group.key}", tensors, info)
+            info["schedulers"][group.name] = group.scheduler.state_dict()
         if self.ema is not None:
             _split_state(self.ema.state_dict(), "ema", tensors, info)
         method_tensors, method_info = self.method.extra_state()
@@ -156,8 +218,8 @@ class Trainer:
             tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra_tensors.items()})
             info["extra"] = extra_info
         save_file(tensors, str(tmp / "state.safetensors"))
-        info.update(phase=self.phase, train=asdict(self.state), scheduler=self.scheduler.state_dict(),
-                    config=asdict(self.config))
+        info.update(phase=self.phase, train=asdict(self.state), scheduler=info["schedulers"]["student"],
+                    config=asdict(self.config), groups=[g.name for g in self.groups])
         (tmp / "state.json").write_text(json.dumps(info))
         if final.exists():
             shutil.rmtree(final)
@@ -175,11 +237,17 @@ class Trainer:
         info = json.loads((path / "state.json").read_text())
         if info.get("phase") != self.phase:
             raise UserError(f"checkpoint {path} belongs to phase {info.get('phase')!r}, not {self.phase!r}")
+        saved_groups = info.get("groups", ["student"])
+        if saved_groups != [g.name for g in self.groups]:
+            raise UserError(f"checkpoint {path} trains {', '.join(saved_groups)}, this method "
+                            f"{', '.join(g.name for g in self.groups)}; resume with the same --method")
         tensors = load_file(str(path / "state.safetensors"))
-        net = self.accelerator.unwrap_model(self.net)
-        net.load_state_dict(load_file(str(path / "student.safetensors")))
-        self.optimizer.load_state_dict(_join_state(info["optimizer"], tensors))
-        self.scheduler.load_state_dict(info["scheduler"])
+        schedulers = info.get("schedulers", {"student": info["scheduler"]})
+        for group in self.groups:
+            for name, module in group.raw.items():
+                module.load_state_dict(load_file(str(path / f"{name}.safetensors")))
+            group.optimizer.load_state_dict(_join_state(info[f"optimizer{group.key}"], tensors))
+            group.scheduler.load_state_dict(schedulers[group.name])
         if self.ema is not None and "ema" in info:
             self.ema.load_state_dict(_join_state(info["ema"], tensors))
         self.method.load_extra_state({k[7:]: v for k, v in tensors.items() if k.startswith("method.")},
@@ -196,57 +264,86 @@ class Trainer:
         self.state = TrainState(**info["train"])
 
     # ---- the loop ---------------------------------------------------------------------------
+    def _average(self, key: str, value: float) -> None:
+        self._sums[key] += value
+        self._counts[key] += 1
+
     def _record(self, batch: Batch, per_example: torch.Tensor) -> None:
         values = per_example.detach().float().cpu()
         for value, source, t_idx in zip(values.tolist(), batch.source, batch.t_index.tolist()):
-            for key in (f"loss/{source}", f"loss/t{t_idx}"):
-                self._sums[key] += value
-                self._counts[key] += 1
+            self._average(f"loss/{source}", value)
+            if t_idx >= 0:
+                self._average(f"loss/t{t_idx}", value)
+
+    def _step(self, group: _Group, update: int) -> tuple[bool, float]:
+        """One optimiser step of `group` over grad_accum micro-batches; (finite, grad norm)."""
+        cfg, acc = self.config, self.accelerator
+        is_student = group is self.student_group
+        group.optimizer.zero_grad(set_to_none=True)  # also drops what another group's loss left here
+        finite = True
+        for micro in range(cfg.grad_accum):
+            batch = self.make_batch(update)
+            sync = micro == cfg.grad_accum - 1
+            contexts = [acc.no_sync(m) for m in group.wrapped.values()] \
+                if not sync and acc.num_processes > 1 else []
+            with ExitStack() as stack:
+                for ctx in contexts:
+                    stack.enter_context(ctx)
+                with acc.autocast():
+                    per_example, metrics = _loss_and_metrics(self.method.loss(group.name, self.nets, batch))
+                    loss = per_example.mean() / cfg.grad_accum
+                finite = finite and bool(torch.isfinite(loss.detach()).item())
+                if finite:
+                    acc.backward(loss)
+            if finite:
+                self._average("loss" if is_student else f"loss/{group.name}", float(per_example.detach().float().mean()))
+                for key, value in metrics.items():
+                    self._average(key, float(value))
+                if is_student:
+                    self._record(batch, per_example)
+                    for observe in self.loss_observers:
+                        observe(batch, per_example.detach())
+                    self.state.samples_seen += len(batch) * acc.num_processes
+                    self._window_samples += len(batch) * acc.num_processes
+        finite_all = acc.gather(torch.tensor([float(finite)], device=acc.device)).min().item() > 0
+        grad_norm = float("nan")
+        if finite_all:
+            grad_norm = float(acc.clip_grad_norm_(group.params, cfg.max_grad_norm))
+            finite_all = math.isfinite(grad_norm)
+        if finite_all:
+            group.optimizer.step()
+            group.scheduler.step()
+        group.optimizer.zero_grad(set_to_none=True)
+        if finite_all and not is_student:
+            self._average(f"grad_norm/{group.name}", grad_norm)
+        return finite_all, grad_norm
 
     def run(self) -> TrainState:
         cfg, acc, state = self.config, self.accelerator, self.state
         task = None
         if self.progress is not None and acc.is_main_process:
             task = self.progress.add_task(self.phase, total=cfg.max_updates, completed=state.update)
-        window_start, window_updates, window_samples = time.perf_counter(), 0, 0
+        window_start, window_updates = time.perf_counter(), 0
+        self._window_samples = 0
         while state.update < cfg.max_updates:
             for every, hook in self.hooks:
                 if every > 0 and state.update % every == 0:
                     state.collect_seconds += hook(state.update)
             step_start = time.perf_counter()
             finite = True
-            total_loss = 0.0
-            aux = self.method.auxiliary_update(lambda: self.make_batch(state.update))
-            for micro in range(cfg.grad_accum):
-                batch = self.make_batch(state.update)
-                sync = micro == cfg.grad_accum - 1
-                ctx = acc.no_sync(self.net) if not sync and acc.num_processes > 1 else nullcontext()
-                with ctx, acc.autocast():
-                    per_example = self.method.loss(batch)
-                    loss = per_example.mean() / cfg.grad_accum
-                finite = finite and bool(torch.isfinite(loss.detach()).item())
-                if finite:
-                    acc.backward(loss)
-                    total_loss += float(loss.detach())
-                    self._record(batch, per_example)
-                state.samples_seen += len(batch) * acc.num_processes
-                window_samples += len(batch) * acc.num_processes
-            finite_all = acc.gather(torch.tensor([float(finite)], device=acc.device)).min().item() > 0
-            grad_norm = float("nan")
-            if finite_all:
-                grad_norm = float(acc.clip_grad_norm_(self.net.parameters(), cfg.max_grad_norm))
-                finite_all = math.isfinite(grad_norm)
-            if finite_all:
-                self.optimizer.step()
-                self.scheduler.step()
+            for group in self.groups[1:]:  # auxiliary networks first (DMD2's critic follows the generator)
+                for _ in range(group.steps_per_update):
+                    finite = self._step(group, state.update)[0] and finite
+            student_finite, grad_norm = self._step(self.student_group, state.update)
+            if student_finite:
                 if self.ema is not None:
-                    self.ema.step(acc.unwrap_model(self.net).parameters())
-                self.method.after_update()
+                    self.ema.step(self.student_group.raw["student"].parameters())
+                self.method.after_update(self.nets)
+            if student_finite and finite:
                 state.nonfinite_in_row = 0
             else:
                 state.nonfinite_total += 1
                 state.nonfinite_in_row += 1
-            self.optimizer.zero_grad(set_to_none=True)
             state.update += 1
             state.train_seconds += time.perf_counter() - step_start
             window_updates += 1
@@ -259,15 +356,17 @@ class Trainer:
                     f"--mixed-precision no; the last checkpoint is in {self.checkpoint_dir}")
             if state.update % cfg.log_every == 0 or state.update == cfg.max_updates:
                 elapsed = time.perf_counter() - window_start
-                row = {"phase": self.phase, "update": state.update, "loss": total_loss,
+                row = {"phase": self.phase, "update": state.update,
                        "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                       "updates_per_s": window_updates / elapsed, "samples_per_s": window_samples / elapsed,
+                       "updates_per_s": window_updates / elapsed, "samples_per_s": self._window_samples / elapsed,
                        "nonfinite_skipped": state.nonfinite_total,
                        "collect_share": state.collect_seconds / max(1e-9, state.collect_seconds + state.train_seconds),
-                       **{k: self._sums[k] / self._counts[k] for k in sorted(self._sums)}, **aux}
+                       **{f"lr/{g.name}": g.scheduler.get_last_lr()[0] for g in self.groups[1:]},
+                       **{k: self._sums[k] / self._counts[k] for k in sorted(self._sums)}}
+                row.setdefault("loss", float("nan"))
                 self._sums.clear()
                 self._counts.clear()
-                window_start, window_updates, window_samples = time.perf_counter(), 0, 0
+                window_start, window_updates, self._window_samples = time.perf_counter(), 0, 0
                 if self.log is not None and acc.is_main_process:
                     self.log(row)
                 acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=state.update)
@@ -275,12 +374,21 @@ class Trainer:
                 self.save_checkpoint()
         return state
 
+    @contextmanager
     def final_weights(self):
-        """The network to save: the EMA weights when EMA is on."""
-        net = self.accelerator.unwrap_model(self.net)
-        if self.ema is not None:
-            self.ema.copy_to(net.parameters())
-        return net
+        """The student's network with the weights to publish (the EMA's when EMA is on); the
+        online weights are put back on exit, so a checkpoint taken later still holds them."""
+        net = self.student_group.raw["student"]
+        if self.ema is None:
+            yield net
+            return
+        params = list(net.parameters())
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield net
+        finally:
+            self.ema.restore(params)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

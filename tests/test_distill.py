@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from ddil_cli.buffer.pool import ReplayPool
 from ddil_cli.errors import UserError
+from ddil_cli.methods.base import MethodOptions
 from ddil_cli.methods.pd import PDMethod
 from ddil_cli.models.gmm import GMMDenoiser
 from ddil_cli.models.mlp import mlp_student_for
@@ -69,15 +70,15 @@ def test_nonfinite_loss_is_skipped_counted_and_stops(tmp_path, monkeypatch):
     loss = PDMethod.loss
     calls = {"n": 0}
 
-    def sometimes_nan(self, batch):
+    def sometimes_nan(self, group, nets, batch):
         calls["n"] += 1
-        value = loss(self, batch)
+        value = loss(self, group, nets, batch)
         return value * float("nan") if calls["n"] in (2, 3) else value
     monkeypatch.setattr(PDMethod, "loss", sometimes_nan)
     summary = run_distill(DistillConfig(**{**LAB, "teacher_steps": 8}, stage_updates="6", prior="data=1",
                                         out=str(tmp_path / "a")))
     assert summary["phases"][0]["nonfinite_skipped"] == 2
-    monkeypatch.setattr(PDMethod, "loss", lambda self, batch: loss(self, batch) * float("nan"))
+    monkeypatch.setattr(PDMethod, "loss", lambda self, group, nets, batch: loss(self, group, nets, batch) * float("nan"))
     with pytest.raises(UserError, match="non-finite for 3 updates in a row"):
         run_distill(DistillConfig(**{**LAB, "teacher_steps": 8}, stage_updates="6", prior="data=1",
                                   max_nonfinite=3, out=str(tmp_path / "b")))
@@ -88,14 +89,14 @@ def test_prior_frequencies_in_assembled_batches():
     student = mlp_student_for(teacher, hidden=16, layers=1)
     pool = ReplayPool()
     for source in ("student", "teacher"):
-        pool.add(torch.randn(50, 2), torch.randint(4, (50,)), torch.ones(50), ["class 1"] * 50, [source] * 50,
+        pool.add(torch.randn(50, 2), torch.tensor([999, 749, 499, 249])[torch.randint(4, (50,))], torch.ones(50), ["class 1"] * 50, [source] * 50,
                  [f"{source}-{i}" for i in range(50)])
     prior = "data=0.2,student=0.5,teacher=0.3"
-    plan = Plan([], PriorSchedule.parse(prior), PhaseSchedule((0,), (0.5,)), (1.0, 1.0), False, None,
-                ["class 0"])
+    plan = Plan(PDMethod, MethodOptions(), [], PriorSchedule.parse(prior), PhaseSchedule((0,), (0.5,)), (1.0, 1.0),
+                False, None, ["class 0"])
     from ddil_cli.buffer.sources import DataStates
 
-    assembler = InputAssembler(teacher=teacher, student=student, grid=[999, 749, 499, 249], plan=plan,
+    assembler = InputAssembler(teacher=teacher, student=student, timesteps=[999, 749, 499, 249], plan=plan,
                                pool=pool, data=DataStates(teacher, prompts=["class 0", "class 2"]),
                                batch_size=64, total_updates=100, generator=torch.Generator().manual_seed(0),
                                device="cpu")

@@ -4,7 +4,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from ddil_cli.diffusion.ddim import ddim_step
-from ddil_cli.methods.base import Batch
+from ddil_cli.methods.base import Batch, MethodOptions, Phase
 from ddil_cli.methods.pd import PDMethod
 from ddil_cli.models.gmm import GMM_SCHEDULER_CONFIG, GMMDenoiser
 from ddil_cli.models.mlp import mlp_student_for
@@ -18,11 +18,16 @@ def _batch(teacher, student, t_index, grid, w=2.0, n=5):
                  student_cond=cond, guidance=torch.full((n,), w), source=["data"] * n, keys=[None] * n)
 
 
+def _method(teacher, student, grid, mode="halve"):
+    phase = Phase("pd-test", 1, grid, grid, [], options={"mode": mode})
+    return PDMethod(teacher=teacher, student=student, phase=phase, options=MethodOptions())
+
+
 def test_student_outputting_target_lands_on_teacher_two_steps():
     teacher = GMMDenoiser("gmm:ring:8")
     student = mlp_student_for(teacher, hidden=16, layers=1)
     grid = [999, 749, 499, 249]
-    method = PDMethod(teacher, student, student_grid=grid)
+    method = _method(teacher, student, grid)
     sched = DDIMScheduler(**GMM_SCHEDULER_CONFIG, clip_sample=False, prediction_type="sample",
                           timestep_spacing="trailing", set_alpha_to_one=True)
     sched.set_timesteps(8)
@@ -43,20 +48,20 @@ def test_loss_zero_when_student_predicts_target_and_snr_weighting():
     teacher = GMMDenoiser("gmm:ring:8")
     student = mlp_student_for(teacher, hidden=16, layers=1)
     grid = [999, 749, 499, 249]
-    method = PDMethod(teacher, student, student_grid=grid)
+    method = _method(teacher, student, grid)
     batch = _batch(teacher, student, 3, grid)
     target = method.target(batch)
-    method.student_x0 = lambda b: target  # a perfect student
-    assert method.loss(batch).abs().max() < 1e-10
-    method.student_x0 = lambda b: target + 0.1
+    method.student_x0 = lambda b, network=None: target  # a perfect student
+    assert method.loss("student", {"student": student.network}, batch).abs().max() < 1e-10
+    method.student_x0 = lambda b, network=None: target + 0.1
     snr = teacher.schedule.snr(torch.tensor([249])).item()
-    assert torch.allclose(method.loss(batch), torch.full((5,), max(snr, 1) * 0.01), rtol=1e-4)
+    assert torch.allclose(method.loss("student", {"student": student.network}, batch), torch.full((5,), max(snr, 1) * 0.01), rtol=1e-4)
 
 
 def test_match_mode_targets_teacher_cfg_x0():
     teacher = GMMDenoiser("gmm:ring:8")
     student = mlp_student_for(teacher, guidance_conditioned=True, hidden=16, layers=1)
     grid = [999, 749, 499, 249]
-    method = PDMethod(teacher, student, student_grid=grid, mode="match")
+    method = _method(teacher, student, grid, mode="match")
     batch = _batch(teacher, student, 1, grid, w=3.0)
     assert torch.allclose(method.target(batch), teacher.predict_x0(batch.x_t, batch.t, batch.cond, 3.0))

@@ -21,7 +21,7 @@ class ReplayPool:
         self.max_samples = max_samples
         self.policy = policy
         self.states: torch.Tensor | None = None  # (N, *state) float16
-        self.t_index = torch.zeros(0, dtype=torch.long)
+        self.t = torch.zeros(0, dtype=torch.long)  # each state's training timestep
         self.guidance = torch.zeros(0)
         self.keys: list[str] = []
         self.prompts: list[str] = []
@@ -34,11 +34,12 @@ class ReplayPool:
     def count(self, source: str) -> int:
         return int((self._source_code == SOURCE_CODES.index(source)).sum())
 
-    def add(self, states: torch.Tensor, t_index, guidance, prompts: list[str], sources: list[str],
+    def add(self, states: torch.Tensor, t, guidance, prompts: list[str], sources: list[str],
             keys: list[str]) -> None:
+        """Append states with their timesteps `t` (not a grid index: a method may train on any grid)."""
         states = states.detach().to("cpu", torch.float16)
         self.states = states if self.states is None else torch.cat([self.states, states])
-        self.t_index = torch.cat([self.t_index, torch.as_tensor(t_index, dtype=torch.long).reshape(-1)])
+        self.t = torch.cat([self.t, torch.as_tensor(t, dtype=torch.long).reshape(-1)])
         self.guidance = torch.cat([self.guidance, torch.as_tensor(guidance, dtype=torch.float32).reshape(-1)])
         self.prompts += list(prompts)
         self.sources += list(sources)
@@ -49,9 +50,12 @@ class ReplayPool:
             self._keep(slice(len(self) - self.max_samples, None))  # FIFO: oldest rows go
 
     def _keep(self, rows) -> None:
-        self.states, self.t_index, self.guidance = self.states[rows], self.t_index[rows], self.guidance[rows]
+        self.states, self.t, self.guidance = self.states[rows], self.t[rows], self.guidance[rows]
         self._source_code = self._source_code[rows]
         index = range(len(self.keys))[rows]
+        if self.policy is not None:  # evicted states leave the priority table: memory stays bounded
+            kept = set(index)
+            self.policy.forget(self.keys[i] for i in range(len(self.keys)) if i not in kept)
         self.keys = [self.keys[i] for i in index]
         self.prompts = [self.prompts[i] for i in index]
         self.sources = [self.sources[i] for i in index]
@@ -70,7 +74,7 @@ class ReplayPool:
 
     # ---- checkpoints --------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors = {"t_index": self.t_index, "guidance": self.guidance}
+        tensors = {"t": self.t, "guidance": self.guidance}
         if self.states is not None:
             tensors["states"] = self.states
         info = {"keys": self.keys, "prompts": self.prompts, "sources": self.sources}
@@ -78,9 +82,16 @@ class ReplayPool:
             info["priorities"] = dict(self.policy.priorities)
         return tensors, info
 
-    def load(self, tensors: dict[str, torch.Tensor], info: dict) -> None:
+    def load(self, tensors: dict[str, torch.Tensor], info: dict, *, timesteps: list[int] | None = None) -> None:
+        """`timesteps`: the grid that checkpoints older than per-state timesteps indexed into."""
         self.states = tensors.get("states")
-        self.t_index, self.guidance = tensors["t_index"], tensors["guidance"]
+        self.guidance = tensors["guidance"]
+        if "t" in tensors:
+            self.t = tensors["t"]
+        elif timesteps is not None:
+            self.t = torch.tensor(timesteps, dtype=torch.long)[tensors["t_index"]]
+        else:
+            raise ValueError("this pool state indexes a timestep grid; pass `timesteps` to load it")
         self.keys, self.prompts, self.sources = list(info["keys"]), list(info["prompts"]), list(info["sources"])
         self._source_code = torch.tensor([SOURCE_CODES.index(s) for s in self.sources], dtype=torch.long)
         if self.policy is not None:

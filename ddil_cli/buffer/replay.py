@@ -107,6 +107,11 @@ class PrioritizedPolicy:
         p = torch.tensor([self.priorities.get(k, default) for k in keys], dtype=torch.float64)
         return p ** self.alpha
 
+    def forget(self, keys: Iterable[str]) -> None:
+        """Drop these keys' priorities (states evicted from an in-memory pool)."""
+        for key in keys:
+            self.priorities.pop(key, None)
+
     def forget_shards(self, names: Iterable[str]) -> None:
         """Drop the priorities of samples in removed shards (after FIFO)."""
         names = set(names)

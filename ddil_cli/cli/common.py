@@ -59,9 +59,13 @@ def load_config_file(path: Path | None) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def resolve_config(ctx: typer.Context, cls: type[Config], config_file: Path | None) -> Config:
-    """defaults < config file < flags given on the command line. Unknown file keys are errors."""
-    fields = {f.name for f in dataclasses.fields(cls)}
+def resolve_config(ctx: typer.Context, cls: type[Config], config_file: Path | None,
+                   options_keys: tuple[str, ...] = ()) -> Config:
+    """defaults < config file < flags given on the command line. Unknown file keys are errors.
+
+    `options_keys` are flags and file keys gathered into the config's `options` dict (a
+    method's own settings), given ones only."""
+    fields = {f.name for f in dataclasses.fields(cls)} | set(options_keys)
     file_values = load_config_file(config_file)
     unknown = sorted(set(file_values) - fields)
     if unknown:
@@ -85,6 +89,9 @@ def resolve_config(ctx: typer.Context, cls: type[Config], config_file: Path | No
             values[name] = str(value)
         elif isinstance(value, tuple):
             values[name] = list(value)
+    if options_keys:
+        gathered = {k: values.pop(k) for k in options_keys if k in values}
+        values["options"] = {**(values.get("options") or {}), **{k: v for k, v in gathered.items() if v is not None}}
     return cls(**values)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -9,6 +10,7 @@ import typer
 
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, HELP_SEED, console, progress,
                                  resolve_config, resolve_device)
+from ddil_cli.methods import METHODS
 from ddil_cli.models import MODEL_HELP
 from ddil_cli.stages.distill import DEFAULT_PRIOR_SCHEDULE, DEFAULT_STUDENT_PROB, DistillConfig, run_distill
 
@@ -40,9 +42,15 @@ Examples:
 """
 
 
+# Each method's own flags (its Options fields) are declared below with default None, so that only
+# the flags a user gives reach the method, which checks they are its own.
+METHOD_OPTION_KEYS: tuple[str, ...] = tuple(sorted({f.name for m in METHODS.values()
+                                                    for f in dataclasses.fields(m.Options)}))
+
+
 def distill_command(
     ctx: typer.Context,
-    method: str = typer.Option(D.method, help="pd (lcm and dmd2 are planned)."),
+    method: str = typer.Option(D.method, help=f"The distillation method: {', '.join(METHODS)}."),
     teacher: str = typer.Option(D.teacher, help=f"Teacher: {MODEL_HELP}."),
     data: Optional[str] = typer.Option(None, help="Image-caption webdataset shards for the data source "
                                        "(the lab draws exact mixture samples)."),
@@ -90,7 +98,7 @@ def distill_command(
     overwrite: bool = typer.Option(False, help="Start again in an existing run folder (deletes it first)."),
     config: Optional[Path] = typer.Option(None, help=HELP_CONFIG),
 ):
-    cfg = resolve_config(ctx, DistillConfig, config)
+    cfg = resolve_config(ctx, DistillConfig, config, options_keys=METHOD_OPTION_KEYS)
     cfg.device = resolve_device(cfg.device)
     with progress(cfg.quiet) as bar:
         summary = run_distill(cfg, progress=bar)

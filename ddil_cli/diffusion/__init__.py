@@ -1,5 +1,6 @@
 """Pure tensor math of diffusion: no models, no I/O (ALGORITHMS.md sections 1-3)."""
 
+from ddil_cli.diffusion.consistency import boundary_scalings, consistency_output, renoise_step
 from ddil_cli.diffusion.ddim import ddim_step
 from ddil_cli.diffusion.guidance import cfg_combine
 from ddil_cli.diffusion.parameterization import eps_from_x0, to_eps, to_x0, to_v
@@ -10,6 +11,9 @@ __all__ = [
     "NoiseSchedule",
     "Threshold",
     "apply_threshold",
+    "boundary_scalings",
+    "consistency_output",
+    "renoise_step",
     "cfg_combine",
     "ddim_step",
     "eps_from_x0",

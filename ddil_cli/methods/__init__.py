@@ -1,9 +1,14 @@
-"""Distillation losses, one small class per method (EDM's training/loss.py in spirit)."""
+"""Distillation methods, one small class per method (EDM's training/loss.py in spirit).
 
-from ddil_cli.methods.base import Batch, DistillMethod
+A method registers itself in METHODS by name; the distill stage builds it from there and knows
+no method by name (docs/distill.md, "Adding a method").
+"""
+
+from ddil_cli.methods.base import Batch, DistillMethod, MethodOptions, Phase, PlanRequest, TrainedGroup
 from ddil_cli.methods.pd import PDMethod
 
-METHODS = {"pd": PDMethod}
+METHODS: dict[str, type[DistillMethod]] = {"pd": PDMethod}
 PLANNED = ("lcm", "dmd2")
 
-__all__ = ["Batch", "DistillMethod", "METHODS", "PDMethod", "PLANNED"]
+__all__ = ["Batch", "DistillMethod", "METHODS", "MethodOptions", "PDMethod", "PLANNED", "Phase",
+           "PlanRequest", "TrainedGroup"]

@@ -1,13 +1,29 @@
-"""What every distillation method sees: a batch of student inputs, and the interface the one
-training loop calls. A method never knows where its inputs came from (that is priors' job)."""
+"""What every distillation method sees, and the interface the one training loop and the distill
+stage call. A method never knows where its inputs came from (that is the priors' job).
+
+A method owns:
+- its plan: `plan(request, teacher)` turns the run's settings into phases (PD: an optional guided
+  stage, then one stage per halving; LCM and DMD2: one phase), each with the timesteps the
+  student samples on, the timesteps forward-diffused data are drawn at, the grids DDIL rolls the
+  current student out on, and which model teaches it;
+- the networks it trains (`groups()`), each group with its own optimiser, learning rate and
+  number of optimiser steps per student update (DMD2's critic: several);
+- its loss per group, called with the networks as the launcher wrapped them (DDP), as EDM's
+  training loop passes its DDP module to the loss;
+- the scheduler its student is saved with (`student_scheduler`: 'ddim' or 'lcm').
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 import torch
 
+from ddil_cli.diffusion.threshold import Threshold
+from ddil_cli.errors import UserError
 from ddil_cli.models.base import Conditioning, Denoiser
+from ddil_cli.rollout import Grid
 
 
 @dataclass
@@ -15,8 +31,8 @@ class Batch:
     """Student training inputs (x_t, t, conditioning, guidance), with their provenance for metrics."""
 
     x_t: torch.Tensor  # (B, *state)
-    t_index: torch.Tensor  # (B,) index on the student's grid
-    t: torch.Tensor  # (B,) training timestep
+    t: torch.Tensor  # (B,) training timestep of each input: what every loss uses
+    t_index: torch.Tensor  # (B,) position of t on the phase's training grid (-1: off it), for metrics
     cond: Conditioning  # the teacher's encoding of the prompts
     student_cond: Conditioning  # the student's (same object when they share a text encoder)
     guidance: torch.Tensor  # (B,) CFG scale w per example
@@ -27,30 +43,135 @@ class Batch:
         return self.x_t.shape[0]
 
 
-class DistillMethod:
-    """Base class. Subclasses implement `loss`; the rest are hooks with do-nothing defaults.
+@dataclass
+class Phase:
+    """One training phase of a method's plan."""
 
-    - `loss(batch)`: per-example loss (B,), differentiable w.r.t. the student's network only.
-    - `after_update()`: after each optimiser step (an EMA target network updates here, LCM).
-    - `auxiliary_update(make_batch)`: extra networks with their own optimisers, several steps per
-      student update (a fake critic, DMD2's two-timescale updates). Returns metrics.
-    - `extra_state()` / `load_extra_state()`: tensors and JSON-able values those need in a checkpoint.
-    """
+    name: str  # also the folder stages/NAME and the checkpoints' phase
+    updates: int  # student updates
+    timesteps: list[int]  # the student's sampling grid, saved with it
+    train_timesteps: list[int]  # where forward-diffused data inputs are drawn
+    rollout_grids: list[Grid]  # the grids DDIL rolls the current student out on (cycled per collection)
+    teacher: str = "previous"  # 'previous': the previous phase's student (the original one first); 'original'
+    options: dict[str, Any] = field(default_factory=dict)  # method-specific (PD's 'mode')
 
-    name = "base"
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
 
-    def __init__(self, teacher: Denoiser, student: Denoiser):
-        self.teacher = teacher
-        self.student = student
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "updates": self.updates, "steps": self.steps, "timesteps": self.timesteps,
+                "train_timesteps": self.train_timesteps if len(self.train_timesteps) <= 64 else
+                f"{len(self.train_timesteps)} timesteps",
+                "rollout_grids": [g.student for g in self.rollout_grids], "teacher": self.teacher,
+                **self.options}
 
-    def loss(self, batch: Batch) -> torch.Tensor:
-        raise NotImplementedError
 
-    def after_update(self) -> None:
+@dataclass
+class PlanRequest:
+    """What the distill stage hands a method to plan with (resolved, validated settings)."""
+
+    steps: int
+    teacher_steps: int
+    max_updates: int
+    stage_updates: str | None = None
+    guided_updates: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # the method's own Options, as given
+
+
+@dataclass
+class TrainedGroup:
+    """Networks trained together by one optimiser. The student's group is named 'student'."""
+
+    name: str
+    modules: dict[str, torch.nn.Module]
+    lr: float | None = None  # None: the run's --lr
+    steps_per_update: int = 1  # optimiser steps of this group per student update
+
+
+@dataclass
+class MethodOptions:
+    """Base of each method's own settings (flags such as --solver-steps). Subclasses add fields."""
+
+    @classmethod
+    def from_dict(cls, method: str, given: dict[str, Any]) -> "MethodOptions":
+        names = {f.name for f in fields(cls)}
+        foreign = sorted(k for k, v in given.items() if v is not None and k not in names)
+        if foreign:
+            flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+            raise UserError(f"{flags} {'is not an option' if len(foreign) == 1 else 'are not options'} of "
+                            f"--method {method}; drop {'it' if len(foreign) == 1 else 'them'} or choose the "
+                            "method they belong to")
+        options = cls(**{k: v for k, v in given.items() if k in names and v is not None})
+        options.validate()
+        return options
+
+    def validate(self) -> None:
         pass
 
-    def auxiliary_update(self, make_batch) -> dict[str, float]:
-        return {}
+
+class DistillMethod:
+    """Base class. Subclasses set `name`, `Options`, `student_scheduler`, implement `plan` and
+    `loss`; the rest are hooks with do-nothing defaults.
+
+    - `plan(request, teacher)` (classmethod): the phases.
+    - `make_student(phase_teacher, phase, guidance_embedding, **kwargs)` (classmethod): the
+      phase's student, by default a copy of its teacher (models.make_student).
+    - `groups()`: the trained networks; the first is the student's ('student').
+    - `loss(group, nets, batch)`: per-example loss (B,) for the optimiser of `group`, or
+      (loss, metrics); `nets` maps each trained module's name to the module to call (wrapped).
+    - `after_update(nets)`: after each student optimiser step (an EMA target updates here).
+    - `extra_state()` / `load_extra_state()`: tensors and JSON-able values to checkpoint besides
+      the trained networks and their optimisers (an EMA target network, a step counter).
+    """
+
+    name: ClassVar[str] = "base"
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    student_scheduler: ClassVar[str] = "ddim"  # 'lcm': a consistency student, re-noising sampler
+    needs_guidance_embedding: ClassVar[bool] = False  # the student always takes w as an input
+
+    def __init__(self, *, teacher: Denoiser, student: Denoiser, phase: Phase, options: MethodOptions,
+                 threshold: Threshold | None = None, original_teacher: Denoiser | None = None):
+        self.teacher = teacher  # the phase's teacher
+        self.student = student
+        self.phase = phase
+        self.options = options
+        self.threshold = threshold or Threshold()
+        self.original_teacher = original_teacher or teacher
+
+    # ---- plan ---------------------------------------------------------------------------------
+    @classmethod
+    def plan(cls, request: PlanRequest, teacher: Denoiser, options: MethodOptions) -> list[Phase]:
+        raise NotImplementedError
+
+    @classmethod
+    def guidance_range(cls, options: MethodOptions) -> tuple[float, float] | None:
+        """The range w is drawn from per example when --guidance-range is not given (None: the
+        teacher's default guidance, fixed)."""
+        return None
+
+    @classmethod
+    def make_student(cls, phase_teacher: Denoiser, phase: Phase, options: MethodOptions, *,
+                     guidance_embedding: bool, **kwargs) -> Denoiser:
+        """A copy of the phase teacher that samples as it will once saved: a consistency student
+        (student_scheduler 'lcm') rolls out with the re-noising sampler during DDIL collection too."""
+        from ddil_cli.models import make_student
+
+        student = make_student(phase_teacher, guidance_embedding=guidance_embedding, **kwargs)
+        if cls.student_scheduler == "lcm":
+            student.scheduler_config = {**student.scheduler_config, "_class_name": "LCMScheduler",
+                                        "timestep_scaling": float(getattr(options, "timestep_scaling", 10.0))}
+        return student
+
+    # ---- training -----------------------------------------------------------------------------
+    def groups(self) -> list[TrainedGroup]:
+        return [TrainedGroup("student", {"student": self.student.network})]
+
+    def loss(self, group: str, nets: dict[str, torch.nn.Module], batch: Batch):
+        raise NotImplementedError
+
+    def after_update(self, nets: dict[str, torch.nn.Module]) -> None:
+        pass
 
     def extra_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         return {}, {}
@@ -58,9 +179,11 @@ class DistillMethod:
     def load_extra_state(self, tensors: dict[str, torch.Tensor], info: dict) -> None:
         pass
 
-    def student_x0(self, batch: Batch) -> torch.Tensor:
-        """The student's x0 at the batch inputs in one pass (its guidance embedding takes w)."""
+    # ---- shared helpers -----------------------------------------------------------------------
+    def student_x0(self, batch: Batch, network: torch.nn.Module | None = None) -> torch.Tensor:
+        """The student's x0 at the batch inputs in one pass (its guidance embedding takes w),
+        through `network` (the wrapped module in training)."""
         student = self.student
         w = batch.guidance if student.guidance_conditioned else None
-        out = student.forward(batch.x_t, batch.t, batch.student_cond.cond, w)
+        out = student.forward(batch.x_t, batch.t, batch.student_cond.cond, w, network=network)
         return student.x0_from_output(out, batch.x_t, batch.t)

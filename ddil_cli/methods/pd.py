@@ -1,4 +1,4 @@
-"""Progressive distillation (Salimans & Ho; guided: Meng et al.), ALGORITHMS.md section 5.
+"""Progressive distillation (Salimans & Ho; guided: Meng et al.); docs/distill.md.
 
 One student step t -> t'' must land where two teacher DDIM steps t -> t' -> t'' land. The x0
 that makes a single DDIM step from x_t reach the teacher's x_t'' is
@@ -15,10 +15,12 @@ from __future__ import annotations
 import torch
 
 from ddil_cli.diffusion.ddim import ddim_step
-from ddil_cli.diffusion.schedule import bcast
-from ddil_cli.diffusion.threshold import Threshold, apply_threshold
-from ddil_cli.methods.base import Batch, DistillMethod
+from ddil_cli.diffusion.schedule import bcast, trailing_timesteps
+from ddil_cli.diffusion.threshold import apply_threshold
+from ddil_cli.errors import UserError
+from ddil_cli.methods.base import Batch, DistillMethod, MethodOptions, Phase, PlanRequest
 from ddil_cli.models.base import Denoiser
+from ddil_cli.rollout import Grid
 
 
 def pd_target(x_t: torch.Tensor, x_next: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
@@ -30,25 +32,81 @@ def pd_target(x_t: torch.Tensor, x_next: torch.Tensor, t: torch.Tensor, t_next: 
     return (x_next - bcast(ratio, x_t) * x_t) / bcast(a_n - ratio * a_t, x_t)
 
 
+def halvings(teacher_steps: int, steps: int) -> list[int]:
+    """The step counts of the halving stages: 32 -> 4 gives [16, 8, 4]."""
+    ratio = teacher_steps / steps
+    if steps < 1 or ratio < 2 or ratio != int(ratio) or int(ratio) & (int(ratio) - 1):
+        raise UserError(f"progressive distillation halves the steps, so --teacher-steps {teacher_steps} "
+                        f"cannot reach --steps {steps}; use a power-of-two ratio such as 32 -> 4")
+    stages, current = [], teacher_steps
+    while current > steps:
+        current //= 2
+        stages.append(current)
+    return stages
+
+
+def stage_budgets(max_updates: int, stage_updates: str | None, stages: int) -> list[int]:
+    """Updates per halving stage: --stage-updates N or N1,N2,..., else --max-updates split evenly."""
+    if stage_updates:
+        try:
+            budgets = [int(v) for v in str(stage_updates).split(",")]
+        except ValueError:
+            budgets = []
+        if len(budgets) == 1:
+            budgets *= stages
+        if len(budgets) != stages or min(budgets) < 1:
+            raise UserError(f"--stage-updates {stage_updates!r}: give one positive count, or one per "
+                            f"halving stage ({stages} here)")
+        return budgets
+    base = max_updates // stages
+    if base < 1:
+        raise UserError(f"--max-updates {max_updates} is fewer than the {stages} halving stages")
+    return [base + (1 if i < max_updates % stages else 0) for i in range(stages)]
+
+
 class PDMethod(DistillMethod):
+    """Progressive distillation: each halving stage's student learns two of its teacher's DDIM
+    steps in one; each stage's teacher is the previous stage's student."""
+
     name = "pd"
+    student_scheduler = "ddim"
 
-    def __init__(self, teacher: Denoiser, student: Denoiser, *, student_grid: list[int],
-                 threshold: Threshold | None = None, mode: str = "halve"):
-        super().__init__(teacher, student)
-        if mode not in ("halve", "match"):
-            raise ValueError(f"unknown PD mode {mode!r}")
-        self.mode = mode
-        self.threshold = threshold or Threshold()
+    @classmethod
+    def plan(cls, request: PlanRequest, teacher: Denoiser, options: MethodOptions) -> list[Phase]:
+        num_train = teacher.schedule.num_train_timesteps
+        stages = halvings(request.teacher_steps, request.steps)
+        budgets = stage_budgets(request.max_updates, request.stage_updates, len(stages))
+        phases = []
+        if request.guided_updates > 0:
+            grid = trailing_timesteps(request.teacher_steps, num_train)
+            phases.append(Phase(f"guided-{request.teacher_steps}", request.guided_updates, grid, grid,
+                                [Grid.make(request.teacher_steps, request.teacher_steps, num_train)],
+                                teacher="original", options={"mode": "match"}))
+        for steps, updates in zip(stages, budgets):
+            grid = trailing_timesteps(steps, num_train)
+            phases.append(Phase(f"pd-{steps}", updates, grid, grid, [Grid.make(steps, 2 * steps, num_train)],
+                                teacher="previous", options={"mode": "halve"}))
+        return phases
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.mode = self.phase.options.get("mode", "halve")
+        if self.mode not in ("halve", "match"):
+            raise ValueError(f"unknown PD mode {self.mode!r}")
+        student_grid = self.phase.timesteps
         self.grid = list(student_grid) + [-1]
+        self._position = {t: i for i, t in enumerate(student_grid)}
         # the teacher's grid has twice the points: its midpoint between consecutive student times
-        steps = len(student_grid)
-        from ddil_cli.diffusion.schedule import trailing_timesteps
-
-        fine = trailing_timesteps(2 * steps, teacher.schedule.num_train_timesteps) + [-1]
-        if mode == "halve" and fine[::2] != self.grid:
+        fine = trailing_timesteps(2 * len(student_grid), self.teacher.schedule.num_train_timesteps) + [-1]
+        if self.mode == "halve" and fine[::2] != self.grid:
             raise ValueError("the student's grid is not every other point of the teacher's")
         self.midpoints = fine[1::2]
+
+    def _grid_positions(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            return torch.tensor([self._position[int(v)] for v in t.tolist()], dtype=torch.long)
+        except KeyError as exc:
+            raise ValueError(f"PD input at timestep {exc} is off the student's grid {self.phase.timesteps}") from None
 
     @torch.no_grad()
     def target(self, batch: Batch) -> torch.Tensor:
@@ -56,7 +114,7 @@ class PDMethod(DistillMethod):
         x0 = apply_threshold(teacher.predict_x0(x_t, t, batch.cond, batch.guidance), self.threshold)
         if self.mode == "match":
             return x0
-        idx = batch.t_index.cpu()
+        idx = self._grid_positions(t)
         t_mid = torch.tensor(self.midpoints, dtype=torch.long)[idx].to(t.device)
         t_next = torch.tensor(self.grid, dtype=torch.long)[idx + 1].to(t.device)
         x_mid = ddim_step(x_t, x0, t, t_mid, teacher.schedule)
@@ -64,9 +122,9 @@ class PDMethod(DistillMethod):
         x_next = ddim_step(x_mid, x0_mid, t_mid, t_next, teacher.schedule)
         return pd_target(x_t, x_next, t, t_next, teacher.schedule)
 
-    def loss(self, batch: Batch) -> torch.Tensor:
+    def loss(self, group, nets, batch: Batch) -> torch.Tensor:
         target = self.target(batch)
-        x0_student = self.student_x0(batch).float()
+        x0_student = self.student_x0(batch, nets["student"]).float()
         weight = self.student.schedule.snr(batch.t).clamp(min=1.0).float().to(target.device)
         per_example = ((x0_student - target) ** 2).reshape(len(batch), -1).mean(1)
         return weight * per_example

@@ -72,8 +72,11 @@ class Denoiser(ABC):
 
     @abstractmethod
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
-        """The raw network output in `prediction_type` (differentiable; used by the losses)."""
+                guidance: torch.Tensor | None = None, *, network: torch.nn.Module | None = None) -> torch.Tensor:
+        """The raw network output in `prediction_type` (differentiable; used by the losses).
+
+        `network` is the module to call instead of `self.network`: in training, the one the
+        launcher wrapped (DDP), so that gradients are synchronised across processes."""
 
     @property
     def network(self) -> torch.nn.Module | None:
@@ -105,12 +108,26 @@ class Denoiser(ABC):
         """Images (B, C, H, W) in [-1, 1] to clean states (a VAE encode for latent models)."""
         raise NotImplementedError(f"{type(self).__name__} does not take images")
 
+    @property
+    def sampler(self) -> str:
+        """How this model takes a few-step transition when it is the student of a rollout: 'ddim'
+        (deterministic) or 'consistency' (re-noising, LCM / DMD2), from its scheduler config."""
+        config = getattr(self, "scheduler_config", None) or {}
+        return "consistency" if config.get("_class_name") == "LCMScheduler" else "ddim"
+
+    @property
+    def timestep_scaling(self) -> float:
+        """The consistency boundary's timestep scaling g (diffusers' LCMScheduler default 10)."""
+        config = getattr(self, "scheduler_config", None) or {}
+        return float(config.get("timestep_scaling", 10.0))
+
     def describe(self) -> dict[str, Any]:
         """What goes into a manifest about this model."""
         return {"kind": self.kind, "prediction_type": self.prediction_type,
                 "state_shape": list(self.state_shape), "guidance_conditioned": self.guidance_conditioned}
 
-    def save_pretrained(self, path: str | Path, *, timesteps: list[int] | None = None) -> None:
+    def save_pretrained(self, path: str | Path, *, timesteps: list[int] | None = None,
+                        scheduler: str = "ddim") -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot be saved")
 
     # ---- the uniform call ---------------------------------------------------------------------
@@ -119,7 +136,7 @@ class Denoiser(ABC):
         return to_x0(output.float(), x_t.float(), bcast(a, x_t), bcast(s, x_t), self.prediction_type)
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, conditioning: Conditioning,
-                   guidance: float | torch.Tensor = 1.0) -> torch.Tensor:
+                   guidance: float | torch.Tensor = 1.0, *, network: torch.nn.Module | None = None) -> torch.Tensor:
         """x0 estimate (float32) at (x_t, t) under guidance scale w (w = 1: conditional only).
 
         A guidance-conditioned model gets w as an input in one pass; otherwise w != 1 runs the
@@ -131,10 +148,10 @@ class Denoiser(ABC):
         w = torch.as_tensor(guidance, dtype=torch.float32, device=x_t.device)
         w = w.expand(batch) if w.ndim == 0 else w
         if self.guidance_conditioned:
-            return self.x0_from_output(self.forward(x_t, t, conditioning.cond, w), x_t, t)
+            return self.x0_from_output(self.forward(x_t, t, conditioning.cond, w, network=network), x_t, t)
         if conditioning.uncond is None or bool((w == 1).all()):
-            return self.x0_from_output(self.forward(x_t, t, conditioning.cond, None), x_t, t)
+            return self.x0_from_output(self.forward(x_t, t, conditioning.cond, None, network=network), x_t, t)
         both = {k: torch.cat([conditioning.uncond[k], conditioning.cond[k]]) for k in conditioning.cond}
-        out = self.forward(torch.cat([x_t, x_t]), torch.cat([t, t]), both, None)
+        out = self.forward(torch.cat([x_t, x_t]), torch.cat([t, t]), both, None, network=network)
         x0_u, x0_c = self.x0_from_output(out, torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)
         return cfg_combine(x0_u, x0_c, w)

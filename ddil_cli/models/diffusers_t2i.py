@@ -346,7 +346,9 @@ class DiffusersDenoiser(Denoiser):
 
     # ---- the network call ---------------------------------------------------------------------
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
+                guidance: torch.Tensor | None = None, *, network=None) -> torch.Tensor:
+        # config and dtype from the raw UNet: a DDP wrapper has neither (diffusers' LCM script broke on it)
+        unet = self.unet if network is None else network
         dtype, device = self.unet.dtype, x_t.device
         kwargs = {}
         if self.added_conditioning:
@@ -359,8 +361,8 @@ class DiffusersDenoiser(Denoiser):
             kwargs["timestep_cond"] = guidance_scale_embedding(
                 w - 1, self.unet.config.time_cond_proj_dim).to(device=device, dtype=dtype)
         t = torch.as_tensor(t, device=device)
-        return self.unet(x_t.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(device, dtype),
-                         **kwargs).sample
+        return unet(x_t.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(device, dtype),
+                    **kwargs).sample
 
     # ---- images -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -174,7 +174,7 @@ class GMMDenoiser(Denoiser):
         ids = class_ids_from_prompts(prompts, self.num_classes)
         return Conditioning(list(prompts), {"class": ids}, {"class": torch.full_like(ids, -1)})
 
-    def forward(self, x_t, t, cond, guidance=None):
+    def forward(self, x_t, t, cond, guidance=None, *, network=None):  # analytic: no network
         a, s = self.schedule.alpha_sigma(t.cpu(), dtype=torch.float64)
         x0 = self.mixture.posterior_mean(x_t.cpu(), a, s, cond["class"].cpu())
         return x0.to(device=x_t.device, dtype=x_t.dtype if x_t.is_floating_point() else torch.float32)

@@ -73,6 +73,10 @@ class MLPDenoiser(Denoiser):
         return self.net
 
     @property
+    def student_timesteps(self) -> list[int] | None:
+        return self.config.timesteps
+
+    @property
     def num_classes(self) -> int:
         return self.config.num_classes
 
@@ -83,10 +87,11 @@ class MLPDenoiser(Denoiser):
         ids = class_ids_from_prompts(prompts, self.num_classes).to(self.device)
         return Conditioning(list(prompts), {"class": ids}, {"class": torch.full_like(ids, -1)})
 
-    def forward(self, x_t, t, cond, guidance=None):
+    def forward(self, x_t, t, cond, guidance=None, *, network=None):
         if self.guidance_conditioned and guidance is None:
             guidance = torch.ones(x_t.shape[0], device=x_t.device)
-        return self.net(x_t, t, cond["class"].to(x_t.device), guidance)
+        net = self.net if network is None else network
+        return net(x_t, t, cond["class"].to(x_t.device), guidance)
 
     def shares_conditioning(self, other) -> bool:
         return other.kind in ("gmm", "mlp") and getattr(other, "num_classes", None) == self.num_classes
@@ -95,14 +100,22 @@ class MLPDenoiser(Denoiser):
         return {**super().describe(), "source": self.config.source, "hidden": self.config.hidden,
                 "layers": self.config.layers}
 
-    def save_pretrained(self, path, *, timesteps=None):
+    def save_pretrained(self, path, *, timesteps=None, scheduler: str = "ddim"):
+        """Weights and config; `scheduler="lcm"` marks a consistency student (re-noising sampler),
+        as diffusers folders do with an LCMScheduler config."""
+        if scheduler not in ("ddim", "lcm"):
+            raise ValueError(f"unknown student scheduler {scheduler!r}; expected 'ddim' or 'lcm'")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if timesteps is not None:
             self.config.timesteps = list(timesteps)
+        config = asdict(self.config)
+        if scheduler == "lcm":
+            config["scheduler_config"] = {**config["scheduler_config"], "_class_name": "LCMScheduler",
+                                          "timestep_scaling": self.timestep_scaling}
         save_file({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()},
                   str(path / WEIGHTS_NAME))
-        (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
+        (path / CONFIG_NAME).write_text(json.dumps(config, indent=2))
 
     @classmethod
     def from_pretrained(cls, path) -> "MLPDenoiser":

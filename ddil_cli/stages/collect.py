@@ -36,7 +36,7 @@ from ddil_cli.manifest import build_manifest, fingerprint
 from ddil_cli.models import EMBEDDED, load_denoiser
 from ddil_cli.models.base import Denoiser
 from ddil_cli.priors import format_prior, parse_prior, require_sources
-from ddil_cli.rollout import Grid, rollout, seeded_noise, teacher_mask
+from ddil_cli.rollout import Grid, rollout_seeds
 from ddil_cli.specs import read_prompts
 
 
@@ -188,14 +188,9 @@ def visited_states(teacher: Denoiser, student: Denoiser | None, grid: Grid, prom
     (state, t, t_index, source, row): the row indexes `prompts`/`seeds`; the source is 'teacher'
     for a trajectory the teacher drove throughout, else 'student'. Used by `collect` and by
     distill's DAgger hook, so both store the same thing."""
-    x_T, uniforms = seeded_noise(seeds, tuple(teacher.state_shape), grid.num_transitions, device)
-    mask = teacher_mask(uniforms, grid, teacher_prob=teacher_prob)
-    cond = teacher.encode(prompts)
-    student_cond = None
-    if student is not None and teacher_prob < 1:
-        student_cond = cond if student.shares_conditioning(teacher) else student.encode(prompts)
-    result = rollout(x_T, cond, grid, mask, teacher=teacher, student=student if teacher_prob < 1 else None,
-                     guidance=guidance, threshold=threshold, student_cond=student_cond, record=True)
+    result = rollout_seeds(seeds, prompts, grid, teacher=teacher, student=student if teacher_prob < 1 else None,
+                           teacher_prob=teacher_prob, guidance=guidance, threshold=threshold, record=True,
+                           device=device)
     states_cpu = [s.float().cpu() for s in result.states]  # one transfer per grid point, not per row
     records = []
     for row in range(len(seeds)):

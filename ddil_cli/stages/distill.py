@@ -1,11 +1,12 @@
 """`ddil distill`: one accelerate training loop, DDIL input priors, the DAgger collection loop.
 
-A run is a sequence of phases (PD: optional guided stage, then one stage per halving of the
-step count); each phase trains a student against that phase's teacher with the Trainer. Every
-batch is assembled by the priors from three sources: `data` (forward-diffused real data),
-`student` (states on mixed teacher/student rollouts of the *current* student) and `teacher`
-(states on pure teacher rollouts); the latter two come from the replay buffer that the DAgger
-hook fills every --collect-every updates.
+The method (from the METHODS registry; this stage knows none by name) plans the run as phases
+(PD: optional guided stage, then one stage per halving; LCM, DMD2: one phase); each phase trains
+a student against that phase's teacher with the Trainer. Every batch is assembled by the priors
+from three sources: `data` (forward-diffused real data), `student` (states on mixed
+teacher/student rollouts of the *current* student) and `teacher` (states on pure teacher
+rollouts); the latter two come from the replay buffer that the DAgger hook fills every
+--collect-every updates, on the grids the method's phase names.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,12 +24,11 @@ from ddil_cli.buffer.pool import ReplayPool
 from ddil_cli.buffer.replay import FIFOPolicy, PrioritizedPolicy
 from ddil_cli.buffer.sources import DataStates, forward_diffuse, is_lab
 from ddil_cli.buffer.writer import BufferWriter, prompt_id
-from ddil_cli.diffusion.schedule import trailing_timesteps
 from ddil_cli.diffusion.threshold import Threshold, parse_threshold
 from ddil_cli.errors import UserError
 from ddil_cli.manifest import build_manifest, fingerprint, write_json_atomic
-from ddil_cli.methods import METHODS, PLANNED, Batch, PDMethod
-from ddil_cli.models import load_denoiser, make_student
+from ddil_cli.methods import METHODS, PLANNED, Batch, DistillMethod, MethodOptions, Phase, PlanRequest
+from ddil_cli.models import load_denoiser
 from ddil_cli.models.base import Denoiser
 from ddil_cli.priors import PhaseSchedule, PriorSchedule, sources_for_batch
 from ddil_cli.rollout import Grid
@@ -81,6 +81,7 @@ class DistillConfig:
     max_nonfinite: int = 5
     resume: str | None = None
     tracker: str = "none"
+    options: dict = field(default_factory=dict)  # the method's own settings (its Options fields)
     seed: int = 0
     device: str = "cpu"
     out: str = "runs/distill"
@@ -90,16 +91,9 @@ class DistillConfig:
 
 # ---- resolving the plan (all validation happens here, before anything is written) ------------
 @dataclass
-class Phase:
-    name: str
-    steps: int  # the student's steps in this phase
-    teacher_steps: int  # the phase teacher's steps (2x for a halving stage)
-    updates: int
-    mode: str  # halve | match
-
-
-@dataclass
 class Plan:
+    method: type[DistillMethod]
+    options: MethodOptions
     phases: list[Phase]
     schedule: PriorSchedule
     student_prob: PhaseSchedule  # how often the student takes a transition in DAgger rollouts
@@ -123,23 +117,16 @@ def _parse_student_prob(text: str) -> PhaseSchedule:
     return PhaseSchedule.parse(text, probability, flag="--student-prob", example=DEFAULT_STUDENT_PROB)
 
 
-def _halvings(teacher_steps: int, steps: int) -> list[int]:
-    ratio = teacher_steps / steps
-    if steps < 1 or ratio < 2 or ratio != int(ratio) or int(ratio) & (int(ratio) - 1):
-        raise UserError(f"progressive distillation halves the steps, so --teacher-steps {teacher_steps} "
-                        f"cannot reach --steps {steps}; use a power-of-two ratio such as 32 -> 4")
-    stages, current = [], teacher_steps
-    while current > steps:
-        current //= 2
-        stages.append(current)
-    return stages
+def method_class(name: str) -> type[DistillMethod]:
+    if name not in METHODS:
+        if name in PLANNED:
+            raise UserError(f"--method {name} is not implemented yet; use one of {', '.join(METHODS)}")
+        raise UserError(f"unknown --method {name!r}; use one of {', '.join([*METHODS, *PLANNED])}")
+    return METHODS[name]
 
 
 def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
-    if cfg.method not in METHODS:
-        if cfg.method in PLANNED:
-            raise UserError(f"--method {cfg.method} is not implemented yet; use --method pd")
-        raise UserError(f"unknown --method {cfg.method!r}; use one of {', '.join([*METHODS, *PLANNED])}")
+    method = method_class(cfg.method)
     for flag, value in (("--batch-size", cfg.batch_size), ("--max-updates", cfg.max_updates),
                         ("--grad-accum", cfg.grad_accum), ("--log-every", cfg.log_every),
                         ("--max-nonfinite", cfg.max_nonfinite)):
@@ -158,14 +145,10 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
         if importlib.util.find_spec(module) is None:
             raise UserError(f"--tracker {cfg.tracker} needs the {module} package; pip install {module}, "
                             "or use --tracker none")
-    halvings = _halvings(cfg.teacher_steps, cfg.steps)
-    budgets = _stage_budgets(cfg, len(halvings))
-    phases = []
-    if cfg.guided_updates > 0:
-        phases.append(Phase(f"guided-{cfg.teacher_steps}", cfg.teacher_steps, cfg.teacher_steps,
-                            cfg.guided_updates, "match"))
-    for steps, updates in zip(halvings, budgets):
-        phases.append(Phase(f"pd-{steps}", steps, steps * 2, updates, "halve"))
+    options = method.Options.from_dict(cfg.method, dict(cfg.options or {}))
+    phases = method.plan(PlanRequest(steps=cfg.steps, teacher_steps=cfg.teacher_steps, max_updates=cfg.max_updates,
+                                     stage_updates=cfg.stage_updates, guided_updates=cfg.guided_updates,
+                                     options=dict(cfg.options or {})), teacher, options)
     schedule = PriorSchedule.parse(cfg.prior if cfg.prior else (cfg.prior_schedule or DEFAULT_PRIOR_SCHEDULE),
                                    flag="--prior" if cfg.prior else "--prior-schedule")
     if cfg.prior and cfg.prior_schedule:
@@ -181,6 +164,7 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
                         "collect during training (--collect-every K) or pass --buffer DIR")
     student_prob = _parse_student_prob(cfg.student_prob)
     default_w = cfg.guidance if cfg.guidance is not None else getattr(teacher, "default_guidance", 1.0)
+    method_range = method.guidance_range(options)
     if cfg.guidance_range:
         try:
             low, high = (float(v) for v in cfg.guidance_range.split(","))
@@ -189,10 +173,12 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
         if not 1 <= low <= high:
             raise UserError(f"--guidance-range {cfg.guidance_range}: need 1 <= MIN <= MAX")
         guidance_range = (low, high)
+    elif method_range is not None:
+        guidance_range = method_range
     else:
         guidance_range = (float(default_w), float(default_w))
     # a student cannot fold CFG (two passes) into one pass unless it takes w as an input
-    guidance_embedding = guidance_range != (1.0, 1.0)
+    guidance_embedding = guidance_range != (1.0, 1.0) or method.needs_guidance_embedding
     try:
         default_threshold = "static:1" if (is_lab(teacher) or getattr(teacher, "vae", 1) is None) else "none"
         threshold = parse_threshold(cfg.threshold or default_threshold)
@@ -202,35 +188,20 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
         raise UserError(f"--student-prediction {cfg.student_prediction!r}: use epsilon, v_prediction or sample")
     prompts = read_prompts([], cfg.prompts, getattr(teacher, "default_prompts", lambda: None)()) \
         if (cfg.prompts or not cfg.data) else None
-    return Plan(phases, schedule, student_prob, guidance_range, guidance_embedding, threshold, prompts)
-
-
-def _stage_budgets(cfg: DistillConfig, stages: int) -> list[int]:
-    if cfg.stage_updates:
-        try:
-            budgets = [int(v) for v in str(cfg.stage_updates).split(",")]
-        except ValueError:
-            budgets = []
-        if len(budgets) == 1:
-            budgets *= stages
-        if len(budgets) != stages or min(budgets) < 1:
-            raise UserError(f"--stage-updates {cfg.stage_updates!r}: give one positive count, or one per "
-                            f"halving stage ({stages} here)")
-        return budgets
-    base = cfg.max_updates // stages
-    if base < 1:
-        raise UserError(f"--max-updates {cfg.max_updates} is fewer than the {stages} halving stages")
-    return [base + (1 if i < cfg.max_updates % stages else 0) for i in range(stages)]
+    return Plan(method, options, phases, schedule, student_prob, guidance_range, guidance_embedding, threshold,
+                prompts)
 
 
 # ---- batches ----------------------------------------------------------------------------------
 class InputAssembler:
     """Builds each training batch from data / student / teacher sources by the prior in force."""
 
-    def __init__(self, *, teacher: Denoiser, student: Denoiser, grid: list[int], plan: Plan, pool: ReplayPool,
+    def __init__(self, *, teacher: Denoiser, student: Denoiser, timesteps: list[int], plan: Plan, pool: ReplayPool,
                  data: DataStates | None, batch_size: int, total_updates: int, generator: torch.Generator,
                  device: str):
-        self.teacher, self.student, self.grid, self.plan = teacher, student, grid, plan
+        # timesteps: where data inputs are forward-diffused (the phase's training grid)
+        self.teacher, self.student, self.timesteps, self.plan = teacher, student, list(timesteps), plan
+        self._position = {t: i for i, t in enumerate(self.timesteps)}
         self.pool, self.data, self.batch_size = pool, data, batch_size
         self.total_updates, self.generator, self.device = total_updates, generator, device
         self.data_index = 0
@@ -244,27 +215,27 @@ class InputAssembler:
 
     def __call__(self, update: int) -> Batch:
         sources = sources_for_batch(self.batch_size, self.prior(update), self.generator)
-        parts = []  # (x_t, t_index, guidance, prompts, sources, keys)
+        parts = []  # (x_t, t, guidance, prompts, sources, keys)
         n_data = sources.count("data")
         if n_data:
             x0, prompts = self.data.batch(n_data, self.generator, self.data_index)
             self.data_index += n_data
-            x_t, _t, t_index = forward_diffuse(x0, self.teacher.schedule, self.grid, self.generator)
-            parts.append((x_t, t_index, self.guidance(n_data), prompts, ["data"] * n_data, [None] * n_data))
+            x_t, t, _t_index = forward_diffuse(x0, self.teacher.schedule, self.timesteps, self.generator)
+            parts.append((x_t, t, self.guidance(n_data), prompts, ["data"] * n_data, [None] * n_data))
         for source in ("student", "teacher"):
             n = sources.count(source)
             if n:
                 rows = self.pool.draw(n, source, self.generator)
-                parts.append((self.pool.states[rows].float(), self.pool.t_index[rows], self.pool.guidance[rows],
+                parts.append((self.pool.states[rows].float(), self.pool.t[rows], self.pool.guidance[rows],
                               [self.pool.prompts[i] for i in rows], [source] * n,
                               [self.pool.keys[i] for i in rows]))
         x_t = torch.cat([p[0] for p in parts]).to(self.device)
-        t_index = torch.cat([p[1] for p in parts])
+        t = torch.cat([p[1] for p in parts])
+        t_index = torch.tensor([self._position.get(int(v), -1) for v in t.tolist()], dtype=torch.long)
         prompts = [q for p in parts for q in p[3]]
         cond = self.teacher.encode(prompts)
         student_cond = cond if self.student.shares_conditioning(self.teacher) else self.student.encode(prompts)
-        return Batch(x_t=x_t, t_index=t_index.to(self.device),
-                     t=torch.tensor(self.grid, dtype=torch.long)[t_index].to(self.device), cond=cond,
+        return Batch(x_t=x_t, t=t.to(self.device), t_index=t_index.to(self.device), cond=cond,
                      student_cond=student_cond, guidance=torch.cat([p[2] for p in parts]).to(self.device),
                      source=[s for p in parts for s in p[4]], keys=[k for p in parts for k in p[5]])
 
@@ -274,17 +245,19 @@ class DaggerCollector:
     """Every K updates: roll out the current student mixed with the teacher, store the visited
     states in the run's buffer (shards on disk) and the pool; pure teacher rollouts once."""
 
-    def __init__(self, *, teacher, student, grid: Grid, plan: Plan, pool: ReplayPool, buffer_dir: Path,
+    def __init__(self, *, teacher, student, grids: list[Grid], plan: Plan, pool: ReplayPool, buffer_dir: Path,
                  rollouts: int, prompts_for, seed: int, total_updates: int, accelerator, phase: str,
-                 fifo: FIFOPolicy, needs_teacher_states: bool, teacher_source: str):
+                 fifo: FIFOPolicy, needs_teacher_states: bool, teacher_source: str, collect_every: int):
         # fingerprinted once: a stage teacher is a folder, hashing it at every collection is waste
-        self.header = buffer_header(teacher, teacher_source, fingerprint(teacher_source), grid)
-        self.teacher, self.student, self.grid, self.plan, self.pool = teacher, student, grid, plan, pool
+        teacher_print = fingerprint(teacher_source)
+        self.headers = [buffer_header(teacher, teacher_source, teacher_print, grid) for grid in grids]
+        self.teacher, self.student, self.grids, self.plan, self.pool = teacher, student, grids, plan, pool
+        self.collect_every = max(1, collect_every)
         self.buffer_dir, self.rollouts, self.prompts_for, self.seed = buffer_dir, rollouts, prompts_for, seed
         self.total_updates, self.acc, self.phase, self.fifo = total_updates, accelerator, phase, fifo
         self.needs_teacher_states = needs_teacher_states
 
-    def _roll(self, writer: BufferWriter, update: int, teacher_prob: float, salt: int) -> int:
+    def _roll(self, writer: BufferWriter, grid: Grid, update: int, teacher_prob: float, salt: int) -> int:
         rank, world = self.acc.process_index, self.acc.num_processes
         first = (salt * 1_000_003 + update) * world * self.rollouts + rank * self.rollouts
         # seeded by the update (not by the buffer's run number) so a resumed run rolls out the same
@@ -294,7 +267,7 @@ class DaggerCollector:
         guidance = low + (high - low) * torch.rand(self.rollouts, generator=torch.Generator().manual_seed(seeds[0]))
         was_training = self.student.network.training
         self.student.network.eval()
-        records = visited_states(self.teacher, self.student, self.grid, prompts, seeds, teacher_prob=teacher_prob,
+        records = visited_states(self.teacher, self.student, grid, prompts, seeds, teacher_prob=teacher_prob,
                                  guidance=guidance.to(self.acc.device), threshold=self.plan.threshold,
                                  device=self.acc.device)
         self.student.network.train(was_training)
@@ -303,21 +276,25 @@ class DaggerCollector:
             "prompt_id": prompt_id(prompts[row]), "guidance": float(guidance[row]), "student_version": update,
             "phase": self.phase, "teacher_prob": teacher_prob}) for state, t, t_index, source, row in records]
         rows = [r[4] for r in records]
-        self.pool.add(torch.stack([r[0] for r in records]), [r[2] for r in records], guidance[rows],
+        self.pool.add(torch.stack([r[0] for r in records]), [r[1] for r in records], guidance[rows],
                       [prompts[r] for r in rows], [r[3] for r in records], keys)
         return len(keys)
 
     def __call__(self, update: int) -> float:
         start = time.perf_counter()
         student_prob = self.plan.student_prob.at(update, self.total_updates)
-        writer = BufferWriter(self.buffer_dir, self.header, rank=self.acc.process_index,
+        # several grids (LCM's 3-5 step samplers): one per collection, in turn, each in its own buffer
+        which = (update // self.collect_every) % len(self.grids)
+        grid = self.grids[which]
+        folder = self.buffer_dir if len(self.grids) == 1 else self.buffer_dir / f"steps-{grid.num_transitions}"
+        writer = BufferWriter(folder, self.headers[which], rank=self.acc.process_index,
                               world_size=self.acc.num_processes,
                               run_info={"command": "distill (DAgger)", "student_version": update, "phase": self.phase},
                               on_commit=self.fifo)
         with writer.open():
-            self._roll(writer, update, 1.0 - student_prob, 0)
+            self._roll(writer, grid, update, 1.0 - student_prob, 0)
             if self.needs_teacher_states and self.pool.count("teacher") == 0:
-                self._roll(writer, update, 1.0, 1)
+                self._roll(writer, grid, update, 1.0, 1)
         return time.perf_counter() - start
 
 
@@ -337,20 +314,24 @@ class ExternalBuffer:
             raise UserError(f"--buffer {source} holds states of shape {tuple(header['state']['shape'])} but the "
                             f"teacher's are {tuple(teacher.state_shape)}; collect it with this teacher")
         self.timesteps = list(header["grid"]["timesteps"])
-        grids = {p.name: trailing_timesteps(p.steps) for p in plan.phases}
-        if self.timesteps not in grids.values():
-            raise UserError(f"--buffer {source} was collected on the grid {self.timesteps}, which no stage of this "
-                            f"run uses ({', '.join(grids)}); collect it with --steps of one of them")
+        if not any(self.usable_by(p) for p in plan.phases):
+            raise UserError(f"--buffer {source} was collected on the grid {self.timesteps}, which no phase of this "
+                            f"run trains on ({', '.join(p.name for p in plan.phases)}); collect it with --steps of "
+                            "one of them")
 
-    def load_into(self, pool: ReplayPool, grid: list[int], default_guidance: float) -> int:
+    def usable_by(self, phase: Phase) -> bool:
+        """A phase takes the buffer when it was collected on a grid the phase rolls its student out on."""
+        return any(self.timesteps == grid.student for grid in phase.rollout_grids)
+
+    def load_into(self, pool: ReplayPool, phase: Phase, default_guidance: float) -> int:
         from ddil_cli.buffer.reader import BufferReader
 
-        if grid != self.timesteps:
+        if not self.usable_by(phase):
             return 0
         reader = BufferReader(self.source, shuffle=0, split_by_node=False, split_by_worker=False)
         samples = [s for s in reader if s.source in ("student", "teacher")]
         if samples:
-            pool.add(torch.stack([s.state for s in samples]), [s.t_index for s in samples],
+            pool.add(torch.stack([s.state for s in samples]), [s.t for s in samples],
                      [s.meta.get("guidance", default_guidance) for s in samples],
                      [s.prompt or "" for s in samples], [s.source for s in samples], [s.key for s in samples])
         return len(samples)
@@ -359,8 +340,8 @@ class ExternalBuffer:
 class _RunState:
     """What the Trainer checkpoints besides the networks: the pool, the batch RNG, data position."""
 
-    def __init__(self, pool: ReplayPool, assembler: InputAssembler):
-        self.pool, self.assembler = pool, assembler
+    def __init__(self, pool: ReplayPool, assembler: InputAssembler, timesteps: list[int]):
+        self.pool, self.assembler, self.timesteps = pool, assembler, timesteps
 
     def state(self):
         tensors, info = self.pool.state()
@@ -369,13 +350,14 @@ class _RunState:
         return tensors, {"pool": info, "data_index": self.assembler.data_index}
 
     def load(self, tensors, info):
-        self.pool.load({k[5:]: v for k, v in tensors.items() if k.startswith("pool.")}, info["pool"])
+        self.pool.load({k[5:]: v for k, v in tensors.items() if k.startswith("pool.")}, info["pool"],
+                       timesteps=self.timesteps)
         self.assembler.generator.set_state(tensors["generator"])
         self.assembler.data_index = info["data_index"]
 
 
 # ---- the run ---------------------------------------------------------------------------------
-COMPATIBLE_KEYS = ("method", "teacher", "steps", "teacher_steps", "guided_updates", "student_prediction")
+COMPATIBLE_KEYS = ("method", "teacher", "steps", "teacher_steps", "guided_updates", "student_prediction", "options")
 
 
 def check_resume(cfg: DistillConfig, run: Path) -> Path | None:
@@ -390,7 +372,7 @@ def check_resume(cfg: DistillConfig, run: Path) -> Path | None:
         raise UserError(f"--resume: {run} is not a ddil distill run (no manifest.json); check --out")
     old = json.loads(manifest_path.read_text())["config"]
     for key in COMPATIBLE_KEYS:
-        if old.get(key) != getattr(cfg, key):
+        if old.get(key, {} if key == "options" else None) != getattr(cfg, key):
             raise UserError(f"--resume: the run in {run} has {key}={old.get(key)!r}, this command "
                             f"{getattr(cfg, key)!r}; resume with the same settings or use another --out")
     if cfg.resume == "latest":
@@ -433,30 +415,32 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
     if accelerator.is_main_process:
         write_json_atomic(run / "manifest.json", build_manifest(
             "distill", cfg, inputs={"teacher": cfg.teacher, "data": cfg.data, "prompts": cfg.prompts},
-            extra={"phases": [asdict(p) for p in plan.phases], "teacher_model": teacher.describe()}))
+            extra={"phases": [p.describe() for p in plan.phases], "method_options": asdict(plan.options),
+                   "teacher_model": teacher.describe()}))
     if cfg.tracker != "none":
         accelerator.init_trackers("ddil-distill", config={k: v for k, v in asdict(cfg).items()
                                                           if isinstance(v, (int, float, str, bool))})
     metrics = MetricsLog(run / "metrics.jsonl")
     resume_info = json.loads((resume_from / "state.json").read_text()) if resume_from else None
 
-    phase_teacher = teacher.to(accelerator.device)
-    teacher_source = str(getattr(teacher, "spec", "") or cfg.teacher)  # normalised lab spec
+    teacher = teacher.to(accelerator.device)
+    original_source = str(getattr(teacher, "spec", "") or cfg.teacher)  # normalised lab spec
+    previous, previous_source = teacher, original_source  # the last finished phase's student
     offset, summaries = 0, []
     for k, phase in enumerate(plan.phases):
         stage_dir = run / "stages" / phase.name
         done = (stage_dir / "ddil_phase.json").is_file()
         if done and cfg.resume is not None:
-            phase_teacher = load_denoiser(str(stage_dir), device=accelerator.device)
-            teacher_source = str(stage_dir)
+            previous, previous_source = load_denoiser(str(stage_dir), device=accelerator.device), str(stage_dir)
             offset += phase.updates
             summaries.append(json.loads((stage_dir / "ddil_phase.json").read_text()))
             continue
-        summaries.append(_run_phase(cfg, plan, phase, k, phase_teacher, data, run, accelerator, metrics,
+        phase_teacher, teacher_source = (teacher, original_source) if phase.teacher == "original" \
+            else (previous, previous_source)
+        summaries.append(_run_phase(cfg, plan, phase, k, phase_teacher, teacher, data, run, accelerator, metrics,
                                     resume_from if resume_info and resume_info["phase"] == phase.name else None,
                                     offset, progress, teacher_source, external))
-        teacher_source = str(stage_dir)
-        phase_teacher = load_denoiser(str(stage_dir), device=accelerator.device)
+        previous, previous_source = load_denoiser(str(stage_dir), device=accelerator.device), str(stage_dir)
         offset += phase.updates
     final = run / "student"
     if accelerator.is_main_process:
@@ -476,62 +460,52 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
     return summary
 
 
-def _run_phase(cfg, plan, phase, index, phase_teacher, data, run, accelerator, metrics, resume_from,
-               offset, progress, teacher_source: str, external: ExternalBuffer | None) -> dict:
-    student_grid = trailing_timesteps(phase.steps, phase_teacher.schedule.num_train_timesteps)
+def _run_phase(cfg, plan, phase: Phase, index, phase_teacher, original_teacher, data, run, accelerator, metrics,
+               resume_from, offset, progress, teacher_source: str, external: ExternalBuffer | None) -> dict:
     kwargs = {}
     if phase_teacher.kind == "gmm" and cfg.student_prediction:
         kwargs["prediction_type"] = cfg.student_prediction
     needs_embedding = plan.guidance_embedding and not phase_teacher.guidance_conditioned
     torch.manual_seed(cfg.seed + index)
-    student = make_student(phase_teacher, guidance_embedding=needs_embedding, **kwargs).to(accelerator.device)
+    student = plan.method.make_student(phase_teacher, phase, plan.options, guidance_embedding=needs_embedding,
+                                       **kwargs).to(accelerator.device)
     if cfg.gradient_checkpointing and hasattr(student.network, "enable_gradient_checkpointing"):
         student.network.enable_gradient_checkpointing()
-    method = PDMethod(phase_teacher, student, student_grid=student_grid, threshold=plan.threshold,
-                      mode=phase.mode)
+    method = plan.method(teacher=phase_teacher, student=student, phase=phase, options=plan.options,
+                         threshold=plan.threshold, original_teacher=original_teacher)
     policy = PrioritizedPolicy(cfg.priority_alpha) if cfg.replay == "prioritised" else None
     pool = ReplayPool(cfg.buffer_size, policy)
     generator = torch.Generator().manual_seed(cfg.seed * 7919 + index * 104729 + accelerator.process_index)
-    assembler = InputAssembler(teacher=phase_teacher, student=student, grid=student_grid, plan=plan, pool=pool,
-                               data=data, batch_size=cfg.batch_size, total_updates=phase.updates,
+    assembler = InputAssembler(teacher=phase_teacher, student=student, timesteps=phase.train_timesteps, plan=plan,
+                               pool=pool, data=data, batch_size=cfg.batch_size, total_updates=phase.updates,
                                generator=generator, device=accelerator.device)
     if external is not None:
-        external.load_into(pool, student_grid, plan.guidance_range[0])
+        external.load_into(pool, phase, plan.guidance_range[0])
     uses = {s for p in plan.schedule.priors for s, w in p.items() if w > 0}
     hooks = []
     if uses & {"student", "teacher"}:
-        grid = Grid.make(phase.steps, phase.teacher_steps)
         prompt_source = (lambda n: [plan.prompts[i % len(plan.prompts)] for i in
                                     torch.randint(len(plan.prompts), (n,), generator=generator).tolist()]) \
             if plan.prompts else data.captions
-        collector = DaggerCollector(teacher=phase_teacher, student=student, grid=grid, plan=plan, pool=pool,
-                                    buffer_dir=run / "buffer" / phase.name, rollouts=cfg.rollouts_per_collect,
-                                    prompts_for=prompt_source, seed=cfg.seed, total_updates=phase.updates,
-                                    accelerator=accelerator, phase=phase.name,
+        collector = DaggerCollector(teacher=phase_teacher, student=student, grids=phase.rollout_grids, plan=plan,
+                                    pool=pool, buffer_dir=run / "buffer" / phase.name,
+                                    rollouts=cfg.rollouts_per_collect, prompts_for=prompt_source, seed=cfg.seed,
+                                    total_updates=phase.updates, accelerator=accelerator, phase=phase.name,
                                     fifo=FIFOPolicy(cfg.buffer_size), needs_teacher_states="teacher" in uses,
-                                    teacher_source=teacher_source)
+                                    teacher_source=teacher_source, collect_every=cfg.collect_every)
         hooks.append((cfg.collect_every, collector))
     train_cfg = TrainConfig(max_updates=phase.updates, lr=cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
                             max_grad_norm=cfg.max_grad_norm, grad_accum=cfg.grad_accum, ema_decay=cfg.ema_decay,
                             checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
                             log_every=cfg.log_every, max_nonfinite=cfg.max_nonfinite)
+    observers = [PriorityScores(policy)] if policy is not None else []
     trainer = Trainer(accelerator=accelerator, method=method, config=train_cfg, run_dir=run, phase=phase.name,
-                      make_batch=assembler, hooks=hooks, extra_state=_RunState(pool, assembler),
-                      progress=progress, log=metrics, update_offset=offset)
-    if policy is not None:
-        inner = method.loss
-
-        def scored_loss(batch):  # prioritised replay: the last loss on each buffered state
-            per_example = inner(batch)
-            keyed = [(k, v) for k, v in zip(batch.keys, per_example.detach().float().cpu().tolist()) if k]
-            if keyed:
-                policy.update([k for k, _ in keyed], [v for _, v in keyed])
-            return per_example
-        method.loss = scored_loss
+                      make_batch=assembler, hooks=hooks, extra_state=_RunState(pool, assembler, phase.train_timesteps),
+                      progress=progress, log=metrics, update_offset=offset, loss_observers=observers)
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
     state = trainer.run()
-    trainer.final_weights()  # EMA weights into the student before it is saved
+    trainer.save_checkpoint()  # the online weights (and the EMA's state), before the EMA is published
     stage_dir = run / "stages" / phase.name
     summary = {"phase": phase.name, "steps": phase.steps, "updates": state.update,
                "nonfinite_skipped": state.nonfinite_total, "collect_seconds": state.collect_seconds,
@@ -539,12 +513,24 @@ def _run_phase(cfg, plan, phase, index, phase_teacher, data, run, accelerator, m
     if accelerator.is_main_process:
         tmp = stage_dir.with_name("." + stage_dir.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        student.save_pretrained(tmp, timesteps=student_grid)
+        with trainer.final_weights():  # the EMA weights when EMA is on, the online ones put back after
+            student.save_pretrained(tmp, timesteps=phase.timesteps, scheduler=plan.method.student_scheduler)
         (tmp / "ddil_phase.json").write_text(json.dumps(summary, indent=2))
         if stage_dir.exists():
             shutil.rmtree(stage_dir)
         stage_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(stage_dir)
-    trainer.save_checkpoint()
     accelerator.wait_for_everyone()
     return summary
+
+
+class PriorityScores:
+    """Prioritised replay's hook into the loop: each buffered state's last loss is its priority."""
+
+    def __init__(self, policy: PrioritizedPolicy):
+        self.policy = policy
+
+    def __call__(self, batch: Batch, per_example: torch.Tensor) -> None:
+        keyed = [(k, v) for k, v in zip(batch.keys, per_example.float().cpu().tolist()) if k]
+        if keyed:
+            self.policy.update([k for k, _ in keyed], [v for _, v in keyed])

@@ -15,7 +15,7 @@ from ddil_cli.errors import UserError
 from ddil_cli.manifest import write_manifest
 from ddil_cli.models import load_denoiser
 from ddil_cli.models.base import Denoiser
-from ddil_cli.rollout import Grid, rollout, seeded_noise, teacher_mask
+from ddil_cli.rollout import Grid, rollout_seeds, sampling_grid
 from ddil_cli.specs import parse_switch, read_prompts
 
 
@@ -78,7 +78,7 @@ def plan_sampling(cfg: SampleConfig, teacher: Denoiser, student: Denoiser | None
         sampler = "switch" if switch else ("student" if teacher_prob == 0 else
                                            "teacher" if teacher_prob == 1 else "mixed")
     try:
-        grid = Grid.make(steps, cfg.teacher_steps, teacher.schedule.num_train_timesteps)
+        grid = sampling_grid(student, steps, cfg.teacher_steps, teacher.schedule.num_train_timesteps)
     except ValueError as exc:
         raise UserError(f"{exc}; choose --steps that divides --teacher-steps (e.g. 4 and 32)") from None
     prompts = read_prompts(cfg.prompt, cfg.prompts, getattr(teacher, "default_prompts", lambda: None)())
@@ -95,12 +95,9 @@ def load_models(cfg: SampleConfig, device: str):
 def generate(plan: SamplePlan, teacher: Denoiser, seeds: list[int], prompts: list[str],
              threshold, device: str):
     """One batch: the rollout result for these seeds and prompts."""
-    x_T, uniforms = seeded_noise(seeds, tuple(teacher.state_shape), plan.grid.num_transitions, device)
-    mask = teacher_mask(uniforms, plan.grid, teacher_prob=plan.teacher_prob, switch=plan.switch)
-    cond = teacher.encode(prompts)
-    student_cond = plan.student.encode(prompts) if plan.student is not None else None
-    return rollout(x_T, cond, plan.grid, mask, teacher=plan.teacher, student=plan.student,
-                   guidance=plan.guidance, threshold=threshold, student_cond=student_cond)
+    return rollout_seeds(seeds, prompts, plan.grid, teacher=teacher, student=plan.student,
+                         teacher_prob=plan.teacher_prob, switch=plan.switch, guidance=plan.guidance,
+                         threshold=threshold, device=device)
 
 
 def _lab_grid_png(states: np.ndarray, classes: list[int], teacher: Denoiser, path: Path) -> None:
