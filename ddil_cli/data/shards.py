@@ -106,6 +106,11 @@ def resolve_shards(source: str | os.PathLike | Sequence[str | os.PathLike]) -> l
     return urls
 
 
+def _all_shards(urls):
+    """A webdataset node splitter that keeps every shard it is given."""
+    return urls
+
+
 def _first(sample: dict[str, Any], extensions: Sequence[str]) -> tuple[str, bytes] | None:
     for ext in extensions:
         value = sample.get(ext)
@@ -185,8 +190,11 @@ class ImageCaptionShards:
         import webdataset as wds
 
         self.stats = ShardStats(shards=len(self.urls))
-        # empty_check=False: a shard list smaller than the worker count is legal here.
-        dataset = wds.WebDataset(self.urls, shardshuffle=self.shuffle_shards, empty_check=False)
+        # empty_check=False: a shard list smaller than the worker count is legal here. The caller
+        # already picked this process's shards (DataStates' part/parts), so no node splitting
+        # here; without a nodesplitter webdataset refuses to run under torchrun at all.
+        dataset = wds.WebDataset(self.urls, shardshuffle=self.shuffle_shards, empty_check=False,
+                                 nodesplitter=_all_shards)
         for raw in dataset:
             self.stats.read += 1
             decoded = self._decode(raw)

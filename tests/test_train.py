@@ -1,0 +1,87 @@
+"""The one training loop under several processes (gloo on CPU): gradients all-reduced through the
+prepared modules, so ranks end with identical networks; one LR step per update, as with one
+process; checkpoints written once. Launched for real, with torchrun and with accelerate launch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddil_cli.stages.distill import DistillConfig, run_distill
+
+HERE = Path(__file__).parent
+LAB = ["distill", "--teacher", "gmm:ring:8", "--teacher-steps", "8", "--steps", "4", "--stage-updates", "8",
+       "--batch-size", "16", "--lr", "1e-3", "--collect-every", "3", "--rollouts-per-collect", "4",
+       "--log-every", "2", "--checkpoint-every", "4", "--device", "cpu", "--quiet"]
+
+
+def _launch(launcher: str, dump: Path, args: list[str]) -> None:
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    else:
+        if shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists():
+            pytest.skip("accelerate's launcher is not installed")
+        # --cpu would silently run one process; --multi_gpu with Accelerator(cpu=True) runs two
+        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "29517"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+    proc = subprocess.run([*cmd, str(HERE / "mp_distill.py"), str(dump), *args], capture_output=True, text=True,
+                          env=env, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _assert_ranks_identical(dump: Path, phases: list[str], names=("student",)) -> None:
+    for phase in phases:
+        for name in names:
+            rank0 = load_file(str(dump / f"rank0-{phase}-{name}.safetensors"))
+            rank1 = load_file(str(dump / f"rank1-{phase}-{name}.safetensors"))
+            for key in rank0:
+                assert torch.allclose(rank0[key], rank1[key], atol=1e-6, rtol=0), (phase, name, key)
+
+
+def _lrs(run: Path) -> list[tuple[str, int, float]]:
+    return [(r["phase"], r["update"], r["lr"]) for r in map(json.loads, open(run / "metrics.jsonl"))]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_train_one_student(tmp_path, launcher):
+    dump, run = tmp_path / "dump", tmp_path / "run"
+    _launch(launcher, dump, [*LAB, "--out", str(run)])
+    _assert_ranks_identical(dump, ["pd-4"])
+    # the student published is the ranks' common one
+    published = load_file(str(run / "student/model.safetensors"))
+    rank0 = load_file(str(dump / "rank0-pd-4-student.safetensors"))
+    assert all(torch.equal(published[k], rank0[k]) for k in rank0)
+    # one LR step per update: the same LR per logged update as a one-process run
+    single = tmp_path / "single"
+    run_distill(DistillConfig(teacher="gmm:ring:8", teacher_steps=8, steps=4, stage_updates="8", batch_size=16,
+                              lr=1e-3, collect_every=3, rollouts_per_collect=4, log_every=2, quiet=True,
+                              out=str(single)))
+    assert _lrs(run) == _lrs(single)
+    assert [r[2] for r in _lrs(run)][:2] == [pytest.approx(1e-3 * 6 / 8), pytest.approx(1e-3 * 4 / 8)]
+    # checkpoints written once, whole: updates 4 and 8, no temp folders, one metrics row per log step
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["checkpoint-00000004", "checkpoint-00000008"], names
+    assert len(_lrs(run)) == 4
+
+
+def test_two_processes_on_a_tiny_diffusers_pipeline(tmp_path):
+    from ddil_cli.data.digits import build_digits_shards
+    from tiny_models import build_tiny_pixel
+
+    build_tiny_pixel(tmp_path / "teacher")
+    build_digits_shards(tmp_path / "digits")
+    dump = tmp_path / "dump"
+    _launch("torchrun", dump, ["distill", "--teacher", str(tmp_path / "teacher"), "--steps", "4",
+                               "--teacher-steps", "8", "--stage-updates", "3", "--batch-size", "4",
+                               "--data", str(tmp_path / "digits/train-{000000..000001}.tar"),
+                               "--collect-every", "2", "--rollouts-per-collect", "2", "--device", "cpu", "--quiet",
+                               "--out", str(tmp_path / "run")])
+    _assert_ranks_identical(dump, ["pd-4"])
