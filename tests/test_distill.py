@@ -66,6 +66,22 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
         assert torch.equal(full[key], resumed[key]), key
 
 
+def test_ema_is_published_and_the_checkpoint_keeps_the_online_weights(tmp_path):
+    run_distill(DistillConfig(**{**LAB, "teacher_steps": 8}, stage_updates="6", prior="data=1", ema_decay=0.5,
+                              out=str(tmp_path / "run")))
+    published = load_file(str(tmp_path / "run/student/model.safetensors"))
+    (last,) = sorted((tmp_path / "run/checkpoints").iterdir())[-1:]
+    online = load_file(str(last / "student.safetensors"))
+    state = load_file(str(last / "state.safetensors"))
+    shadow = [state[k] for k in sorted((k for k in state if k.startswith("ema.shadow_params.")),
+                                       key=lambda k: int(k.rsplit(".", 1)[1]))]
+    from ddil_cli.models.mlp import MLPDenoiser
+
+    params = list(MLPDenoiser.from_pretrained(tmp_path / "run/student").network.parameters())
+    assert len(params) == len(shadow) and all(torch.equal(p, s) for p, s in zip(params, shadow))  # EMA published
+    assert any(not torch.equal(published[k], online[k]) for k in online)  # online weights kept
+
+
 def test_nonfinite_loss_is_skipped_counted_and_stops(tmp_path, monkeypatch):
     loss = PDMethod.loss
     calls = {"n": 0}

@@ -85,3 +85,71 @@ def test_two_processes_on_a_tiny_diffusers_pipeline(tmp_path):
                                "--collect-every", "2", "--rollouts-per-collect", "2", "--device", "cpu", "--quiet",
                                "--out", str(tmp_path / "run")])
     _assert_ranks_identical(dump, ["pd-4"])
+
+
+class _WithCritic:
+    """PD plus a second trained network (a stand-in for DMD2's critic): its own optimiser, LR and
+    three optimiser steps per student update."""
+
+    @staticmethod
+    def make():
+        from ddil_cli.methods.base import TrainedGroup
+        from ddil_cli.methods.pd import PDMethod
+
+        class PDWithCritic(PDMethod):
+            name = "pd-critic"
+
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                torch.manual_seed(123)
+                self.critic = torch.nn.Linear(2, 2)
+
+            def groups(self):
+                return [*super().groups(), TrainedGroup("critic", {"critic": self.critic}, lr=0.01, steps_per_update=3)]
+
+            def loss(self, group, nets, batch):
+                if group == "critic":
+                    per_example = (nets["critic"](batch.x_t.float()) ** 2).mean(1)
+                    return per_example, {"critic/mean_out": float(per_example.detach().mean())}
+                return super().loss(group, nets, batch)
+        return PDWithCritic
+
+
+def test_a_second_trained_network_steps_logs_and_resumes_exactly(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from ddil_cli import methods
+    from ddil_cli.train import Trainer
+
+    method = _WithCritic.make()
+    monkeypatch.setitem(methods.METHODS, "pd-critic", method)
+    cfg = DistillConfig(method="pd-critic", teacher="gmm:ring:8", teacher_steps=8, steps=4, stage_updates="8",
+                        batch_size=16, lr=1e-3, collect_every=3, rollouts_per_collect=4, log_every=4,
+                        checkpoint_every=4, quiet=True, out=str(tmp_path / "full"))
+    run_distill(cfg)
+    last = tmp_path / "full/checkpoints/checkpoint-00000008"
+    state = json.loads((last / "state.json").read_text())
+    assert state["groups"] == ["student", "critic"]
+    optimizer_steps = load_file(str(last / "state.safetensors"))["optimizer.critic.state.0.step"]
+    assert float(optimizer_steps) == 8 * 3  # three critic steps per student update
+    rows = [json.loads(line) for line in open(tmp_path / "full/metrics.jsonl")]
+    assert {"loss/critic", "grad_norm/critic", "lr/critic", "critic/mean_out"} <= set(rows[-1])
+    assert rows[0]["lr/critic"] == pytest.approx(0.01 * (24 - 12) / 24)  # its own schedule, per its steps
+
+    save = Trainer.save_checkpoint
+
+    def crash_at_4(self):
+        path = save(self)
+        if self.state.update == 4:
+            raise KeyboardInterrupt
+        return path
+    monkeypatch.setattr(Trainer, "save_checkpoint", crash_at_4)
+    broken = replace(cfg, out=str(tmp_path / "broken"))
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(broken)
+    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    run_distill(replace(broken, resume="latest"))
+    for name in ("student", "critic"):
+        full = load_file(str(tmp_path / f"full/checkpoints/checkpoint-00000008/{name}.safetensors"))
+        resumed = load_file(str(tmp_path / f"broken/checkpoints/checkpoint-00000008/{name}.safetensors"))
+        assert all(torch.equal(full[k], resumed[k]) for k in full), name
