@@ -45,6 +45,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     max_nonfinite: int = 5
+    lr_schedule: str = "linear"  # after warmup: linear decay to 0, constant, or cosine to 10%
 
 
 class NonFiniteLoss(UserError):
@@ -77,11 +78,24 @@ def _join_state(info_tree, tensors: dict):
     return info_tree
 
 
-def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warmup to the base rate, then linear decay to 0 at `total`."""
+def lr_lambda(warmup: int, total: int, schedule: str = "linear") -> Callable[[int], float]:
+    """Linear warmup to the base rate, then `linear` decay to 0 at `total`, `constant` (a run to N
+    steps is then the first N steps of any longer run, so it can be extended by resuming), or
+    `cosine` decay to 10% of the base rate at `total`."""
+    if schedule not in ("linear", "constant", "cosine"):
+        raise ValueError(f"unknown LR schedule {schedule!r}")
+
     def factor(step: int) -> float:
         if warmup and step < warmup:
-            return (step + 1) / warmup
+            warm = (step + 1) / warmup
+            if schedule != "cosine":
+                return warm
+        else:
+            warm = 1.0
+        if schedule == "constant":
+            return 1.0
+        if schedule == "cosine":
+            return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total)))))
         return max(0.0, (total - step) / max(1, total - warmup))
     return factor
 
@@ -117,7 +131,7 @@ class _Group:
         steps = config.max_updates * self.steps_per_update
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
-            lr_lambda(config.warmup * self.steps_per_update, steps))
+            lr_lambda(config.warmup * self.steps_per_update, steps, config.lr_schedule))
 
     @property
     def key(self) -> str:
@@ -139,7 +153,7 @@ class Trainer:
     def __init__(self, *, accelerator, method: DistillMethod, config: TrainConfig, run_dir: Path,
                  phase: str, make_batch: Callable[[int], Batch], hooks=(), extra_state=None,
                  progress=None, log: Callable[[dict], None] | None = None, update_offset: int = 0,
-                 loss_observers=()):
+                 loss_observers=(), checkpoint_dir: Path | None = None):
         from diffusers.training_utils import EMAModel
 
         self.accelerator = accelerator
@@ -154,6 +168,7 @@ class Trainer:
         self.log = log
         self.update_offset = update_offset  # updates of earlier phases: checkpoint names stay ordered
         self.loss_observers = list(loss_observers)  # fn(batch, per_example) after each student loss
+        self._checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else self.run_dir / "checkpoints"
         specs = method.groups()
         if not specs or specs[0].name != "student" or "student" not in specs[0].modules:
             raise ValueError(f"{type(method).__name__}.groups() must start with the 'student' group")
@@ -185,7 +200,7 @@ class Trainer:
     # ---- checkpoints ------------------------------------------------------------------------
     @property
     def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return self._checkpoint_dir
 
     def save_checkpoint(self) -> Path:
         """Everything a resumed run needs to continue exactly, under a temp name, then renamed."""
@@ -391,9 +406,14 @@ class Trainer:
             self.ema.restore(params)
 
 
+def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Complete checkpoints (state.json is written last), oldest first."""
+    return sorted(p for p in Path(checkpoint_dir).glob(f"{CHECKPOINT_PREFIX}*")
+                  if p.is_dir() and (p / "state.json").is_file())
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted(p for p in (Path(run_dir) / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")
-                   if p.is_dir() and (p / "state.json").is_file())
+    found = list_checkpoints(Path(run_dir) / "checkpoints")
     return found[-1] if found else None
 
 
@@ -408,4 +428,4 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
 
 
-__all__ = ["MetricsLog", "NonFiniteLoss", "TrainConfig", "Trainer", "latest_checkpoint"]
+__all__ = ["MetricsLog", "NonFiniteLoss", "TrainConfig", "Trainer", "latest_checkpoint", "list_checkpoints"]

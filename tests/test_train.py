@@ -153,3 +153,22 @@ def test_a_second_trained_network_steps_logs_and_resumes_exactly(tmp_path, monke
         full = load_file(str(tmp_path / f"full/checkpoints/checkpoint-00000008/{name}.safetensors"))
         resumed = load_file(str(tmp_path / f"broken/checkpoints/checkpoint-00000008/{name}.safetensors"))
         assert all(torch.equal(full[k], resumed[k]) for k in full), name
+
+
+def test_optimizer_state_round_trips_through_safetensors_and_json():
+    from safetensors.torch import load as load_bytes, save as save_bytes
+
+    from ddil_cli.train import _join_state, _split_state
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    tensors, info = {}, {}
+    _split_state(opt.state_dict(), "optimizer", tensors, info)
+    restored = _join_state(json.loads(json.dumps(info))["optimizer"], load_bytes(save_bytes(tensors)))
+    other = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=1e-3)
+    other.load_state_dict(restored)
+    for key, entry in opt.state_dict()["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(torch.as_tensor(other.state_dict()["state"][key][name]), torch.as_tensor(value))

@@ -10,7 +10,7 @@ import typer
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED, console,
                                  output_dir, progress, resolve_config, resolve_device)
 from ddil_cli.errors import UserError
-from ddil_cli.teacher_train import TeacherCommandConfig, parse_channels, run_teacher
+from ddil_cli.stages.teacher import TeacherCommandConfig, parse_channels, run_teacher
 
 D = TeacherCommandConfig()
 

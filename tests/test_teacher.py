@@ -14,8 +14,8 @@ from ddil_cli.data.digits import DIGIT_WORDS
 from ddil_cli.diffusion.schedule import NoiseSchedule
 from ddil_cli.errors import UserError
 from ddil_cli.lab.digits import make_scheduler
-from ddil_cli.teacher_train import (TeacherTrainConfig, _optimizer_from_safetensors, _optimizer_to_safetensors,
-                                    list_checkpoints, train_teacher, training_target)
+from ddil_cli.stages.teacher import TeacherTrainConfig, train_teacher, training_target
+from ddil_cli.train import list_checkpoints
 from cli_runner import run_cli
 
 TINY = dict(block_out_channels=(16, 32), layers_per_block=1, text_width=16, text_layers=1, max_length=8,
@@ -55,27 +55,13 @@ def test_targets_match_diffusers_scheduler():
         assert torch.allclose(training_target(x0, noise, a, s, prediction), reference, atol=1e-5)
 
 
-def test_optimizer_state_round_trips_through_safetensors():
-    net = torch.nn.Linear(3, 2)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    net(torch.randn(4, 3)).sum().backward()
-    opt.step()
-    tensors, meta = _optimizer_to_safetensors(opt)
-    restored = _optimizer_from_safetensors(tensors, json.loads(json.dumps(meta)))
-    other = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=1e-3)
-    other.load_state_dict(restored)
-    for key, entry in opt.state_dict()["state"].items():
-        for name, value in entry.items():
-            assert torch.equal(torch.as_tensor(other.state_dict()["state"][key][name]), torch.as_tensor(value))
-
-
 def test_train_save_and_load_through_the_adapter(shards, tmp_path):
     from ddil_cli.models import load_denoiser
 
     cfg = TeacherTrainConfig(data=shards, steps=3, checkpoint_every=2, seed=0, **TINY)
     result = train_teacher(cfg, tmp_path / "out", tmp_path / "ckpt")
     assert result.data["used"] == 24 and result.data["skipped_total"] == 3
-    assert [p.name for p in list_checkpoints(tmp_path / "ckpt")] == ["checkpoint-000002", "checkpoint-000003"]
+    assert [p.name for p in list_checkpoints(tmp_path / "ckpt")] == ["checkpoint-00000002", "checkpoint-00000003"]
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} >= {"model_index.json", "unet", "text_encoder", "tokenizer", "scheduler"}
     teacher = load_denoiser(str(out))
@@ -83,10 +69,13 @@ def test_train_save_and_load_through_the_adapter(shards, tmp_path):
     cond = teacher.encode(["a handwritten digit three", "a handwritten digit four"])
     x0 = teacher.predict_x0(torch.randn(2, 1, 16, 16), torch.tensor(500), cond, guidance=2.0)
     assert x0.shape == (2, 1, 16, 16) and torch.isfinite(x0).all()
-    # the saved weights are the EMA of the last checkpoint, which the adapter loaded
-    ema = load_file(str(tmp_path / "ckpt" / "checkpoint-000003" / "ema.safetensors"))
-    unet_state = teacher.unet.state_dict()
-    assert all(torch.equal(ema[f"unet.{k}"], v) for k, v in unet_state.items())
+    # the saved weights are the EMA of the last checkpoint (the loop's format), which the adapter
+    # loaded; the UNet's parameters come first in the trained module
+    state = load_file(str(tmp_path / "ckpt" / "checkpoint-00000003" / "state.safetensors"))
+    shadow = [state[f"ema.shadow_params.{i}"] for i in range(len(list(teacher.unet.parameters())))]
+    assert all(torch.equal(s, p) for s, p in zip(shadow, teacher.unet.parameters()))
+    online = load_file(str(tmp_path / "ckpt" / "checkpoint-00000003" / "student.safetensors"))
+    assert any(not torch.equal(online[f"unet.{k}"], v) for k, v in teacher.unet.state_dict().items())
 
 
 def test_resume_continues_exactly(shards, tmp_path):
@@ -103,7 +92,7 @@ def test_resume_continues_exactly(shards, tmp_path):
     with pytest.raises(Crash):
         train_teacher(cfg, tmp_path / "part", tmp_path / "ckpt_part", on_step=crash_at_three)
     result = train_teacher(cfg, tmp_path / "part", tmp_path / "ckpt_part", resume="latest")
-    assert result.resumed_from.endswith("checkpoint-000002")
+    assert result.resumed_from.endswith("checkpoint-00000002")
     for sub in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         full, part = load_file(str(tmp_path / "full" / sub)), load_file(str(tmp_path / "part" / sub))
         assert all(torch.equal(full[k], part[k]) for k in full)
@@ -152,7 +141,7 @@ def test_cli_trains_resumes_and_writes_a_manifest(shards, tmp_path, capsys):
                          "--quiet", *tiny], capsys)
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["summary"]["resumed_from"].endswith("checkpoint-000002") and manifest["summary"]["steps"] == 4
+    assert manifest["summary"]["resumed_from"].endswith("checkpoint-00000002") and manifest["summary"]["steps"] == 4
 
 
 def test_cli_bad_default_prompts_fail_before_training(shards, tmp_path, capsys):

@@ -1,16 +1,23 @@
 """`ddil teacher`: train a small pixel-space text-to-image diffusion teacher on image-caption shards.
 
+The teacher trains through the one loop every distillation method uses (`ddil_cli/train.py`):
+its denoising loss is a method-like objective (`DenoisingObjective`), its checkpoints have the
+loop's format (safetensors + JSON, exact resume), its EMA is the loop's.
+
 The data set is read once through `ddil_cli.data.shards` (the reader all real data goes through)
 and held in memory: this command is for small sets (the embedded digits, a few thousand images).
 Everything random in step k (the batch, the noise, the timesteps, caption dropout) is drawn from a
 generator seeded by (seed, k, process), so a run resumed from a checkpoint continues exactly as
 the uninterrupted run would have.
 
+The loss: x_t = a_t x0 + s_t eps at t ~ U{0..T-1}, MSE between the network output and eps
+(epsilon prediction) or v = a_t eps - s_t x0 (v prediction), with a share of captions replaced by
+"" so that CFG has an unconditional branch.
+
 Output (a diffusers pipeline folder, see docs/embedded-lab.md): model_index.json, unet/,
 text_encoder/, tokenizer/, scheduler/, plus train_config.json and train_log.jsonl. The weights
-saved are the EMA weights when EMA is on. Checkpoints (all safetensors + json) go to a separate
-folder so that they survive a failed run: checkpoint-NNNNNN/{model,ema,optimizer}.safetensors,
-optimizer.json, state.json, tokenizer/.
+saved are the EMA weights when EMA is on. Checkpoints go to a separate folder so that they
+survive a failed run: tokenizer/ (built once from the captions) and the loop's checkpoint-N/.
 """
 
 from __future__ import annotations
@@ -27,13 +34,14 @@ import torch
 from torch import nn
 
 from ddil_cli.data.shards import load_image_captions
-from ddil_cli.diffusion.parameterization import PREDICTION_TYPES, eps_from_x0, to_v  # noqa: F401
+from ddil_cli.diffusion.parameterization import to_v
 from ddil_cli.diffusion.schedule import NoiseSchedule, bcast
 from ddil_cli.errors import UserError
 from ddil_cli.lab.digits import (TeacherArch, build_clip_tokenizer, make_scheduler, make_text_encoder,
                                  make_unet, tokenize)
+from ddil_cli.methods.base import TrainedGroup
+from ddil_cli.train import TrainConfig, Trainer, list_checkpoints
 
-CHECKPOINT_PREFIX = "checkpoint-"
 TRAINABLE_PREDICTIONS = ("epsilon", "v_prediction")
 
 
@@ -124,20 +132,6 @@ class TrainResult:
     log: list[dict[str, Any]] = field(default_factory=list)
 
 
-# ---- small helpers --------------------------------------------------------------------------
-def _step_generator(seed: int, step: int, process: int) -> torch.Generator:
-    # Distinct, reproducible streams per (seed, step, process): resume replays the same batches.
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 4099 + process)
-
-
-def lr_at(config: TeacherTrainConfig, step: int) -> float:
-    warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
-    if config.lr_schedule == "constant":
-        return config.lr * warm
-    progress = min(1.0, step / max(1, config.steps))
-    return config.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def training_target(x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, s: torch.Tensor,
                     prediction_type: str) -> torch.Tensor:
     if prediction_type == "epsilon":
@@ -145,52 +139,87 @@ def training_target(x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, s: t
     return to_v(x0, noise, a, s)
 
 
-class EMA:
-    """Exponential moving average of a module's float tensors, decay warmed up as (1+k)/(10+k)."""
+@dataclass
+class DenoisingBatch:
+    """A teacher training batch: noisy images, their timesteps, caption token ids, the target."""
 
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+    x_t: torch.Tensor
+    t: torch.Tensor
+    input_ids: torch.Tensor
+    target: torch.Tensor
+    source: list[str]
+    t_index: torch.Tensor
 
-    @torch.no_grad()
-    def update(self, module: nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        for k, v in module.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.float(), 1 - decay)
-            else:
-                self.shadow[k].copy_(v)
-
-    def copy_to(self, module: nn.Module) -> None:
-        module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.shadow.items()})
+    def __len__(self) -> int:
+        return self.x_t.shape[0]
 
 
-# ---- checkpoints (safetensors only) -----------------------------------------------------------
-def _optimizer_to_safetensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
-    tensors = {f"{index}.{name}": value.detach().cpu().contiguous().reshape(value.shape)
-               for index, entry in state["state"].items() for name, value in entry.items()
-               if torch.is_tensor(value)}
-    scalars = {f"{index}.{name}": value for index, entry in state["state"].items()
-               for name, value in entry.items() if not torch.is_tensor(value)}
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+class DenoisingBatches:
+    """Step k's batch, a function of (seed, k, process) only: resume replays the same batches."""
+
+    def __init__(self, config: TeacherTrainConfig, images: torch.Tensor, input_ids: torch.Tensor,
+                 null_ids: torch.Tensor, schedule: NoiseSchedule, process: int, device):
+        self.config, self.images, self.input_ids, self.null_ids = config, images, input_ids, null_ids
+        self.schedule, self.process, self.device = schedule, process, device
+        self.steps_per_epoch = max(1, len(images) // config.batch_size)
+
+    def __call__(self, step: int) -> DenoisingBatch:
+        cfg, n, batch = self.config, len(self.images), self.config.batch_size
+        gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 4099 + self.process)
+        # epoch-style sampling without replacement: the epoch's permutation is a function of
+        # (seed, epoch), so it too replays on resume
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        index = perm[(offset * batch + torch.arange(batch)) % n]
+        x0 = self.images[index]
+        ids = self.input_ids[index].clone()
+        ids[torch.rand(batch, generator=gen) < cfg.caption_dropout] = self.null_ids
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (batch,), generator=gen)
+        a, s = self.schedule.alpha_sigma(t)
+        x_t = bcast(a, x0) * x0 + bcast(s, x0) * noise
+        target = training_target(x0, noise, bcast(a, x0), bcast(s, x0), cfg.prediction_type)
+        device = self.device
+        return DenoisingBatch(x_t.to(device), t.to(device), ids.to(device), target.to(device), ["data"] * batch,
+                              torch.full((batch,), -1, dtype=torch.long))
 
 
-def _optimizer_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+class DenoisingObjective:
+    """The teacher's loss for the one training loop: one network, MSE to the denoising target."""
+
+    def __init__(self, net: nn.Module):
+        self.net = net
+
+    def groups(self) -> list[TrainedGroup]:
+        # the loop's first group is named 'student': the network being trained
+        return [TrainedGroup("student", {"student": self.net})]
+
+    def loss(self, group: str, nets: dict[str, nn.Module], batch: DenoisingBatch) -> torch.Tensor:
+        output = nets["student"](batch.x_t, batch.t, batch.input_ids)
+        return ((output.float() - batch.target) ** 2).reshape(len(batch), -1).mean(1)
+
+    def after_update(self, nets) -> None:
+        pass
+
+    def extra_state(self):
+        return {}, {}
+
+    def load_extra_state(self, tensors, info) -> None:
+        pass
 
 
-def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
-    folder = Path(checkpoint_dir)
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+class _TeacherRunState:
+    """What the loop checkpoints besides the network: the teacher's settings, checked on resume."""
+
+    def __init__(self, config: TeacherTrainConfig):
+        self.config = config
+        self.saved: dict | None = None
+
+    def state(self):
+        return {}, {"teacher_config": json.loads(json.dumps(asdict(self.config)))}
+
+    def load(self, tensors, info):
+        self.saved = info.get("teacher_config", {})
 
 
 def resolve_resume(resume: str | Path | None, checkpoint_dir: str | Path) -> Path | None:
@@ -202,33 +231,9 @@ def resolve_resume(resume: str | Path | None, checkpoint_dir: str | Path) -> Pat
         return found[-1] if found else None
     path = Path(resume)
     if not (path / "state.json").is_file():
-        raise UserError(f"{path} is not a teacher checkpoint (no state.json); pass a checkpoint-NNNNNN "
-                        f"folder or --resume latest")
+        raise UserError(f"{path} is not a teacher checkpoint (no state.json); pass a checkpoint-N "
+                        f"folder or --resume")
     return path
-
-
-def save_checkpoint(folder: Path, step: int, net: nn.Module, ema: EMA | None, optimizer, config,
-                    tokenizer_dir: Path, keep: int) -> Path:
-    from safetensors.torch import save_file
-
-    final = folder / f"{CHECKPOINT_PREFIX}{step:06d}"
-    tmp = folder / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp / "model.safetensors"))
-    if ema is not None:
-        save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
-    tensors, meta = _optimizer_to_safetensors(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(meta))
-    shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-    # state.json last: its presence marks a complete checkpoint.
-    (tmp / "state.json").write_text(json.dumps({"step": step, "config": asdict(config)}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in list_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _check_resume_config(saved: dict, config: TeacherTrainConfig) -> None:
@@ -283,17 +288,18 @@ def write_sampling_defaults(out: Path, config: TeacherTrainConfig) -> None:
     (out / "ddil_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
 
 
-# ---- the loop ---------------------------------------------------------------------------------
+# ---- the run ----------------------------------------------------------------------------------
 def train_teacher(config: TeacherTrainConfig, out: str | Path, checkpoint_dir: str | Path, *,
                   resume: str | Path | None = None, console=None, progress=None,
                   on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train, checkpoint every `checkpoint_every` steps, and write the pipeline folder to `out`.
+    """Train through the one loop, checkpoint every `checkpoint_every` steps, and write the
+    pipeline folder to `out`.
 
     `resume`: None, 'latest' (the newest checkpoint in `checkpoint_dir`, if any) or a checkpoint
     folder. `progress`: a started rich Progress to report on; `console`: where the data summary goes.
-    `on_step(step, loss)` runs after each step (and its checkpoint)."""
+    `on_step(step, loss)` runs at every logged step."""
     from accelerate import Accelerator
-    from safetensors.torch import load_file
+    from transformers import CLIPTokenizer
 
     config.validate()
     if config.default_prompts:
@@ -307,133 +313,75 @@ def train_teacher(config: TeacherTrainConfig, out: str | Path, checkpoint_dir: s
     if console is not None and accelerator.is_main_process:
         console.print(f"data: {data.stats.summary()}")
     resume_path = resolve_resume(resume, checkpoint_dir)
+    saved = json.loads((resume_path / "state.json").read_text()) if resume_path is not None else None
+    if saved is not None:
+        _check_resume_config(saved.get("extra", {}).get("teacher_config", {}), config)
+        start_step = int(saved["train"]["update"])
+        if start_step > config.steps:
+            raise UserError(f"the checkpoint {resume_path} is already at step {start_step} > --steps "
+                            f"{config.steps}; raise --steps to train further (or equal it to export that checkpoint)")
+    else:
+        start_step = 0
 
     arch = config.arch()
-    work = checkpoint_dir / ".tokenizer"
-    start_step = 0
-    if resume_path is not None:
-        saved = json.loads((resume_path / "state.json").read_text())
-        _check_resume_config(saved["config"], config)
-        start_step = int(saved["step"])
-    tokenizer_dir = work
+    tokenizer_dir = checkpoint_dir / "tokenizer"
     if accelerator.is_main_process:
-        shutil.rmtree(work, ignore_errors=True)
-        if resume_path is not None:
-            # A copy: pruning old checkpoints may delete the one we resumed from.
-            shutil.copytree(resume_path / "tokenizer", work)
-        else:
-            build_clip_tokenizer(data.captions, work, arch.max_length)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if resume_path is None or not tokenizer_dir.is_dir():
+            shutil.rmtree(tokenizer_dir, ignore_errors=True)
+            build_clip_tokenizer(data.captions, tokenizer_dir, arch.max_length)
     accelerator.wait_for_everyone()
-    from transformers import CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(str(work))
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
 
     torch.manual_seed(config.seed)  # network initialisation
     net = TextToImageNet(make_unet(arch), make_text_encoder(arch, tokenizer))
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    ema = EMA(net, config.ema_decay) if config.ema_decay > 0 else None
-    if resume_path is not None:
-        net.load_state_dict(load_file(str(resume_path / "model.safetensors")))
-        optimizer.load_state_dict(_optimizer_from_safetensors(
-            load_file(str(resume_path / "optimizer.safetensors")),
-            json.loads((resume_path / "optimizer.json").read_text())))
-        if ema is not None and (resume_path / "ema.safetensors").is_file():
-            ema.shadow = load_file(str(resume_path / "ema.safetensors"))
-    if start_step > config.steps:
-        raise UserError(f"the checkpoint {resume_path} is already at step {start_step} > --steps "
-                        f"{config.steps}; raise --steps to train further (or equal it to export that checkpoint)")
-
     schedule = NoiseSchedule.from_scheduler_config(make_scheduler(config.prediction_type, config.beta_schedule).config)
-    images = data.images
-    all_ids = tokenize(tokenizer, data.captions)
-    null_ids = tokenize(tokenizer, [""])[0]
-    net, optimizer = accelerator.prepare(net, optimizer)
-    device = accelerator.device
-    n, batch = len(data), config.batch_size
-    steps_per_epoch = max(1, n // batch)
-
+    batches = DenoisingBatches(config, data.images, tokenize(tokenizer, data.captions), tokenize(tokenizer, [""])[0],
+                               schedule, accelerator.process_index, accelerator.device)
     log: list[dict[str, Any]] = []
     log_file = checkpoint_dir / "train_log.jsonl"
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if resume_path is None and accelerator.is_main_process:
         log_file.unlink(missing_ok=True)  # a fresh run starts a fresh log
-    started, loss_sum, loss_count, last_loss = time.time(), 0.0, 0, float("nan")
-    show = progress is not None and accelerator.is_main_process
-    task = progress.add_task("teacher", total=config.steps, completed=start_step) if show else None
-    net.train()
-    for step in range(start_step, config.steps):
-        gen = _step_generator(config.seed, step, accelerator.process_index)
-        # Epoch-style sampling without replacement: the epoch's permutation is a function of
-        # (seed, epoch), so it too replays on resume.
-        epoch, offset = divmod(step, steps_per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 7919 + epoch))
-        index = perm[(offset * batch + torch.arange(batch)) % n]
-        x0 = images[index]
-        ids = all_ids[index].clone()
-        drop = torch.rand(batch, generator=gen) < config.caption_dropout
-        ids[drop] = null_ids
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, schedule.num_train_timesteps, (batch,), generator=gen)
-        x0, ids, noise, t = x0.to(device), ids.to(device), noise.to(device), t.to(device)
-        a, s = schedule.alpha_sigma(t)
-        x_t = bcast(a, x0) * x0 + bcast(s, x0) * noise
-        target = training_target(x0, noise, bcast(a, x0), bcast(s, x0), config.prediction_type)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(config, step)
-        with accelerator.autocast():
-            output = net(x_t, t, ids)
-        loss = torch.nn.functional.mse_loss(output.float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if config.grad_clip > 0:
-            accelerator.clip_grad_norm_(net.parameters(), config.grad_clip)
-        optimizer.step()
-        if ema is not None:
-            ema.update(accelerator.unwrap_model(net), step)
-        last_loss = float(loss.detach())
-        if not math.isfinite(last_loss):
-            raise RuntimeError(f"non-finite loss at step {step}; lower --lr (now {config.lr})")
-        loss_sum, loss_count = loss_sum + last_loss, loss_count + 1
-        done = step + 1
-        if done % config.log_every == 0 or done == config.steps:
-            elapsed = time.time() - started
-            entry = {"step": done, "loss": loss_sum / loss_count, "lr": lr_at(config, step),
-                     "seconds": round(elapsed, 2)}
-            log.append(entry)
-            if accelerator.is_main_process:
-                with log_file.open("a") as fh:
-                    fh.write(json.dumps(entry) + "\n")
-            if show:
-                progress.update(task, description=f"teacher (loss {entry['loss']:.4f})")
-            loss_sum, loss_count = 0.0, 0
-        if show:
-            progress.update(task, completed=done)
-        if done % config.checkpoint_every == 0 and done < config.steps and accelerator.is_main_process:
-            save_checkpoint(checkpoint_dir, done, accelerator.unwrap_model(net), ema, optimizer, config,
-                            tokenizer_dir, config.keep_checkpoints)
-        if on_step is not None:
-            on_step(done, last_loss)
+    started = time.time()
 
+    def write_log(row: dict) -> None:
+        entry = {"step": row["update"], "loss": row["loss"], "lr": row["lr"], "seconds": round(time.time() - started, 2)}
+        log.append(entry)
+        with log_file.open("a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+        if on_step is not None:
+            on_step(entry["step"], entry["loss"])
+
+    train_cfg = TrainConfig(max_updates=config.steps, lr=config.lr, warmup=config.warmup_steps,
+                            weight_decay=config.weight_decay,
+                            max_grad_norm=config.grad_clip if config.grad_clip > 0 else math.inf,
+                            ema_decay=config.ema_decay, checkpoint_every=config.checkpoint_every,
+                            keep_checkpoints=config.keep_checkpoints, log_every=config.log_every,
+                            max_nonfinite=1, lr_schedule=config.lr_schedule)
+    trainer = Trainer(accelerator=accelerator, method=DenoisingObjective(net), config=train_cfg, run_dir=out,
+                      phase="teacher", make_batch=batches, extra_state=_TeacherRunState(config),
+                      progress=progress, log=write_log, checkpoint_dir=checkpoint_dir)
+    if resume_path is not None:
+        trainer.load_checkpoint(resume_path)
+    state = trainer.run()
+    if start_step < config.steps:  # else: exporting the checkpoint resumed from, as it is
+        trainer.save_checkpoint()
     accelerator.wait_for_everyone()
+    last_loss = log[-1]["loss"] if log else float("nan")
     if accelerator.is_main_process:
-        final_net = accelerator.unwrap_model(net)
-        if start_step < config.steps:  # else: exporting the checkpoint resumed from, as it is
-            save_checkpoint(checkpoint_dir, config.steps, final_net, ema, optimizer, config, tokenizer_dir,
-                            config.keep_checkpoints)
-        if ema is not None:
-            ema.copy_to(final_net)
-        save_pipeline(out, final_net.unet, final_net.text_encoder, tokenizer_dir,
-                      make_scheduler(config.prediction_type, config.beta_schedule))
+        with trainer.final_weights() as final_net:
+            save_pipeline(out, final_net.unet, final_net.text_encoder, tokenizer_dir,
+                          make_scheduler(config.prediction_type, config.beta_schedule))
         write_sampling_defaults(out, config)
         (out / "train_config.json").write_text(json.dumps(
-            {"config": asdict(config), "data": data.stats.as_dict(), "weights": "ema" if ema else "raw"},
+            {"config": asdict(config), "data": data.stats.as_dict(), "weights": "ema" if config.ema_decay > 0 else "raw"},
             indent=2) + "\n")
         if log_file.is_file():
             shutil.copy(log_file, out / "train_log.jsonl")
-    if start_step == config.steps and log_file.is_file():  # an export: report the run's last logged loss
+    if not log and log_file.is_file():  # an export: report the run's last logged loss
         lines = log_file.read_text().splitlines()
         last_loss = json.loads(lines[-1])["loss"] if lines else last_loss
-    return TrainResult(config.steps, last_loss, time.time() - started, data.stats.as_dict(),
+    return TrainResult(state.update, last_loss, time.time() - started, data.stats.as_dict(),
                        str(resume_path) if resume_path else None, log)
 
 
