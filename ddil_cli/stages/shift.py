@@ -31,7 +31,8 @@ from ddil_cli.buffer.sources import DataStates, is_lab
 from ddil_cli.diffusion.threshold import parse_threshold
 from ddil_cli.errors import UserError
 from ddil_cli.evaluate import report
-from ddil_cli.evaluate.run import ALL_METRICS, EvaluateConfig, evaluate, resolve_reference
+from ddil_cli.evaluate.inputs import resolve_reference
+from ddil_cli.evaluate.run import ALL_METRICS, EvaluateConfig, score
 from ddil_cli.manifest import fingerprint, write_json_atomic, write_manifest
 from ddil_cli.models import EMBEDDED, load_denoiser
 from ddil_cli.shift import (REFERENCE_KINDS, Setting, build_settings, config_key, forward_diffused, load_json,
@@ -246,7 +247,7 @@ def compute_setting(cfg: ShiftConfig, inputs: Inputs, setting: Setting, key: str
     with atomic_folder(folder) as work:
         sample_cfg = replace(inputs.sample, teacher_prob=setting.teacher_prob, switch=setting.switch, out=str(folder))
         summary = run_sample(sample_cfg, work, models=(inputs.teacher, next(iter(inputs.students.values()))))
-        result = evaluate(replace(inputs.evaluate, samples=str(work), out=str(folder)))
+        result = score(replace(inputs.evaluate, samples=str(work), out=str(folder)))
         # evaluate read the work folder; record where the samples live once it is renamed
         result["samples"]["path"] = result["config"]["samples"] = str(folder)
         report.write_metrics_json(work / "metrics.json", result)
