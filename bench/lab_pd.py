@@ -19,7 +19,8 @@ from pathlib import Path
 
 from ddil_cli.evaluate.run import EvaluateConfig, score
 from ddil_cli.stages.distill import DistillConfig, run_distill
-from ddil_cli.stages.sample import SampleConfig, run_sample
+from ddil_cli.sampling import SampleConfig
+from ddil_cli.stages.sample import run_sample
 
 # (column, metric in metrics.json, field of that metric)
 METRICS = (("quality", "quality", "value"), ("mode coverage", "mode-coverage", "value"),

@@ -163,8 +163,8 @@ def _cat(parts: list[StateSet]) -> StateSet:
                     torch.cat([p.final for p in parts]), [q for p in parts for q in p.prompts])
 
 
-def visited_states(model: Denoiser, teacher: Denoiser, grid: Grid, prompts: list[str], seeds: list[int], *,
-                   as_teacher: bool, guidance: float, threshold, batch_size: int, device: str) -> StateSet:
+def pure_rollout_states(model: Denoiser, teacher: Denoiser, grid: Grid, prompts: list[str], seeds: list[int], *,
+                        as_teacher: bool, guidance: float, threshold, batch_size: int, device: str) -> StateSet:
     """States on pure rollouts of `model` (the teacher's own grid when `as_teacher`), from each seed's noise."""
     parts = []
     for begin, end in _batches(len(seeds), batch_size):
