@@ -1,4 +1,4 @@
-"""DDIL sampling priors (ALGORITHMS.md section 4): where each student training input comes from.
+"""DDIL sampling priors (docs/distill.md): where each student training input comes from.
 
 A prior is a weight per source, non-negative and summing to 1:
     data     forward diffusion of real data at a student timestep

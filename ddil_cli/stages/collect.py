@@ -1,4 +1,4 @@
-"""`ddil collect`: the student's training inputs, written into a replay buffer (ALGORITHMS.md 4).
+"""`ddil collect`: the student's training inputs, written into a replay buffer (docs/buffer.md).
 
 Three sources, mixed by the prior: `data` (real data forward-diffused to a student timestep),
 `student` (mixed rollouts in which the student takes each transition with probability
@@ -11,7 +11,7 @@ transition is labelled `teacher`: the label always says who drove the trajectory
 Work is cut into blocks of `batch_size` (rollouts or data states) dealt round-robin to the
 processes of a launch, and every rollout and data block has its own seed from
 (seed, collect run, block): the states do not depend on how many processes collect them.
-`distill` calls `run_collect` in its DAgger loop with the in-memory student and its step.
+distill's DAgger hook stores rollouts through the same `buffer.sources.rollout_records`.
 """
 
 from __future__ import annotations
@@ -84,11 +84,6 @@ class CollectPlan:
     num_rollouts: dict[str, int]
     num_data: int
     header: dict[str, Any]
-
-    @property
-    def num_states(self) -> int:
-        return (self.num_rollouts["student"] + self.num_rollouts["teacher"]) * self.grid.num_transitions \
-            + self.num_data
 
 
 def derived_seed(*parts) -> int:
