@@ -17,9 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ddil_cli.evaluate.run import EvaluateConfig, evaluate
+from ddil_cli.evaluate.run import EvaluateConfig, score
 from ddil_cli.stages.distill import DistillConfig, run_distill
-from ddil_cli.stages.sample import SampleConfig, run_sample
+from ddil_cli.sampling import SampleConfig
+from ddil_cli.stages.sample import run_sample
 
 # (column, metric in metrics.json, field of that metric)
 METRICS = (("quality", "quality", "value"), ("mode coverage", "mode-coverage", "value"),
@@ -28,7 +29,7 @@ METRICS = (("quality", "quality", "value"), ("mode coverage", "mode-coverage", "
 
 
 def lab_numbers(folder: Path, spec: str) -> dict:
-    metrics = evaluate(EvaluateConfig(samples=str(folder), reference=spec, quiet=True))["metrics"]
+    metrics = score(EvaluateConfig(samples=str(folder), reference=spec, quiet=True))["metrics"]
     return {column: metrics[name][field] for column, name, field in METRICS}
 
 

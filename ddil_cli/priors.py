@@ -1,4 +1,4 @@
-"""DDIL sampling priors (ALGORITHMS.md section 4): where each student training input comes from.
+"""DDIL sampling priors (docs/distill.md): where each student training input comes from.
 
 A prior is a weight per source, non-negative and summing to 1:
     data     forward diffusion of real data at a student timestep
@@ -15,11 +15,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
+from ddil_cli.buffer.sources import SOURCES
 from ddil_cli.errors import UserError
 
-SOURCES = ("data", "student", "teacher")
 _SUM_TOLERANCE = 1e-6
 EXAMPLE = "data=0.3,student=0.5,teacher=0.2"
 
@@ -147,11 +145,3 @@ def _parse_start(text: str, flag: str) -> float | int:
     except ValueError:
         raise UserError(f"bad phase start {text!r} in {flag}; use a fraction in [0, 1) such as 0.6 "
                         f"or an update count such as 5000") from None
-
-
-def sources_for_batch(batch_size: int, prior: dict[str, float],
-                      generator: torch.Generator | None = None) -> list[str]:
-    """Draw each example's source independently from the prior."""
-    weights = torch.tensor([prior.get(name, 0.0) for name in SOURCES], dtype=torch.float64)
-    picks = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
-    return [SOURCES[i] for i in picks.tolist()]

@@ -1,4 +1,4 @@
-"""Covariate shift of a few-step student (ALGORITHMS.md section 8): the settings of the paper's
+"""Covariate shift of a few-step student (docs/covariate-shift.md): the settings of the paper's
 mixed-rollout analysis (its Table 9) and a direct, per-timestep measure of the shift.
 
 Mixed-rollout settings, on the student's grid (4 steps: 999, 749, 499, 249):
@@ -12,7 +12,7 @@ Direct measure (ours), for each student timestep t_i:
 - the states the student visits (its own rollouts from noise, every transition its own) against
   reference states with the marginal the student was trained for: forward-diffused data
   x_t = a_t x0 + s_t eps (exact mixture samples in the lab; `--data` images otherwise), or, with
-  no data, states on the teacher's own trajectories at t_i (the data-free proxy of section 4),
+  no data, states on the teacher's own trajectories at t_i (DDIL's data-free proxy for the data),
   started from the same noise as the student's (common random numbers: the sets coincide at
   t = 999, and a student equal to the teacher gives exactly 0);
 - `fd`: Frechet distance between the two sets of (shift-feature) states; `fd_floor`: the same
@@ -163,8 +163,8 @@ def _cat(parts: list[StateSet]) -> StateSet:
                     torch.cat([p.final for p in parts]), [q for p in parts for q in p.prompts])
 
 
-def visited_states(model: Denoiser, teacher: Denoiser, grid: Grid, prompts: list[str], seeds: list[int], *,
-                   as_teacher: bool, guidance: float, threshold, batch_size: int, device: str) -> StateSet:
+def pure_rollout_states(model: Denoiser, teacher: Denoiser, grid: Grid, prompts: list[str], seeds: list[int], *,
+                        as_teacher: bool, guidance: float, threshold, batch_size: int, device: str) -> StateSet:
     """States on pure rollouts of `model` (the teacher's own grid when `as_teacher`), from each seed's noise."""
     parts = []
     for begin, end in _batches(len(seeds), batch_size):

@@ -2,8 +2,6 @@
 # The Gaussian-mixture lab chain: plain PD and PD + DDIL students, their samples, exact metrics.
 # Runs on a CPU in a few minutes. Usage: recipes/lab-pd.sh [OUT]
 set -euo pipefail
-# One torch thread: on 2 shared cores two threads spin against any other load (measured 40x slower).
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OUT=${1:-runs/lab-pd}
 SPEC=${SPEC:-gmm:ring:8}
 COMMON=(--method pd --teacher "$SPEC" --steps 4 --teacher-steps 16 --max-updates 3000 --batch-size 256 --lr 1e-3)

@@ -6,8 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
-# One torch thread: on 2 shared cores two threads spin against any other load.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 DDIL=${DDIL:-.venv/bin/ddil}
 OUT=${OUT:-runs/lab-shift}
 TEACHER=${TEACHER:-gmm:ring:8}

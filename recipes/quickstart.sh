@@ -1,11 +1,25 @@
 #!/usr/bin/env bash
 # Create (or reuse) ./.venv, install ddil-cli, run the main job on the embedded default:
 # the digits teacher distilled by PD + DDIL and by plain PD, sampled, evaluated, one table.
+# It prints a line per step and per stage, with an estimate of what is left (docs/install.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+SECONDS=0
+if [ -x .venv/bin/python ]; then
+  echo "[install] reusing ./.venv"
+else
+  echo "[install] creating ./.venv with $("$PY" --version)"
+  "$PY" -m venv .venv
+fi
+echo "[install] pip install -e . (the first time this downloads torch and friends: a few minutes)"
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e .
+# one line per package pip fetches, so a slow download shows as progress, not as a hang
+set +o pipefail
+.venv/bin/python -m pip install -e . | { grep --line-buffered -E '^(Collecting|Successfully installed)' | cut -c1-100; true; }
+status=${PIPESTATUS[0]}
+set -o pipefail
+[ "$status" -eq 0 ] || { echo "error: pip install failed (above); fix that and rerun" >&2; exit 1; }
+printf '[install] done in %d:%02d\n' $((SECONDS / 60)) $((SECONDS % 60))
 export HF_HUB_OFFLINE=1 PATH="$PWD/.venv/bin:$PATH"
 bash recipes/digits.sh "${OUT:-runs/digits}"

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) ./.venv, install ddil-cli with its test extra, run the test suite offline.
+# Torch threads: tests/conftest.py applies ddil's default (cli/common.py default_threads).
 set -euo pipefail
-# One torch thread: on 2 shared cores two threads spin against any other load (measured 40x slower).
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

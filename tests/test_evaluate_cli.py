@@ -188,7 +188,7 @@ def test_embedded_digits_space_is_available_or_explained(tmp_path, capsys):
 def test_shard_reference_by_relative_path_and_brace_pattern(tmp_path, monkeypatch):
     from ddil_cli.data.digits import build_digits_shards
     from ddil_cli.errors import UserError
-    from ddil_cli.evaluate.run import resolve_reference
+    from ddil_cli.evaluate.inputs import resolve_reference
 
     build_digits_shards(tmp_path / "digits")
     monkeypatch.chdir(tmp_path)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from ddil_cli.buffer.sources import SOURCES, sources_for_batch
 from ddil_cli.errors import UserError
-from ddil_cli.priors import (SOURCES, PriorSchedule, format_prior, parse_prior, require_sources,
-                             sources_for_batch)
+from ddil_cli.priors import PriorSchedule, format_prior, parse_prior, require_sources
 
 
 def test_parse_prior_reads_weights_and_fills_missing_sources_with_zero():

@@ -20,9 +20,13 @@ import copy
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ddil_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from ddil_cli.models.base import Denoiser
+    from ddil_cli.rollout import Grid
 
 FORMAT = "ddil-buffer"
 VERSION = 1
@@ -31,6 +35,14 @@ PROMPTS_NAME = "prompts.json"
 PRIORITIES_NAME = "priorities.npz"
 LOCK_NAME = ".lock"
 SHARD_PATTERN = re.compile(r"^shard-(\d{4,})-(\d{3,})-(\d{6,})\.tar$")
+
+
+def buffer_header(teacher: "Denoiser", spec: str, teacher_fingerprint: str, grid: "Grid") -> dict[str, Any]:
+    """What every state in a buffer shares; an append must match it (`check_compatible`)."""
+    return {"state": {"shape": list(teacher.state_shape), "dtype": "float16", "encoding": "npy"},
+            "teacher": {"spec": spec, "fingerprint": teacher_fingerprint, "model": teacher.describe()},
+            "grid": {"steps": grid.num_transitions, "teacher_steps": len(grid.teacher),
+                     "timesteps": list(grid.student), "num_train_timesteps": teacher.schedule.num_train_timesteps}}
 
 
 def shard_name(run: int, rank: int, index: int) -> str:

@@ -25,9 +25,9 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from ddil_cli.buffer import manifest as mf
+from ddil_cli.buffer.sources import SOURCES, sources_for_batch
 from ddil_cli.buffer.writer import META_KEY, STATE_KEY, decode_state, load_manifest
 from ddil_cli.errors import UserError
-from ddil_cli.priors import SOURCES, sources_for_batch
 
 
 @dataclass

@@ -1,21 +1,36 @@
-"""The `data` source: clean states of real data, forward-diffused to a student timestep.
+"""Where a student's training inputs come from: the three sources and their states.
+
+    data     clean states of real data forward-diffused to a student timestep (`DataStates`,
+             `forward_diffuse`)
+    student  states on the student's own (mixed) backward trajectories (`rollout_records`)
+    teacher  states on the teacher's backward trajectories (`rollout_records`, teacher_prob 1)
 
 For the Gaussian-mixture lab the data are exact samples of the true mixture; for a diffusers
 teacher they are image-caption shards (ddil_cli.data.shards) brought into the model's state
 space by the adapter's `encode_images` (pixel models: the image at the UNet's size in [-1, 1];
-latent models: the VAE latent times the scaling factor). `collect` stores these inputs;
-`distill` can draw them live through `DataStates.stream`.
+latent models: the VAE latent times the scaling factor). `collect` writes these states into a
+buffer; `distill` draws a batch's sources from its prior (`sources_for_batch`) and forward-diffuses
+data batches itself, and its DAgger hook stores `rollout_records` as collect does.
 """
 
 from __future__ import annotations
-
-from typing import Iterator
 
 import torch
 
 from ddil_cli.diffusion.schedule import NoiseSchedule
 from ddil_cli.errors import UserError
 from ddil_cli.models.base import Denoiser
+from ddil_cli.rollout import Grid, rollout_seeds
+
+SOURCES = ("data", "student", "teacher")
+
+
+def sources_for_batch(batch_size: int, prior: dict[str, float],
+                      generator: torch.Generator | None = None) -> list[str]:
+    """Draw each example's source independently from the prior (a weight per source, summing to 1)."""
+    weights = torch.tensor([prior.get(name, 0.0) for name in SOURCES], dtype=torch.float64)
+    picks = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+    return [SOURCES[i] for i in picks.tolist()]
 
 
 def forward_diffuse(x0: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int],
@@ -94,13 +109,20 @@ class DataStates:
         images = torch.stack([s.image for s in samples])
         return self.teacher.encode_images(images).cpu(), [s.caption for s in samples]
 
-    def stream(self, schedule: NoiseSchedule, timesteps: list[int], batch_size: int,
-               generator: torch.Generator) -> Iterator[tuple[torch.Tensor, int, int, str]]:
-        """Endless live (x_t, t, t_index, prompt) examples, for mixing with a buffer by the priors."""
-        index = 0
-        while True:
-            x0, prompts = self.batch(batch_size, generator, index)
-            x_t, t, t_index = forward_diffuse(x0, schedule, timesteps, generator)
-            for row in range(batch_size):
-                yield x_t[row], int(t[row]), int(t_index[row]), prompts[row]
-            index += batch_size
+
+def rollout_records(teacher: Denoiser, student: Denoiser | None, grid: Grid, prompts: list[str],
+                    seeds: list[int], *, teacher_prob: float, guidance, threshold, device):
+    """Roll out one trajectory per seed and list the states it visits on the student grid, as
+    (state, t, t_index, source, row): the row indexes `prompts`/`seeds`; the source is 'teacher'
+    for a trajectory the teacher drove throughout, else 'student'. Used by `collect` and by
+    distill's DAgger hook, so both store the same thing."""
+    result = rollout_seeds(seeds, prompts, grid, teacher=teacher, student=student if teacher_prob < 1 else None,
+                           teacher_prob=teacher_prob, guidance=guidance, threshold=threshold, record=True,
+                           device=device)
+    states_cpu = [s.float().cpu() for s in result.states]  # one transfer per grid point, not per row
+    records = []
+    for row in range(len(seeds)):
+        source = "teacher" if bool(result.teacher_mask[row].all()) else "student"
+        for t_index, (t, states) in enumerate(zip(result.timesteps, states_cpu)):
+            records.append((states[row], t, t_index, source, row))
+    return records

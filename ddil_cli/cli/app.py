@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
+from typing import Optional
 
 # our own rich bars report progress; the libraries' tqdm bars (weights loading, shard writing)
 # would interleave with them. Set before transformers/diffusers are imported.
@@ -13,13 +16,15 @@ import click
 import typer
 
 from ddil_cli import __version__
-from ddil_cli.cli.common import console
+from ddil_cli.cli.common import HELP_THREADS, console, default_threads, set_threads
 from ddil_cli.errors import UserError
+from ddil_cli.methods import METHODS
 
 app = typer.Typer(
     name="ddil",
     help="DDIL: distil a slow diffusion teacher into a fast few-step student, with imitation-learning "
-         "inputs (replay buffer of student states), for PD, LCM and DMD2. Stages talk through folders: "
+         "inputs (replay buffer of student states). Methods (ddil distill --method): "
+         f"{', '.join(METHODS)}. Stages talk through folders: "
          "collect -> distill -> sample -> evaluate -> covariate-shift.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -35,6 +40,25 @@ def keep_examples(text: str) -> str:
     return "\n\n".join("\b\n" + p if p.startswith("  ") else p for p in paragraphs)
 
 
+def with_threads(command):
+    """`command` with a --threads option that sets torch's CPU threads before it runs (a command
+    that has its own --threads keeps it; main() has already applied the default)."""
+    signature = inspect.signature(command)
+    if "threads" in signature.parameters:
+        return command
+
+    @functools.wraps(command)
+    def run(*args, threads: Optional[int] = None, **kwargs):
+        set_threads(threads)
+        return command(*args, **kwargs)
+
+    option = inspect.Parameter("threads", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[int],
+                               default=typer.Option(None, help=HELP_THREADS))
+    run.__signature__ = signature.replace(parameters=[*signature.parameters.values(), option])
+    run.__annotations__ = {**command.__annotations__, "threads": Optional[int]}
+    return run
+
+
 def _register():
     from ddil_cli.cli.collect import collect_command
     from ddil_cli.cli.distill import distill_command
@@ -46,7 +70,7 @@ def _register():
     for name, command in (("collect", collect_command), ("distill", distill_command),
                           ("sample", sample_command), ("evaluate", evaluate_command),
                           ("covariate-shift", covariate_shift_command), ("teacher", teacher_command)):
-        app.command(name, help=keep_examples(command.__doc__))(command)
+        app.command(name, help=keep_examples(command.__doc__))(with_threads(command))
 
 
 @app.callback(invoke_without_command=True)
@@ -79,6 +103,7 @@ _ABORT = (click.exceptions.Abort, typer.Abort)
 def main(argv: list[str] | None = None) -> None:
     """Run the app; problems the user can fix end in one line on stderr and exit code 2."""
     try:
+        set_threads(default_threads())
         app(args=argv, standalone_mode=False, prog_name="ddil")
     except UserError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)

@@ -28,6 +28,9 @@ HELP_SEED = "Random seed: the same seed on the same machine gives the same files
 HELP_DEVICE = "auto (cuda if present, else cpu), cpu, cuda or cuda:N."
 HELP_QUIET = "No progress bars or tables (for scripts)."
 HELP_OVERWRITE = "Replace an existing non-empty --out folder (it is swapped only once the run succeeds)."
+HELP_THREADS = ("torch CPU threads. Default: 1 where 2 cores or fewer are available (on 2 shared cores a "
+                "second thread made training steps many times slower, docs/install.md), else half the cores, "
+                "at most 8; with OMP_NUM_THREADS set and no --threads, torch's own count.")
 
 
 def load_config_file(path: Path | None) -> dict[str, Any]:
@@ -105,6 +108,28 @@ def resolve_device(device: str) -> str:
     if device != "cpu" and not device.startswith("cuda"):
         raise UserError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N")
     return device
+
+
+def default_threads() -> int | None:
+    """The torch thread count a run gets without --threads; None leaves OMP_NUM_THREADS's choice."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS)
+        cores = os.cpu_count() or 1
+    return 1 if cores <= 2 else min(cores // 2, 8)
+
+
+def set_threads(threads: int | None) -> None:
+    """Use `threads` torch CPU threads from here on (None: change nothing)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 @contextmanager

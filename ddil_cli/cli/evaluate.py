@@ -9,7 +9,8 @@ import typer
 
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED, console,
                                  output_dir, progress, resolve_config, resolve_device)
-from ddil_cli.evaluate.run import ALL_METRICS, EvaluateConfig, evaluate
+from ddil_cli.evaluate.run import ALL_METRICS, EvaluateConfig
+from ddil_cli.stages.evaluate import run_evaluate
 
 D = EvaluateConfig()
 
@@ -78,7 +79,7 @@ def evaluate_command(
     cfg = resolve_config(ctx, EvaluateConfig, config)
     cfg.device = resolve_device(cfg.device)
     with output_dir(cfg.out, overwrite=cfg.overwrite) as work, progress(cfg.quiet) as bar:
-        result = evaluate(cfg, work, progress=bar)
+        result = run_evaluate(cfg, work, progress=bar)
         write_manifest(work, "evaluate", cfg, inputs={"samples": cfg.samples, "compare": cfg.compare},
                        extra={"reference": result["reference"], "unavailable": result["unavailable"]})
     if not cfg.quiet:

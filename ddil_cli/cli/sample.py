@@ -10,7 +10,8 @@ import typer
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED, console,
                                  output_dir, progress, resolve_config, resolve_device)
 from ddil_cli.models import MODEL_HELP
-from ddil_cli.stages.sample import SampleConfig, load_models, run_sample
+from ddil_cli.sampling import SampleConfig, load_models
+from ddil_cli.stages.sample import run_sample
 
 D = SampleConfig()
 

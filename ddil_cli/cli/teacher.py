@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED, console,
-                                 output_dir, progress, resolve_config, resolve_device)
+from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED, HELP_THREADS,
+                                 console, output_dir, progress, resolve_config, resolve_device)
 from ddil_cli.errors import UserError
 from ddil_cli.stages.teacher import TeacherCommandConfig, parse_channels, run_teacher
 
@@ -68,8 +68,7 @@ def teacher_command(
     default_prompts: Optional[Path] = typer.Option(None, help="Text file (one prompt per line) written to "
                                                    "ddil_defaults.json: the prompts commands use when given none."),
     mixed_precision: str = typer.Option(D.mixed_precision, help="no, fp16 or bf16."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's); on busy shared "
-                                          "cores 1 can be much faster than 2."),
+    threads: Optional[int] = typer.Option(None, help=HELP_THREADS),
     seed: int = typer.Option(D.seed, help=HELP_SEED),
     device: str = typer.Option("auto", help=HELP_DEVICE),
     out: Path = typer.Option(Path(D.out), help="Output pipeline folder."),

@@ -1,4 +1,9 @@
-"""Pure tensor math of diffusion: no models, no I/O (ALGORITHMS.md sections 1-3)."""
+"""Pure tensor math of diffusion: no models, no I/O.
+
+x_t = a_t x0 + s_t eps with a_t = sqrt(alphabar_t), s_t = sqrt(1 - alphabar_t) from the teacher's
+scheduler config; eps/v/x0 conversions; CFG; the stateless DDIM step x_s = a_s x0 + s_s eps;
+thresholding. docs/sampling.md describes how they are used.
+"""
 
 from ddil_cli.diffusion.consistency import boundary_scalings, consistency_output, renoise_step
 from ddil_cli.diffusion.ddim import ddim_step

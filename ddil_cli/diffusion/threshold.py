@@ -1,4 +1,9 @@
-"""Reflected thresholding: keep every x0 estimate inside the data support (ALGORITHMS.md s.3)."""
+"""Reflected thresholding: keep every x0 estimate inside the data support (docs/sampling.md).
+
+static:C   x0 = clamp(x0, -C, C)
+dynamic:P  q = max(quantile(|x0|, P) per sample, 1);  x0 = clamp(x0, -q, q) / q   (Imagen)
+The DDIM step recomputes eps from the clamped x0, so the step stays consistent.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The embedded image lab: tiny pixel-space text-to-image teachers and the digits classifier.
 
-Teacher architecture (made by `make_teacher_components`; what `ddil teacher` trains):
+Teacher architecture (`make_unet`, `make_text_encoder`, `build_clip_tokenizer`, `make_scheduler`;
+what `ddil teacher` trains):
 - a diffusers `UNet2DConditionModel` in pixel space (no VAE), default 16x16, 1 channel
   (grayscale: the digits have no colour; decoding repeats the channel to RGB), cross-attention
   only in the lowest-resolution block and the mid block, where it is cheap on a CPU;
@@ -165,13 +166,6 @@ def make_scheduler(prediction_type: str = "v_prediction", beta_schedule: str = "
     return DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                          prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=True,
                          timestep_spacing="trailing", steps_offset=0)
-
-
-def make_teacher_components(captions: Iterable[str], tokenizer_dir: str | Path, arch: TeacherArch,
-                            prediction_type: str = "v_prediction", beta_schedule: str = "squaredcos_cap_v2"):
-    """Fresh (unet, text_encoder, tokenizer, scheduler) for a caption set."""
-    tokenizer = build_clip_tokenizer(captions, tokenizer_dir, arch.max_length)
-    return make_unet(arch), make_text_encoder(arch, tokenizer), tokenizer, make_scheduler(prediction_type, beta_schedule)
 
 
 def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:

@@ -34,7 +34,7 @@ from ddil_cli.data.shards import load_image_captions, to_model_tensor
 from ddil_cli.diffusion.threshold import parse_threshold
 from ddil_cli.lab.digits import TEACHER_PATH, classify, load_digits_classifier, prompt_alignment
 from ddil_cli.models import load_denoiser
-from ddil_cli.stages.sample import SampleConfig, generate, plan_sampling, sample_seed
+from ddil_cli.sampling import SampleConfig, generate, plan_sampling, sample_seed
 
 
 def save_grid(images: np.ndarray, columns: int, path: Path, upscale: int = 4) -> None:

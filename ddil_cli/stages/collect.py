@@ -1,4 +1,4 @@
-"""`ddil collect`: the student's training inputs, written into a replay buffer (ALGORITHMS.md 4).
+"""`ddil collect`: the student's training inputs, written into a replay buffer (docs/buffer.md).
 
 Three sources, mixed by the prior: `data` (real data forward-diffused to a student timestep),
 `student` (mixed rollouts in which the student takes each transition with probability
@@ -11,7 +11,7 @@ transition is labelled `teacher`: the label always says who drove the trajectory
 Work is cut into blocks of `batch_size` (rollouts or data states) dealt round-robin to the
 processes of a launch, and every rollout and data block has its own seed from
 (seed, collect run, block): the states do not depend on how many processes collect them.
-`distill` calls `run_collect` in its DAgger loop with the in-memory student and its step.
+distill's DAgger hook stores rollouts through the same `buffer.sources.rollout_records`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from ddil_cli.buffer import manifest as mf
+from ddil_cli.buffer.manifest import buffer_header
 from ddil_cli.buffer.replay import FIFOPolicy
-from ddil_cli.buffer.sources import DataStates, forward_diffuse, is_lab
+from ddil_cli.buffer.sources import DataStates, forward_diffuse, is_lab, rollout_records
 from ddil_cli.buffer.writer import (DEFAULT_SHARD_SAMPLES, BufferWriter, check_writable, load_manifest,
                                     prompt_id)
 from ddil_cli.diffusion.threshold import parse_threshold
@@ -36,7 +37,7 @@ from ddil_cli.manifest import build_manifest, fingerprint
 from ddil_cli.models import EMBEDDED, load_denoiser
 from ddil_cli.models.base import Denoiser
 from ddil_cli.priors import format_prior, parse_prior, require_sources
-from ddil_cli.rollout import Grid, rollout_seeds
+from ddil_cli.rollout import Grid
 from ddil_cli.specs import read_prompts
 
 
@@ -83,11 +84,6 @@ class CollectPlan:
     num_rollouts: dict[str, int]
     num_data: int
     header: dict[str, Any]
-
-    @property
-    def num_states(self) -> int:
-        return (self.num_rollouts["student"] + self.num_rollouts["teacher"]) * self.grid.num_transitions \
-            + self.num_data
 
 
 def derived_seed(*parts) -> int:
@@ -152,14 +148,6 @@ def plan_collect(cfg: CollectConfig, teacher: Denoiser, student: Denoiser | None
                        num_data, header)
 
 
-def buffer_header(teacher: Denoiser, spec: str, teacher_fingerprint: str, grid: Grid) -> dict[str, Any]:
-    """What every state in a buffer shares; an append must match it (buffer/manifest.py)."""
-    return {"state": {"shape": list(teacher.state_shape), "dtype": "float16", "encoding": "npy"},
-            "teacher": {"spec": spec, "fingerprint": teacher_fingerprint, "model": teacher.describe()},
-            "grid": {"steps": grid.num_transitions, "teacher_steps": len(grid.teacher),
-                     "timesteps": list(grid.student), "num_train_timesteps": teacher.schedule.num_train_timesteps}}
-
-
 def check_buffer(out: str | Path, header: dict[str, Any]) -> dict[str, Any] | None:
     """The existing manifest (None for a new buffer), checked writable and compatible; writes nothing."""
     out = Path(out)
@@ -182,30 +170,12 @@ def make_blocks(plan: CollectPlan, batch_size: int) -> list[Block]:
     return [block for _, _, block in sorted(keyed, key=lambda k: (k[0], k[1]))]
 
 
-def visited_states(teacher: Denoiser, student: Denoiser | None, grid: Grid, prompts: list[str],
-                   seeds: list[int], *, teacher_prob: float, guidance, threshold, device):
-    """Roll out one trajectory per seed and list the states it visits on the student grid, as
-    (state, t, t_index, source, row): the row indexes `prompts`/`seeds`; the source is 'teacher'
-    for a trajectory the teacher drove throughout, else 'student'. Used by `collect` and by
-    distill's DAgger hook, so both store the same thing."""
-    result = rollout_seeds(seeds, prompts, grid, teacher=teacher, student=student if teacher_prob < 1 else None,
-                           teacher_prob=teacher_prob, guidance=guidance, threshold=threshold, record=True,
-                           device=device)
-    states_cpu = [s.float().cpu() for s in result.states]  # one transfer per grid point, not per row
-    records = []
-    for row in range(len(seeds)):
-        source = "teacher" if bool(result.teacher_mask[row].all()) else "student"
-        for t_index, (t, states) in enumerate(zip(result.timesteps, states_cpu)):
-            records.append((states[row], t, t_index, source, row))
-    return records
-
-
 def _rollout_block(plan: CollectPlan, block: Block, teacher: Denoiser, student: Denoiser | None,
                    prompts: list[str], threshold, device: str, seed: int, run: int):
     seeds = [derived_seed(seed, run, "rollout", rid) for rid in block.ids]
     teacher_prob = plan.teacher_prob if block.kind == "student" else 1.0
-    for state, t, t_index, source, row in visited_states(teacher, student, plan.grid, prompts, seeds,
-                                                         teacher_prob=teacher_prob, guidance=plan.guidance,
+    for state, t, t_index, source, row in rollout_records(teacher, student, plan.grid, prompts, seeds,
+                                                          teacher_prob=teacher_prob, guidance=plan.guidance,
                                                          threshold=threshold, device=device):
         yield state, t, t_index, source, block.ids[row], prompts[row]
 

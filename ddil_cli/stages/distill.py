@@ -22,7 +22,8 @@ import torch
 
 from ddil_cli.buffer.pool import ReplayPool
 from ddil_cli.buffer.replay import FIFOPolicy, PrioritizedPolicy
-from ddil_cli.buffer.sources import DataStates, forward_diffuse, is_lab
+from ddil_cli.buffer.manifest import buffer_header
+from ddil_cli.buffer.sources import DataStates, forward_diffuse, is_lab, rollout_records, sources_for_batch
 from ddil_cli.buffer.writer import BufferWriter, prompt_id
 from ddil_cli.diffusion.threshold import Threshold, parse_threshold
 from ddil_cli.errors import UserError
@@ -30,9 +31,8 @@ from ddil_cli.manifest import build_manifest, fingerprint, write_json_atomic
 from ddil_cli.methods import METHODS, PLANNED, Batch, DistillMethod, MethodOptions, Phase, PlanRequest
 from ddil_cli.models import load_denoiser
 from ddil_cli.models.base import Denoiser
-from ddil_cli.priors import PhaseSchedule, PriorSchedule, sources_for_batch
+from ddil_cli.priors import PhaseSchedule, PriorSchedule
 from ddil_cli.rollout import Grid
-from ddil_cli.stages.collect import buffer_header, visited_states
 from ddil_cli.specs import read_prompts
 from ddil_cli.train import MetricsLog, TrainConfig, Trainer, latest_checkpoint
 
@@ -267,9 +267,9 @@ class DaggerCollector:
         guidance = low + (high - low) * torch.rand(self.rollouts, generator=torch.Generator().manual_seed(seeds[0]))
         was_training = self.student.network.training
         self.student.network.eval()
-        records = visited_states(self.teacher, self.student, grid, prompts, seeds, teacher_prob=teacher_prob,
-                                 guidance=guidance.to(self.acc.device), threshold=self.plan.threshold,
-                                 device=self.acc.device)
+        records = rollout_records(self.teacher, self.student, grid, prompts, seeds, teacher_prob=teacher_prob,
+                                  guidance=guidance.to(self.acc.device), threshold=self.plan.threshold,
+                                  device=self.acc.device)
         self.student.network.train(was_training)
         keys = [writer.write(state.numpy(), {
             "t": t, "t_index": t_index, "source": source, "rollout_id": seeds[row], "prompt": prompts[row],

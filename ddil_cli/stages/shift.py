@@ -31,13 +31,14 @@ from ddil_cli.buffer.sources import DataStates, is_lab
 from ddil_cli.diffusion.threshold import parse_threshold
 from ddil_cli.errors import UserError
 from ddil_cli.evaluate import report
-from ddil_cli.evaluate.run import ALL_METRICS, EvaluateConfig, evaluate, resolve_reference
+from ddil_cli.evaluate.inputs import resolve_reference
+from ddil_cli.evaluate.run import ALL_METRICS, EvaluateConfig, score
 from ddil_cli.manifest import fingerprint, write_json_atomic, write_manifest
 from ddil_cli.models import EMBEDDED, load_denoiser
+from ddil_cli.sampling import SampleConfig, load_models, plan_sampling, sample_seed, write_sample_folder
 from ddil_cli.shift import (REFERENCE_KINDS, Setting, build_settings, config_key, forward_diffused, load_json,
                             markdown_table, measure_rows, parse_number_list, plot_beta, plot_direct, plot_switch,
-                            select, visited_states)
-from ddil_cli.stages.sample import SampleConfig, load_models, plan_sampling, run_sample, sample_seed
+                            pure_rollout_states, select)
 
 # Bump when a change in this code changes stored results, so old ones are recomputed.
 RESULT_VERSION = 1
@@ -245,8 +246,8 @@ def stored(folder: Path, key: str) -> dict | None:
 def compute_setting(cfg: ShiftConfig, inputs: Inputs, setting: Setting, key: str, folder: Path) -> dict:
     with atomic_folder(folder) as work:
         sample_cfg = replace(inputs.sample, teacher_prob=setting.teacher_prob, switch=setting.switch, out=str(folder))
-        summary = run_sample(sample_cfg, work, models=(inputs.teacher, next(iter(inputs.students.values()))))
-        result = evaluate(replace(inputs.evaluate, samples=str(work), out=str(folder)))
+        summary = write_sample_folder(sample_cfg, work, inputs.teacher, next(iter(inputs.students.values())))
+        result = score(replace(inputs.evaluate, samples=str(work), out=str(folder)))
         # evaluate read the work folder; record where the samples live once it is renamed
         result["samples"]["path"] = result["config"]["samples"] = str(folder)
         report.write_metrics_json(work / "metrics.json", result)
@@ -283,10 +284,10 @@ class References:
                 prompts = [plan.prompts[i % len(plan.prompts)] for i in range(n)]
                 # the first set starts from the student's own noise (seeds of base cfg.seed), so only
                 # the drift separates the two; the second, from other seeds, gives the noise floor
-                self.sets = tuple(visited_states(inputs.teacher, inputs.teacher, plan.grid, prompts,
-                                                 [sample_seed(cfg.seed + k, i) for i in range(n)], as_teacher=True,
-                                                 guidance=plan.guidance, threshold=inputs.threshold,
-                                                 batch_size=cfg.batch_size, device=cfg.device) for k in (0, 1))
+                self.sets = tuple(pure_rollout_states(inputs.teacher, inputs.teacher, plan.grid, prompts,
+                                                      [sample_seed(cfg.seed + k, i) for i in range(n)], as_teacher=True,
+                                                      guidance=plan.guidance, threshold=inputs.threshold,
+                                                      batch_size=cfg.batch_size, device=cfg.device) for k in (0, 1))
         return self.sets
 
 
@@ -296,9 +297,10 @@ def compute_direct(cfg: ShiftConfig, inputs: Inputs, label: str, key: str, folde
     n = cfg.shift_samples
     prompts = [plan.prompts[i % len(plan.prompts)] for i in range(n)]
     with atomic_folder(folder) as work:
-        own = visited_states(student, inputs.teacher, plan.grid, prompts, [sample_seed(cfg.seed, i) for i in range(n)],
-                             as_teacher=False, guidance=plan.guidance, threshold=inputs.threshold,
-                             batch_size=cfg.batch_size, device=cfg.device)
+        own = pure_rollout_states(student, inputs.teacher, plan.grid, prompts,
+                                  [sample_seed(cfg.seed, i) for i in range(n)], as_teacher=False,
+                                  guidance=plan.guidance, threshold=inputs.threshold, batch_size=cfg.batch_size,
+                                  device=cfg.device)
         reference, reference2 = references.get()
         rows = measure_rows(inputs.teacher, student, plan.grid, own, reference, reference2, guidance=plan.guidance,
                             threshold=inputs.threshold, max_dims=cfg.shift_dims, batch_size=cfg.batch_size,

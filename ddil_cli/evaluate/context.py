@@ -1,0 +1,199 @@
+"""One evaluation's shared state: the inputs, the feature extractors and every cache.
+
+Metrics (`evaluate/metrics.py`) ask the context for what they need; each feature space is built
+once, each side's features are extracted once per space, reference statistics are computed once
+per space (and cached on disk across runs, keyed by everything that determines them), and a value
+two metrics share (precision/recall and density/coverage come from one k-NN computation; the
+four lab metrics from one pass) is computed once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from ddil_cli.errors import UserError
+from ddil_cli.evaluate.features import (ExtractorOptions, FeatureExtractor, WeightsUnavailable,
+                                        build_feature_extractor, default_cache_dir)
+from ddil_cli.evaluate.frechet import GaussianStats
+from ddil_cli.evaluate.images import prep_description
+from ddil_cli.evaluate.inputs import GMMReference, ImageReference, SampleSet, StatsReference
+
+if TYPE_CHECKING:
+    from ddil_cli.evaluate.run import EvaluateConfig
+
+STATS_VERSION = 1
+
+
+class Unavailable(Exception):
+    """Why one metric cannot run here (carried into metrics.json as its reason)."""
+
+
+def cache_dir(cfg: "EvaluateConfig") -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+
+
+def extractor_options(cfg: "EvaluateConfig") -> ExtractorOptions:
+    return ExtractorOptions(device=cfg.device, batch_size=cfg.batch_size, inception=cfg.inception,
+                            dinov2=cfg.dinov2, dinov2_repo=cfg.dinov2_repo, clip=cfg.clip, clip_arch=cfg.clip_arch,
+                            lpips_backbone=cfg.lpips_backbone, digits_classifier=cfg.digits_classifier,
+                            cache_dir=str(cache_dir(cfg)))
+
+
+class Extractors:
+    """Builds each feature space at most once; remembers why one could not be built."""
+
+    def __init__(self, options: ExtractorOptions):
+        self.options = options
+        self.built: dict[str, FeatureExtractor | Exception] = {}
+
+    def get(self, space: str) -> FeatureExtractor:
+        if space not in self.built:
+            try:
+                self.built[space] = build_feature_extractor(space, self.options)
+            except WeightsUnavailable as exc:
+                self.built[space] = exc
+        found = self.built[space]
+        if isinstance(found, Exception):
+            raise Unavailable(str(found))
+        return found
+
+
+# ---- reference statistics (cached on disk) ----------------------------------------------------
+
+def _stats_key(reference: ImageReference, extractor: FeatureExtractor, res: int, cfg: "EvaluateConfig") -> str:
+    key = {"version": STATS_VERSION, "manifest": reference.source.manifest_hash(), "space": extractor.name,
+           "weights_sha256": extractor.weights_sha256, "eval_res": res, "prep": prep_description(res),
+           "prdc_max": cfg.prdc_max, "seed": cfg.seed}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def subsample(x: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """At most `limit` rows, a seeded random subset in their original order."""
+    if len(x) <= limit:
+        return x
+    idx = np.sort(np.random.default_rng(seed).choice(len(x), limit, replace=False))
+    return x[idx]
+
+
+def reference_stats(reference: ImageReference, extractor: FeatureExtractor, res: int, cfg: "EvaluateConfig",
+                    progress=None) -> tuple[GaussianStats, np.ndarray, dict]:
+    """(Gaussian stats over all reference images, features subsampled to prdc_max, info)."""
+    key = _stats_key(reference, extractor, res, cfg)
+    path = cache_dir(cfg) / "reference-stats" / f"{extractor.name.replace(':', '-')}-{res}-{key[:20]}.npz"
+    if path.is_file() and not cfg.no_cache:
+        data = np.load(path)
+        meta = json.loads(str(data["meta"]))
+        return (GaussianStats(data["mu"], data["sigma"], int(meta["num"])), data["features"],
+                {"cache": str(path), "cache_hit": True})
+    task = progress.add_task(f"reference {extractor.name}", total=len(reference.source)) if progress else None
+    feats = []
+    for batch in reference.source.batches(res, cfg.batch_size):
+        feats.append(extractor.features(batch))
+        if task is not None:
+            progress.advance(task, len(batch))
+    features = np.concatenate(feats)
+    stats = GaussianStats.from_features(features)
+    kept = subsample(features, cfg.prdc_max, cfg.seed).astype(np.float32)
+    meta = {"feature_space": extractor.name, "weights_sha256": extractor.weights_sha256, "eval_res": res,
+            "num": stats.num, "reference": reference.describe(), "image_prep": prep_description(res),
+            "stats_version": STATS_VERSION}
+    if not cfg.no_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.partial.npz")
+        np.savez(tmp, mu=stats.mu, sigma=stats.sigma, features=kept, meta=np.array(json.dumps(meta)))
+        tmp.replace(path)
+    return stats, kept, {"cache": None if cfg.no_cache else str(path), "cache_hit": False}
+
+
+# ---- the context ------------------------------------------------------------------------------
+
+class EvaluationContext:
+    """The inputs of one `ddil evaluate` run and the caches its metrics share."""
+
+    def __init__(self, cfg: "EvaluateConfig", samples: SampleSet, reference, progress=None):
+        self.cfg, self.samples, self.reference, self.progress = cfg, samples, reference, progress
+        self.extractors = Extractors(extractor_options(cfg))
+        self.notes: list[str] = []
+        self._sample_features: dict[str, np.ndarray] = {}
+        self._reference_stats: dict[str, tuple] = {}
+        self._shared: dict[str, dict] = {}
+
+    # what a metric may require
+    def require_images(self) -> None:
+        if self.samples.kind != "images":
+            raise Unavailable("these samples are lab states, not images; use a gmm: --reference for lab metrics")
+
+    def require_states(self) -> None:
+        if self.samples.states is None:
+            raise Unavailable("lab metrics need lab samples (states.npy); these samples are images")
+
+    def image_reference(self) -> ImageReference | StatsReference:
+        if isinstance(self.reference, (ImageReference, StatsReference)):
+            return self.reference
+        raise Unavailable("needs an image reference: pass --reference with an image folder, shards or a stats .npz")
+
+    def gmm_reference(self) -> GMMReference:
+        if not isinstance(self.reference, GMMReference):
+            raise Unavailable("lab metrics need a Gaussian-mixture --reference such as gmm:ring:8")
+        return self.reference
+
+    def eval_res(self, extractor: FeatureExtractor) -> int:
+        return extractor.eval_res or self.cfg.eval_res
+
+    # cached computations
+    def sample_features(self, extractor: FeatureExtractor) -> np.ndarray:
+        """The samples' features in `extractor`'s space (lab states go in raw for a states extractor)."""
+        if extractor.name not in self._sample_features:
+            samples = self.samples
+            if extractor.input_kind == "states":
+                if samples.states is None:
+                    raise Unavailable(f"{extractor.name} reads lab states; these samples are images")
+                self._sample_features[extractor.name] = extractor.features(samples.states)
+            else:
+                self.require_images()
+                progress = self.progress
+                task = progress.add_task(f"samples {extractor.name}", total=len(samples.rows)) if progress else None
+                feats = []
+                for positions, batch in samples.batches(self.eval_res(extractor), self.cfg.batch_size):
+                    feats.append(extractor.features(batch))
+                    if task is not None:
+                        progress.advance(task, len(positions))
+                self._sample_features[extractor.name] = np.concatenate(feats)
+        return self._sample_features[extractor.name]
+
+    def reference_for(self, extractor: FeatureExtractor) -> tuple[GaussianStats, np.ndarray | None, dict]:
+        """(reference Gaussian stats, reference features or None, info) in `extractor`'s space."""
+        ref = self.image_reference()
+        res = self.eval_res(extractor)
+        if isinstance(ref, StatsReference):
+            if ref.feature_space != extractor.name:
+                raise Unavailable(f"--reference {ref.path} holds {ref.feature_space} statistics, not {extractor.name}")
+            if ref.meta:
+                if ref.meta.get("weights_sha256") != extractor.weights_sha256:
+                    raise UserError(f"--reference {ref.path} was computed with other {extractor.name} weights "
+                                    f"(sha256 {ref.meta.get('weights_sha256')}); recompute it from the images")
+                if ref.meta.get("eval_res") != res:
+                    raise UserError(f"--reference {ref.path} was computed at eval-res {ref.meta.get('eval_res')}, "
+                                    f"not {res}; pass --eval-res {ref.meta.get('eval_res')} or recompute it")
+            stats = GaussianStats(ref.mu, ref.sigma, int(ref.meta.get("num", 0)) or -1)
+            return stats, ref.features, {"statistics_file": str(ref.path)}
+        if extractor.name not in self._reference_stats:
+            self._reference_stats[extractor.name] = reference_stats(ref, extractor, res, self.cfg, self.progress)
+        return self._reference_stats[extractor.name]
+
+    def shared(self, key: str, compute: Callable[[], dict]) -> dict:
+        """A value several metrics report parts of, computed once (a failure is not cached)."""
+        if key not in self._shared:
+            self._shared[key] = compute()
+        return self._shared[key]
+
+    def describe_features(self, extractor, n_samples: int, n_ref: int | None) -> dict:
+        """The fields every feature-space metric records, so runs are only compared like with like."""
+        return {"feature_space": extractor.name, "feature_description": extractor.description,
+                "weights": extractor.weights_path, "weights_sha256": extractor.weights_sha256,
+                "eval_res": self.eval_res(extractor), "num_samples": n_samples, "num_reference": n_ref}
