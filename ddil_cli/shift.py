@@ -361,11 +361,14 @@ def plot_direct(measures: dict[str, list[dict]], path: Path, reference_label: st
 
 def _save(fig, plt, path: Path) -> None:
     """Save under a hidden name and rename, so a reader never sees half a PNG."""
+    from ddil_cli.atomic import atomic_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
 
 
 def load_json(path: Path) -> dict | None:

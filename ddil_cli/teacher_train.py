@@ -19,6 +19,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ddil_cli.atomic import atomic_folder, one_line, to_json, unreadable_file
 from ddil_cli.data.shards import load_image_captions
 from ddil_cli.diffusion.parameterization import PREDICTION_TYPES, eps_from_x0, to_v  # noqa: F401
 from ddil_cli.diffusion.schedule import NoiseSchedule, bcast
@@ -194,16 +196,24 @@ def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
 
 
 def resolve_resume(resume: str | Path | None, checkpoint_dir: str | Path) -> Path | None:
-    """'latest' (newest complete checkpoint in checkpoint_dir, None if there is none) or a path."""
+    """'latest' (the newest readable checkpoint in checkpoint_dir, None if there is none; a damaged
+    newer one is skipped with a warning) or a path."""
     if resume is None:
         return None
     if str(resume) == "latest":
-        found = list_checkpoints(checkpoint_dir)
-        return found[-1] if found else None
+        for path in reversed(list_checkpoints(checkpoint_dir)):
+            problem = unreadable_file(path)
+            if problem is None:
+                return path
+            warnings.warn(f"skipping checkpoint {path}: {problem}")
+        return None
     path = Path(resume)
     if not (path / "state.json").is_file():
         raise UserError(f"{path} is not a teacher checkpoint (no state.json); pass a checkpoint-NNNNNN "
-                        f"folder or --resume latest")
+                        f"folder to --resume-from, or --resume for the newest one")
+    problem = unreadable_file(path)
+    if problem is not None:
+        raise UserError(f"--resume-from {path}: {problem}; pass an older checkpoint-NNNNNN folder or --resume")
     return path
 
 
@@ -212,20 +222,16 @@ def save_checkpoint(folder: Path, step: int, net: nn.Module, ema: EMA | None, op
     from safetensors.torch import save_file
 
     final = folder / f"{CHECKPOINT_PREFIX}{step:06d}"
-    tmp = folder / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp / "model.safetensors"))
-    if ema is not None:
-        save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
-    tensors, meta = _optimizer_to_safetensors(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(meta))
-    shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-    # state.json last: its presence marks a complete checkpoint.
-    (tmp / "state.json").write_text(json.dumps({"step": step, "config": asdict(config)}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with atomic_folder(final) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
+        tensors, meta = _optimizer_to_safetensors(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(to_json(meta))
+        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+        (tmp / "state.json").write_text(to_json({"step": step, "config": asdict(config)}, indent=2))
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -269,7 +275,7 @@ def save_pipeline(out: Path, unet, text_encoder, tokenizer_dir: Path, scheduler)
         "unet": ["diffusers", type(unet).__name__],
         "vae": [None, None],
     }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "model_index.json").write_text(to_json(index, indent=2) + "\n")
 
 
 def write_sampling_defaults(out: Path, config: TeacherTrainConfig) -> None:
@@ -280,7 +286,7 @@ def write_sampling_defaults(out: Path, config: TeacherTrainConfig) -> None:
     defaults: dict[str, Any] = {"guidance": config.default_guidance}
     if config.default_prompts:
         defaults["prompts"] = read_prompts(None, config.default_prompts, None)
-    (out / "ddil_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
+    (out / "ddil_defaults.json").write_text(to_json(defaults, indent=2) + "\n")
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -313,6 +319,9 @@ def train_teacher(config: TeacherTrainConfig, out: str | Path, checkpoint_dir: s
     start_step = 0
     if resume_path is not None:
         saved = json.loads((resume_path / "state.json").read_text())
+        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or "step" not in saved:
+            raise UserError(f"{resume_path / 'state.json'} is not a teacher checkpoint's state; pass another "
+                            "checkpoint to --resume-from, or start fresh")
         _check_resume_config(saved["config"], config)
         start_step = int(saved["step"])
     tokenizer_dir = work
@@ -333,12 +342,16 @@ def train_teacher(config: TeacherTrainConfig, out: str | Path, checkpoint_dir: s
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ema = EMA(net, config.ema_decay) if config.ema_decay > 0 else None
     if resume_path is not None:
-        net.load_state_dict(load_file(str(resume_path / "model.safetensors")))
-        optimizer.load_state_dict(_optimizer_from_safetensors(
-            load_file(str(resume_path / "optimizer.safetensors")),
-            json.loads((resume_path / "optimizer.json").read_text())))
-        if ema is not None and (resume_path / "ema.safetensors").is_file():
-            ema.shadow = load_file(str(resume_path / "ema.safetensors"))
+        try:
+            net.load_state_dict(load_file(str(resume_path / "model.safetensors")))
+            optimizer.load_state_dict(_optimizer_from_safetensors(
+                load_file(str(resume_path / "optimizer.safetensors")),
+                json.loads((resume_path / "optimizer.json").read_text())))
+            if ema is not None and (resume_path / "ema.safetensors").is_file():
+                ema.shadow = load_file(str(resume_path / "ema.safetensors"))
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:  # missing file, wrong shapes
+            raise UserError(f"cannot resume from {resume_path} ({one_line(exc)}); it does not match this "
+                            "model or is damaged: pass another checkpoint to --resume-from, or start fresh") from None
     if start_step > config.steps:
         raise UserError(f"the checkpoint {resume_path} is already at step {start_step} > --steps "
                         f"{config.steps}; raise --steps to train further (or equal it to export that checkpoint)")
@@ -392,7 +405,8 @@ def train_teacher(config: TeacherTrainConfig, out: str | Path, checkpoint_dir: s
             ema.update(accelerator.unwrap_model(net), step)
         last_loss = float(loss.detach())
         if not math.isfinite(last_loss):
-            raise RuntimeError(f"non-finite loss at step {step}; lower --lr (now {config.lr})")
+            raise UserError(f"the loss became non-finite at step {step}; lower --lr (now {config.lr}) and "
+                            f"resume from the last checkpoint with --resume")
         loss_sum, loss_count = loss_sum + last_loss, loss_count + 1
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
@@ -402,7 +416,7 @@ def train_teacher(config: TeacherTrainConfig, out: str | Path, checkpoint_dir: s
             log.append(entry)
             if accelerator.is_main_process:
                 with log_file.open("a") as fh:
-                    fh.write(json.dumps(entry) + "\n")
+                    fh.write(to_json(entry) + "\n")
             if show:
                 progress.update(task, description=f"teacher (loss {entry['loss']:.4f})")
             loss_sum, loss_count = 0.0, 0
@@ -425,7 +439,7 @@ def train_teacher(config: TeacherTrainConfig, out: str | Path, checkpoint_dir: s
         save_pipeline(out, final_net.unet, final_net.text_encoder, tokenizer_dir,
                       make_scheduler(config.prediction_type, config.beta_schedule))
         write_sampling_defaults(out, config)
-        (out / "train_config.json").write_text(json.dumps(
+        (out / "train_config.json").write_text(to_json(
             {"config": asdict(config), "data": data.stats.as_dict(), "weights": "ema" if ema else "raw"},
             indent=2) + "\n")
         if log_file.is_file():

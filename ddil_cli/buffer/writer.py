@@ -34,7 +34,7 @@ import numpy as np
 
 from ddil_cli.buffer import manifest as mf
 from ddil_cli.errors import UserError
-from ddil_cli.manifest import write_json_atomic
+from ddil_cli.atomic import write_json_atomic
 
 STATE_KEY = "state.npy"
 META_KEY = "meta.json"

@@ -12,8 +12,15 @@ from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, HELP_SEED
                                  resolve_config, resolve_device)
 from ddil_cli.models import MODEL_HELP
 from ddil_cli.stages.collect import CollectConfig, load_models, run_collect
+from ddil_cli.validate import BATCH, GUIDANCE, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, STEPS, Rule
 
 D = CollectConfig()
+
+# what each option must satisfy beyond its type (validate.py), checked before anything is written
+RULES = {"rollouts": Rule(low=1, high=10**9), "steps": STEPS, "teacher_steps": STEPS, "teacher_prob": PROBABILITY,
+         "guidance": GUIDANCE, "student_version": NON_NEGATIVE, "batch_size": BATCH,
+         "shard_samples": Rule(low=1, high=10**7), "shard_mb": Rule(above=0, high=1 << 20),
+         "max_samples": POSITIVE, "seed": SEED}
 
 COLLECT_HELP = f"""Write the student's training inputs into a replay buffer (webdataset shards + manifest).
 
@@ -81,7 +88,7 @@ def collect_command(
     quiet: bool = typer.Option(False, help=HELP_QUIET),
     config: Optional[Path] = typer.Option(None, help=HELP_CONFIG),
 ):
-    cfg = resolve_config(ctx, CollectConfig, config)
+    cfg = resolve_config(ctx, CollectConfig, config, RULES)
     rank, world_size, local_rank, launch_key = distributed_context()
     cfg.device = resolve_device(cfg.device)
     if cfg.device == "cuda" and world_size > 1:

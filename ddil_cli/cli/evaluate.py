@@ -10,8 +10,13 @@ import typer
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED, console,
                                  output_dir, progress, resolve_config, resolve_device)
 from ddil_cli.evaluate.run import ALL_METRICS, EvaluateConfig, evaluate
+from ddil_cli.validate import BATCH, POSITIVE, SEED, Rule
 
 D = EvaluateConfig()
+
+# what each option must satisfy beyond its type (validate.py), checked before anything is written
+RULES = {"eval_res": Rule(low=8, high=4096), "num_reference": POSITIVE, "prdc_max": Rule(low=2),
+         "nearest_k": POSITIVE, "batch_size": BATCH, "seed": SEED}
 
 EVALUATE_HELP = f"""Score a `ddil sample` folder against a reference; writes metrics.json and prints a table.
 
@@ -75,7 +80,7 @@ def evaluate_command(
     from ddil_cli.evaluate import report
     from ddil_cli.manifest import write_manifest
 
-    cfg = resolve_config(ctx, EvaluateConfig, config)
+    cfg = resolve_config(ctx, EvaluateConfig, config, RULES)
     cfg.device = resolve_device(cfg.device)
     with output_dir(cfg.out, overwrite=cfg.overwrite) as work, progress(cfg.quiet) as bar:
         result = evaluate(cfg, work, progress=bar)

@@ -17,7 +17,6 @@ processes of a launch, and every rollout and data block has its own seed from
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ddil_cli.atomic import save_tensors_atomic
 from ddil_cli.buffer import manifest as mf
 from ddil_cli.buffer.replay import FIFOPolicy
 from ddil_cli.buffer.sources import DataStates, forward_diffuse, is_lab
@@ -288,8 +288,6 @@ def cache_prompt_embeddings(teacher: Denoiser, prompts: dict[str, str], root: Pa
                             batch_size: int = 32) -> Path:
     """The teacher's encodings of the prompts this process used, once per prompt (never per state):
     `prompt_cache/RRRR-KKK.safetensors`, tensors `PROMPT_ID/cond/KEY` and `PROMPT_ID/uncond/KEY`."""
-    from safetensors.torch import save_file
-
     ids = sorted(prompts)
     tensors: dict[str, torch.Tensor] = {}
     for begin in range(0, len(ids), batch_size):
@@ -302,7 +300,5 @@ def cache_prompt_embeddings(teacher: Denoiser, prompts: dict[str, str], root: Pa
     folder = root / "prompt_cache"
     folder.mkdir(exist_ok=True)
     path = folder / f"{run:04d}-{rank:03d}.safetensors"
-    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    save_tensors_atomic(tensors, path)
     return path
