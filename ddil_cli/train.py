@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -45,6 +46,10 @@ class TrainConfig:
 
 class NonFiniteLoss(UserError):
     pass
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be resumed from (damaged, or made by another model)."""
 
 
 # ---- flat safetensors for optimiser / EMA / RNG state ----------------------------------------
@@ -172,28 +177,43 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> None:
-        info = json.loads((path / "state.json").read_text())
+        try:
+            info = json.loads((path / "state.json").read_text())
+            if not isinstance(info, dict):
+                raise ValueError("not a JSON object")
+            tensors = load_file(str(path / "state.safetensors"))
+            student = load_file(str(path / "student.safetensors"))
+        except Exception as exc:  # json, OS and safetensors errors: the checkpoint is damaged
+            raise CheckpointError(f"checkpoint {path} is unreadable ({' '.join(str(exc).split())[:160]}); "
+                                  "resume from another one (--resume latest skips damaged ones)") from None
         if info.get("phase") != self.phase:
-            raise UserError(f"checkpoint {path} belongs to phase {info.get('phase')!r}, not {self.phase!r}")
-        tensors = load_file(str(path / "state.safetensors"))
+            raise CheckpointError(f"checkpoint {path} belongs to phase {info.get('phase')!r}, not {self.phase!r}")
         net = self.accelerator.unwrap_model(self.net)
-        net.load_state_dict(load_file(str(path / "student.safetensors")))
-        self.optimizer.load_state_dict(_join_state(info["optimizer"], tensors))
-        self.scheduler.load_state_dict(info["scheduler"])
-        if self.ema is not None and "ema" in info:
-            self.ema.load_state_dict(_join_state(info["ema"], tensors))
-        self.method.load_extra_state({k[7:]: v for k, v in tensors.items() if k.startswith("method.")},
-                                     info.get("method", {}))
-        rng = _join_state(info["rng"], tensors)
-        torch.set_rng_state(rng["torch_cpu"])
-        if torch.cuda.is_available():
-            states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
-            if states:
-                torch.cuda.set_rng_state_all(states)
-        if self.extra_state is not None:
-            self.extra_state.load({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")},
-                                  info.get("extra", {}))
-        self.state = TrainState(**info["train"])
+        try:
+            net.load_state_dict(student)
+        except RuntimeError:  # missing/unexpected keys or other shapes: another model's checkpoint
+            raise CheckpointError(f"checkpoint {path} holds a student of another shape than this run's; "
+                                  "resume with the settings that made it, or use another --out") from None
+        try:
+            self.optimizer.load_state_dict(_join_state(info["optimizer"], tensors))
+            self.scheduler.load_state_dict(info["scheduler"])
+            if self.ema is not None and "ema" in info:
+                self.ema.load_state_dict(_join_state(info["ema"], tensors))
+            self.method.load_extra_state({k[7:]: v for k, v in tensors.items() if k.startswith("method.")},
+                                         info.get("method", {}))
+            rng = _join_state(info["rng"], tensors)
+            torch.set_rng_state(rng["torch_cpu"])
+            if torch.cuda.is_available():
+                states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+                if states:
+                    torch.cuda.set_rng_state_all(states)
+            if self.extra_state is not None:
+                self.extra_state.load({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")},
+                                      info.get("extra", {}))
+            self.state = TrainState(**info["train"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a state.json of another format
+            raise CheckpointError(f"checkpoint {path} does not fit this run ({type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())[:120]}); resume from another one or use another --out") from None
 
     # ---- the loop ---------------------------------------------------------------------------
     def _record(self, batch: Batch, per_example: torch.Tensor) -> None:
@@ -284,9 +304,17 @@ class Trainer:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest readable checkpoint; a damaged newer one is skipped with a warning."""
+    from ddil_cli.atomic import unreadable_file
+
     found = sorted(p for p in (Path(run_dir) / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")
                    if p.is_dir() and (p / "state.json").is_file())
-    return found[-1] if found else None
+    for path in reversed(found):
+        problem = unreadable_file(path)
+        if problem is None:
+            return path
+        warnings.warn(f"skipping checkpoint {path.name}: {problem}; resuming from an older one")
+    return None
 
 
 class MetricsLog:
@@ -300,4 +328,4 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
 
 
-__all__ = ["MetricsLog", "NonFiniteLoss", "TrainConfig", "Trainer", "latest_checkpoint"]
+__all__ = ["CheckpointError", "MetricsLog", "NonFiniteLoss", "TrainConfig", "Trainer", "latest_checkpoint"]
