@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -112,7 +113,13 @@ def load_sample_set(folder: str) -> SampleSet:
     if not rows:
         raise UserError(f"{index} lists no samples")
     if all(r.get("file") == "states.npy" for r in rows):
-        states = np.load(root / "states.npy")
+        try:
+            states = np.load(root / "states.npy", allow_pickle=False)
+            if states.ndim < 2:
+                raise ValueError(f"an array of shape {states.shape}, not one state per row")
+        except (OSError, ValueError, EOFError) as exc:
+            raise UserError(f"{root / 'states.npy'} is unreadable ({' '.join(str(exc).split())}); "
+                            "regenerate the folder with ddil sample") from None
         rows_idx = [int(r.get("row", i)) for i, r in enumerate(rows)]
         if max(rows_idx) >= len(states):
             raise UserError(f"{index} refers to row {max(rows_idx)} but states.npy has {len(states)} rows")
@@ -259,10 +266,13 @@ def reference_stats(reference: ImageReference, extractor: FeatureExtractor, res:
     key = _stats_key(reference, extractor, res, cfg)
     path = _cache_dir(cfg) / "reference-stats" / f"{extractor.name.replace(':', '-')}-{res}-{key[:20]}.npz"
     if path.is_file() and not cfg.no_cache:
-        data = np.load(path)
-        meta = json.loads(str(data["meta"]))
-        return (GaussianStats(data["mu"], data["sigma"], int(meta["num"])), data["features"],
-                {"cache": str(path), "cache_hit": True})
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                return (GaussianStats(data["mu"], data["sigma"], int(meta["num"])), data["features"],
+                        {"cache": str(path), "cache_hit": True})
+        except (OSError, ValueError, KeyError, EOFError) as exc:  # a damaged cache entry is recomputed
+            warnings.warn(f"reference statistics cache {path} is unreadable ({exc}); recomputing it")
     task = progress.add_task(f"reference {extractor.name}", total=len(reference.source)) if progress else None
     feats = []
     for batch in reference.source.batches(res, cfg.batch_size):

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ddil_cli.atomic import save_tensors_atomic
+from ddil_cli.atomic import remove_path, save_tensors_atomic
 from ddil_cli.buffer import manifest as mf
 from ddil_cli.buffer.replay import FIFOPolicy
 from ddil_cli.buffer.sources import DataStates, forward_diffuse, is_lab
@@ -242,7 +242,16 @@ def run_collect(cfg: CollectConfig, *, models: tuple[Denoiser, Denoiser | None] 
     writer = BufferWriter(cfg.out, plan.header, run_info=run_info, rank=rank, world_size=world_size,
                           launch_key=launch_key, shard_samples=min(cfg.shard_samples, cfg.max_samples or cfg.shard_samples),
                           shard_bytes=int(cfg.shard_mb * (1 << 20)), on_commit=FIFOPolicy(cfg.max_samples))
-    writer.open()
+    # a buffer this run creates and that ends without a shard is removed on failure: a failed first
+    # collect (damaged --data, a full disk) leaves nothing behind. Only alone: other ranks share it.
+    new_folder = world_size == 1 and not (Path(cfg.out) / mf.MANIFEST_NAME).exists() and \
+        not (Path(cfg.out).exists() and any(Path(cfg.out).iterdir()))
+    try:
+        writer.open()
+    except BaseException:
+        if new_folder:
+            remove_path(cfg.out)
+        raise
     total = sum(len(b.ids) * (1 if b.kind == "data" else plan.grid.num_transitions) for b in blocks)
     task = progress.add_task(f"collecting (rank {rank})" if world_size > 1 else "collecting", total=total) \
         if progress is not None else None
@@ -272,6 +281,8 @@ def run_collect(cfg: CollectConfig, *, models: tuple[Denoiser, Denoiser | None] 
                     progress.advance(task, 1)
     except BaseException:
         writer.abort()  # the shard in progress is dropped; committed shards and the manifest stay valid
+        if new_folder and not writer.committed:
+            remove_path(cfg.out)
         raise
     shards = writer.close()
     if cfg.cache_prompts:
