@@ -311,7 +311,7 @@ def train_teacher(config: TeacherTrainConfig, out: str | Path, checkpoint_dir: s
     data = load_image_captions(config.data, resolution=config.resolution, channels=config.channels,
                                output="tensor", limit=config.max_samples)
     if console is not None and accelerator.is_main_process:
-        console.print(f"data: {data.stats.summary()}")
+        console.print(f"data: {data.stats.summary()}", markup=False)
     resume_path = resolve_resume(resume, checkpoint_dir)
 
     arch = config.arch()
@@ -493,7 +493,7 @@ def run_teacher(cfg: TeacherCommandConfig, work: Path, *, progress=None, console
     checkpoint_dir = cfg.checkpoint_dir()
     resumed = resolve_resume(resume, checkpoint_dir)
     if resume == "latest" and resumed is None and console is not None:
-        console.print(f"no checkpoint in {checkpoint_dir} to resume from: starting at step 0")
+        console.print(f"no checkpoint in {checkpoint_dir} to resume from: starting at step 0", markup=False)
     result = train_teacher(cfg, work, checkpoint_dir, resume=resumed, progress=progress, console=console)
     shards = {url: fingerprint(url) for url in resolve_shards(cfg.data) if Path(url).is_file()}
     summary = {"steps": result.step, "final_loss": result.final_loss, "seconds": round(result.seconds, 2),

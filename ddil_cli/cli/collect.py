@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, HELP_SEED, console, progress,
                                  resolve_config, resolve_device)
@@ -102,7 +103,7 @@ def collect_command(
         dropped = f", {summary['dropped_samples']} dropped by --max-samples so far" if summary["dropped_samples"] else ""
         where = f" (rank {rank} of {world_size})" if world_size > 1 else ""
         console.print(f"[green]collect run {summary['run']}{where}[/]: wrote {summary['states']} states in "
-                      f"{summary['shards']} shard(s), {summary['states_per_second']:.1f} states/s, to {cfg.out}; "
+                      f"{summary['shards']} shard(s), {summary['states_per_second']:.1f} states/s, to {escape(str(cfg.out))}; "
                       f"buffer holds {summary['buffer_total']} ({sources}){dropped}")
 
 

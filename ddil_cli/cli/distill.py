@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, HELP_SEED, console, progress,
                                  resolve_config, resolve_device)
@@ -113,7 +114,7 @@ def distill_command(
         for phase in summary["phases"]:
             console.print(f"{phase['phase']}: {phase['updates']} updates, {phase['buffer_states']} buffered states, "
                           f"{phase['nonfinite_skipped']} non-finite skipped")
-        console.print(f"[green]student[/] saved to {summary['student']} "
+        console.print(f"[green]student[/] saved to {escape(str(summary['student']))} "
                       f"(collection took {100 * summary['collect_share']:.1f}% of training time)")
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED, console,
                                  output_dir, progress, resolve_config, resolve_device)
@@ -89,10 +90,10 @@ def evaluate_command(
     if not cfg.quiet:
         console.print(report.metrics_table(result))
         for note in result["notes"]:
-            console.print(f"[yellow]note:[/] {note}", highlight=False)
+            console.print(f"[yellow]note:[/] {escape(str(note))}", highlight=False)
         if "compare" in result:
             console.print(report.compare_table(result["compare"]["deltas"], result["compare"]["other"]))
-        console.print(f"[green]wrote[/] {Path(cfg.out) / 'metrics.json'}")
+        console.print(f"[green]wrote[/] {escape(str(Path(cfg.out) / 'metrics.json'))}")
 
 
 evaluate_command.__doc__ = EVALUATE_HELP

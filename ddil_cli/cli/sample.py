@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED, console,
                                  output_dir, progress, resolve_config, resolve_device)
@@ -67,7 +68,7 @@ def sample_command(
         summary = run_sample(cfg, work, progress=bar, models=models)
     if not cfg.quiet:
         console.print(f"[green]wrote[/] {summary['samples']} samples ({summary['sampler']}, "
-                      f"{summary['seconds_per_sample']:.4f} s/sample, {summary['nfe_per_sample']:g} NFE) to {cfg.out}")
+                      f"{summary['seconds_per_sample']:.4f} s/sample, {summary['nfe_per_sample']:g} NFE) to {escape(str(cfg.out))}")
 
 
 sample_command.__doc__ = SAMPLE_HELP

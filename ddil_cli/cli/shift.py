@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, HELP_SEED, console, progress, resolve_config,
                                  resolve_device)
@@ -96,7 +97,7 @@ def covariate_shift_command(
         from rich.markdown import Markdown
 
         console.print(Markdown((Path(cfg.out) / "table.md").read_text()))
-        console.print(f"[green]wrote[/] {cfg.out}/table.md, table.csv, direct.csv and "
+        console.print(f"[green]wrote[/] {escape(str(cfg.out))}/table.md, table.csv, direct.csv and "
                       f"{', '.join(summary['plots']) or 'no plots'} ({len(summary['computed'])} computed, "
                       f"{len(summary['reused'])} reused, {summary['seconds']:.1f} s)")
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED, console,
                                  output_dir, progress, resolve_config, resolve_device)
@@ -102,9 +103,9 @@ def teacher_command(
     if not cfg.quiet:
         data = summary["data"]
         skipped = f", {data['skipped_total']} skipped {data['skipped']}" if data["skipped_total"] else ""
-        console.print(f"[green]wrote[/] teacher pipeline to {cfg.out} ({summary['steps']} steps, final loss "
+        console.print(f"[green]wrote[/] teacher pipeline to {escape(str(cfg.out))} ({summary['steps']} steps, final loss "
                       f"{summary['final_loss']:.4f}, {data['used']} samples{skipped}); checkpoints in "
-                      f"{summary['checkpoints']}")
+                      f"{escape(str(summary['checkpoints']))}")
 
 
 teacher_command.__doc__ = TEACHER_HELP
