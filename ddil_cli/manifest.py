@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import platform
 import sys
@@ -12,6 +11,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from ddil_cli.atomic import write_json_atomic
 
 _PACKAGES = ("ddil-cli", "torch", "diffusers", "transformers", "accelerate", "webdataset",
              "safetensors", "numpy", "clean-fid", "open_clip_torch", "lpips")
@@ -86,14 +87,6 @@ def build_manifest(stage: str, config: Any, inputs: dict[str, Any] | None = None
         "versions": versions(),
         **_plain(extra or {}),
     }
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON under a temporary name and rename: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def write_manifest(folder: Path, stage: str, config: Any, inputs: dict[str, Any] | None = None,

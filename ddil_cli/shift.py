@@ -41,7 +41,7 @@ import torch
 from ddil_cli.errors import UserError
 from ddil_cli.evaluate.frechet import frechet_distance_features
 from ddil_cli.models.base import Denoiser
-from ddil_cli.rollout import Grid, ddim_path, rollout_seeds, student_path
+from ddil_cli.rollout import Grid, ddim_path, rollout_seeds
 
 SETTING_KINDS = ("beta", "t2s", "s2t")
 REFERENCE_KINDS = ("auto", "data", "teacher")
@@ -357,11 +357,14 @@ def plot_direct(measures: dict[str, list[dict]], path: Path, reference_label: st
 
 def _save(fig, plt, path: Path) -> None:
     """Save under a hidden name and rename, so a reader never sees half a PNG."""
+    from ddil_cli.atomic import atomic_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
 
 
 def load_json(path: Path) -> dict | None:

@@ -17,6 +17,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
@@ -50,6 +51,10 @@ class TrainConfig:
 
 class NonFiniteLoss(UserError):
     pass
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be resumed from (damaged, or made by another model)."""
 
 
 # ---- flat safetensors for optimiser / EMA / RNG state ----------------------------------------
@@ -249,34 +254,51 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> None:
-        info = json.loads((path / "state.json").read_text())
+        try:
+            info = json.loads((path / "state.json").read_text())
+            if not isinstance(info, dict):
+                raise ValueError("not a JSON object")
+            tensors = load_file(str(path / "state.safetensors"))
+            weights = {name: load_file(str(path / f"{name}.safetensors"))
+                       for group in self.groups for name in group.raw}
+        except Exception as exc:  # json, OS and safetensors errors: the checkpoint is damaged
+            raise CheckpointError(f"checkpoint {path} is unreadable ({' '.join(str(exc).split())[:160]}); "
+                                  "resume from another one (--resume latest skips damaged ones)") from None
         if info.get("phase") != self.phase:
-            raise UserError(f"checkpoint {path} belongs to phase {info.get('phase')!r}, not {self.phase!r}")
+            raise CheckpointError(f"checkpoint {path} belongs to phase {info.get('phase')!r}, not {self.phase!r}")
         saved_groups = info.get("groups", ["student"])
         if saved_groups != [g.name for g in self.groups]:
-            raise UserError(f"checkpoint {path} trains {', '.join(saved_groups)}, this method "
-                            f"{', '.join(g.name for g in self.groups)}; resume with the same --method")
-        tensors = load_file(str(path / "state.safetensors"))
-        schedulers = info.get("schedulers", {"student": info["scheduler"]})
+            raise CheckpointError(f"checkpoint {path} trains {', '.join(map(str, saved_groups))}, this method "
+                                  f"{', '.join(g.name for g in self.groups)}; resume with the same --method")
         for group in self.groups:
             for name, module in group.raw.items():
-                module.load_state_dict(load_file(str(path / f"{name}.safetensors")))
-            group.optimizer.load_state_dict(_join_state(info[f"optimizer{group.key}"], tensors))
-            group.scheduler.load_state_dict(schedulers[group.name])
-        if self.ema is not None and "ema" in info:
-            self.ema.load_state_dict(_join_state(info["ema"], tensors))
-        self.method.load_extra_state({k[7:]: v for k, v in tensors.items() if k.startswith("method.")},
-                                     info.get("method", {}))
-        rng = _join_state(info["rng"], tensors)
-        torch.set_rng_state(rng["torch_cpu"])
-        if torch.cuda.is_available():
-            states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
-            if states:
-                torch.cuda.set_rng_state_all(states)
-        if self.extra_state is not None:
-            self.extra_state.load({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")},
-                                  info.get("extra", {}))
-        self.state = TrainState(**info["train"])
+                try:
+                    module.load_state_dict(weights[name])
+                except RuntimeError:  # missing/unexpected keys or other shapes: another model's checkpoint
+                    raise CheckpointError(f"checkpoint {path} holds a {name} of another shape than this run's; "
+                                          "resume with the settings that made it, or use another --out") from None
+        try:
+            schedulers = info.get("schedulers", {"student": info["scheduler"]})
+            for group in self.groups:
+                group.optimizer.load_state_dict(_join_state(info[f"optimizer{group.key}"], tensors))
+                group.scheduler.load_state_dict(schedulers[group.name])
+            if self.ema is not None and "ema" in info:
+                self.ema.load_state_dict(_join_state(info["ema"], tensors))
+            self.method.load_extra_state({k[7:]: v for k, v in tensors.items() if k.startswith("method.")},
+                                         info.get("method", {}))
+            rng = _join_state(info["rng"], tensors)
+            torch.set_rng_state(rng["torch_cpu"])
+            if torch.cuda.is_available():
+                states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+                if states:
+                    torch.cuda.set_rng_state_all(states)
+            if self.extra_state is not None:
+                self.extra_state.load({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")},
+                                      info.get("extra", {}))
+            self.state = TrainState(**info["train"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a state.json of another format
+            raise CheckpointError(f"checkpoint {path} does not fit this run ({type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())[:120]}); resume from another one or use another --out") from None
 
     # ---- the loop ---------------------------------------------------------------------------
     def _average(self, key: str, value: float) -> None:
@@ -413,8 +435,20 @@ def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(Path(run_dir) / "checkpoints")
-    return found[-1] if found else None
+    """The newest readable checkpoint of a run folder (see newest_readable_checkpoint)."""
+    return newest_readable_checkpoint(Path(run_dir) / "checkpoints")
+
+
+def newest_readable_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest readable checkpoint; a damaged newer one is skipped with a warning."""
+    from ddil_cli.atomic import unreadable_file
+
+    for path in reversed(list_checkpoints(checkpoint_dir)):
+        problem = unreadable_file(path)
+        if problem is None:
+            return path
+        warnings.warn(f"skipping checkpoint {path.name}: {problem}; resuming from an older one")
+    return None
 
 
 class MetricsLog:
@@ -428,4 +462,5 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
 
 
-__all__ = ["MetricsLog", "NonFiniteLoss", "TrainConfig", "Trainer", "latest_checkpoint", "list_checkpoints"]
+__all__ = ["CheckpointError", "MetricsLog", "NonFiniteLoss", "TrainConfig", "Trainer", "latest_checkpoint",
+           "list_checkpoints", "newest_readable_checkpoint"]

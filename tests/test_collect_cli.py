@@ -62,7 +62,7 @@ def test_lab_collect_writes_the_planned_mix(tmp_path, capsys):
     (["--prior", "teacher=1", "--data", "x.tar"], "drop --data"),
     (["--prior", "teacher=1", "--steps", "3"], "multiple of student steps"),
     (["--prior", "teacher=1", "--max-samples", "0"], "max-samples"),
-    (["--prior", "teacher=1", "--teacher-prob", "1.5"], "outside"),
+    (["--prior", "teacher=1", "--teacher-prob", "1.5"], "in [0, 1]"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, words):
     out = tmp_path / "buf"

@@ -11,7 +11,9 @@ PACKAGE = ROOT / "ddil_cli"
 # (layer, module prefixes), lowest first: a module may import its own group and any layer below.
 # Keep in step with the table in docs/architecture.md.
 LAYERS = [
-    ("foundation", ["__init__", "errors", "manifest"]),
+    ("foundation", ["__init__", "errors"]),
+    ("files and values", ["atomic", "validate"]),
+    ("manifests", ["manifest"]),
     ("diffusion, data", ["diffusion", "data"]),
     ("models", ["models", "lab", "lab.digits"]),  # "lab": its package __init__ and any new lab module
     ("rollout", ["rollout"]),
@@ -19,7 +21,7 @@ LAYERS = [
     ("buffer", ["buffer"]),
     ("methods", ["methods"]),
     ("priors", ["priors"]),
-    ("train", ["train", "teacher_train"]),
+    ("train", ["train"]),
     ("evaluate", ["evaluate"]),
     ("shared by stages", ["sampling", "shift"]),
     ("stages", ["stages", "lab.measure", "lab.train_classifier"]),

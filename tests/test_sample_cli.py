@@ -62,7 +62,7 @@ def test_config_file_and_flag_override(tmp_path, capsys):
     (["--teacher", "/no/such/model"], "not found"),
     (["--teacher", "some-org/some-model"], "offline"),
     (["--steps", "3", "--student", "STUDENT"], "multiple"),
-    (["--teacher-prob", "1.5", "--student", "STUDENT"], "outside [0, 1]"),
+    (["--teacher-prob", "1.5", "--student", "STUDENT"], "in [0, 1], got 1.5"),
     (["--teacher-prob", "0.5"], "need a --student"),
     (["--switch", "x2y:500", "--student", "STUDENT"], "--switch"),
     (["--threshold", "dynamic:7"], "threshold"),

@@ -15,7 +15,6 @@ proportional to p ** alpha while the reader keeps streaming shards).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -25,7 +24,7 @@ import torch
 from ddil_cli.buffer import manifest as mf
 from ddil_cli.buffer.writer import buffer_lock, load_manifest
 from ddil_cli.errors import UserError
-from ddil_cli.manifest import write_json_atomic
+from ddil_cli.atomic import atomic_file, write_json_atomic
 
 
 def shard_of_key(key: str) -> str:
@@ -143,9 +142,8 @@ class PrioritizedPolicy:
             self.priorities = {k: v for k, v in self.priorities.items() if shard_of_key(k) in listed}
         keys = np.array(list(self.priorities), dtype=str)
         values = np.array(list(self.priorities.values()), dtype=np.float64)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, keys=keys, priority=values, alpha=np.float64(self.alpha))
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp, open(tmp, "wb") as handle:  # a handle: savez adds no suffix
+            np.savez(handle, keys=keys, priority=values, alpha=np.float64(self.alpha))
         return path
 
     def load(self, path: str | Path | None = None) -> "PrioritizedPolicy":

@@ -15,6 +15,8 @@ data batches itself, and its DAgger hook stores `rollout_records` as collect doe
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
 from ddil_cli.diffusion.schedule import NoiseSchedule

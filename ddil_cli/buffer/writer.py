@@ -34,7 +34,7 @@ import numpy as np
 
 from ddil_cli.buffer import manifest as mf
 from ddil_cli.errors import UserError
-from ddil_cli.manifest import write_json_atomic
+from ddil_cli.atomic import write_json_atomic
 
 STATE_KEY = "state.npy"
 META_KEY = "meta.json"
@@ -286,10 +286,17 @@ class BufferWriter:
         self._counts = {}
 
     def _discard(self) -> None:
-        self._tar.close()
-        self._handle.close()
-        self._partial.unlink(missing_ok=True)
-        self._tar = self._handle = None
+        try:  # closing writes the tar's end blocks, which fails on a full disk: drop the file anyway
+            self._tar.close()
+        except OSError:
+            pass
+        finally:
+            try:
+                self._handle.close()
+            except OSError:
+                pass
+            self._partial.unlink(missing_ok=True)
+            self._tar = self._handle = None
 
     def _commit(self) -> None:
         name = mf.shard_name(self.run, self.rank, self._next_index)

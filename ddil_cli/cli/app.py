@@ -100,24 +100,49 @@ _EXIT = (click.exceptions.Exit, typer.Exit)
 _ABORT = (click.exceptions.Abort, typer.Abort)
 
 
+def print_error(message: str) -> None:
+    """`error: MESSAGE` as one literal line on stderr: no markup, no emoji codes, no line breaks
+    (a path or a lab spec such as gmm:ring:8 is printed exactly as the user must type it)."""
+    sys.stderr.write(f"error: {' '.join(str(message).split())}\n")
+    sys.stderr.flush()
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as `warning: MESSAGE` lines, without the source location and code line."""
+    (file or sys.stderr).write(f"warning: {' '.join(str(message).split())}\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the app; problems the user can fix end in one line on stderr and exit code 2."""
+    import warnings
+
+    from ddil_cli.atomic import disk_full_error
+
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_warning
     try:
         set_threads(default_threads())
         app(args=argv, standalone_mode=False, prog_name="ddil")
     except UserError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        print_error(str(exc))
         sys.exit(2)
     except _USAGE as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `ddil`: the help is the answer
             typer.echo(exc.format_message())
             sys.exit(0)
         where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
-        message = " ".join(exc.format_message().split())
-        console.print(f"[red]error:[/] {message}{where}", highlight=False, soft_wrap=True)
+        print_error(f"{exc.format_message()}{where}")
         sys.exit(2)
     except _EXIT as exc:
         sys.exit(exc.exit_code)
     except _ABORT:
         console.print("aborted")
         sys.exit(130)
+    except Exception as exc:  # a full disk is the user's to fix; anything else is a bug and raises
+        full = disk_full_error(exc)
+        if full is None:
+            raise
+        print_error(str(full))
+        sys.exit(2)
+    finally:
+        warnings.showwarning = shown

@@ -7,13 +7,21 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, HELP_SEED, console, progress,
                                  resolve_config, resolve_device)
 from ddil_cli.models import MODEL_HELP
 from ddil_cli.stages.collect import CollectConfig, load_models, run_collect
+from ddil_cli.validate import BATCH, GUIDANCE, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, STEPS, Rule
 
 D = CollectConfig()
+
+# what each option must satisfy beyond its type (validate.py), checked before anything is written
+RULES = {"rollouts": Rule(low=1, high=10**9), "steps": STEPS, "teacher_steps": STEPS, "teacher_prob": PROBABILITY,
+         "guidance": GUIDANCE, "student_version": NON_NEGATIVE, "batch_size": BATCH,
+         "shard_samples": Rule(low=1, high=10**7), "shard_mb": Rule(above=0, high=1 << 20),
+         "max_samples": POSITIVE, "seed": SEED}
 
 COLLECT_HELP = f"""Write the student's training inputs into a replay buffer (webdataset shards + manifest).
 
@@ -81,7 +89,7 @@ def collect_command(
     quiet: bool = typer.Option(False, help=HELP_QUIET),
     config: Optional[Path] = typer.Option(None, help=HELP_CONFIG),
 ):
-    cfg = resolve_config(ctx, CollectConfig, config)
+    cfg = resolve_config(ctx, CollectConfig, config, RULES)
     rank, world_size, local_rank, launch_key = distributed_context()
     cfg.device = resolve_device(cfg.device)
     if cfg.device == "cuda" and world_size > 1:
@@ -95,7 +103,7 @@ def collect_command(
         dropped = f", {summary['dropped_samples']} dropped by --max-samples so far" if summary["dropped_samples"] else ""
         where = f" (rank {rank} of {world_size})" if world_size > 1 else ""
         console.print(f"[green]collect run {summary['run']}{where}[/]: wrote {summary['states']} states in "
-                      f"{summary['shards']} shard(s), {summary['states_per_second']:.1f} states/s, to {cfg.out}; "
+                      f"{summary['shards']} shard(s), {summary['states_per_second']:.1f} states/s, to {escape(str(cfg.out))}; "
                       f"buffer holds {summary['buffer_total']} ({sources}){dropped}")
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, TypeVar
@@ -17,9 +15,12 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
 
+from ddil_cli.atomic import atomic_folder
 from ddil_cli.errors import UserError
+from ddil_cli.validate import Rule, check_values
 
-console = Console(stderr=True)
+# emoji=False: ":ring:" in "gmm:ring:8" is not an emoji; summaries escape user text for markup
+console = Console(stderr=True, emoji=False, highlight=False)
 Config = TypeVar("Config")
 
 # Help texts of the options every command has.
@@ -56,18 +57,21 @@ def load_config_file(path: Path | None) -> dict[str, Any]:
     except UserError:
         raise
     except Exception as exc:  # the parsers' own messages name line and column
-        raise UserError(f"config file {path} could not be parsed ({exc}); fix its syntax") from None
+        raise UserError(f"config file {path} could not be parsed ({' '.join(str(exc).split())}); "
+                        "fix its syntax") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a table of option = value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 def resolve_config(ctx: typer.Context, cls: type[Config], config_file: Path | None,
-                   options_keys: tuple[str, ...] = ()) -> Config:
-    """defaults < config file < flags given on the command line. Unknown file keys are errors.
+                   rules: dict[str, Rule] | None = None, options_keys: tuple[str, ...] = ()) -> Config:
+    """defaults < config file < flags given on the command line. Unknown file keys are errors;
+    every value is checked against its field's type and `rules` (validate.py) before the
+    command does anything.
 
     `options_keys` are flags and file keys gathered into the config's `options` dict (a
-    method's own settings), given ones only."""
+    method's own settings, given ones only; the method checks their types and ranges)."""
     fields = {f.name for f in dataclasses.fields(cls)} | set(options_keys)
     file_values = load_config_file(config_file)
     unknown = sorted(set(file_values) - fields)
@@ -85,6 +89,7 @@ def resolve_config(ctx: typer.Context, cls: type[Config], config_file: Path | No
             values[name] = file_values[name]
         else:
             values[name] = ctx.params[name]
+    from_file = {name for name in file_values if values.get(name, file_values[name]) is file_values[name]}
     for name, value in file_values.items():
         values.setdefault(name, value)
     for name, value in values.items():  # Paths and tuples become plain JSON-able values
@@ -92,8 +97,9 @@ def resolve_config(ctx: typer.Context, cls: type[Config], config_file: Path | No
             values[name] = str(value)
         elif isinstance(value, tuple):
             values[name] = list(value)
+    gathered = {k: values.pop(k) for k in options_keys if k in values}
+    values = check_values(cls, values, rules or {}, from_file={n: config_file for n in from_file})
     if options_keys:
-        gathered = {k: values.pop(k) for k in options_keys if k in values}
         values["options"] = {**(values.get("options") or {}), **{k: v for k, v in gathered.items() if v is not None}}
     return cls(**values)
 
@@ -146,21 +152,12 @@ def output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     parent = out.absolute().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(13, "permission denied")
     except OSError as exc:
         raise UserError(f"cannot write to {parent} ({exc.strerror}); choose a writable --out") from None
-    try:
+    with atomic_folder(out, replace=True) as work:
         yield work
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    if out.exists():
-        old = parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(work, out)
 
 
 class RateColumn(ProgressColumn):

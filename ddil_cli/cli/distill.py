@@ -7,14 +7,30 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, HELP_SEED, console, progress,
                                  resolve_config, resolve_device)
 from ddil_cli.methods import METHODS
 from ddil_cli.models import MODEL_HELP
 from ddil_cli.stages.distill import DEFAULT_PRIOR_SCHEDULE, DEFAULT_STUDENT_PROB, DistillConfig, run_distill
+from ddil_cli.validate import BATCH, GUIDANCE, NON_NEGATIVE, POSITIVE, SEED, STEPS, Rule
 
 D = DistillConfig()
+
+# what each option must satisfy beyond its type (validate.py), checked before the run folder is
+# touched (so --overwrite clears nothing for a bad flag)
+RULES = {"steps": STEPS, "teacher_steps": STEPS, "max_updates": Rule(low=1, high=10**9),
+         "guided_updates": Rule(low=0, high=10**9), "batch_size": BATCH,
+         "lr": Rule(above=0, high=10, hint="; try 1e-4 (diffusers) or 1e-3 (the lab)"), "warmup": NON_NEGATIVE,
+         "weight_decay": NON_NEGATIVE, "max_grad_norm": Rule(above=0), "grad_accum": Rule(low=1, high=4096),
+         "mixed_precision": Rule(choices=("no", "fp16", "bf16")), "ema_decay": Rule(low=0, below=1),
+         "collect_every": NON_NEGATIVE, "rollouts_per_collect": Rule(low=1, high=65536),
+         "replay": Rule(choices=("fifo", "prioritised")), "buffer_size": POSITIVE, "priority_alpha": NON_NEGATIVE,
+         "guidance": GUIDANCE, "student_prediction": Rule(choices=("epsilon", "v_prediction", "sample")),
+         "checkpoint_every": NON_NEGATIVE, "keep_checkpoints": POSITIVE, "log_every": POSITIVE,
+         "max_nonfinite": POSITIVE, "tracker": Rule(choices=("none", "tensorboard", "wandb")), "seed": SEED,
+         "stage_updates": Rule(comma_list=True)}
 
 DISTILL_HELP = f"""Distil a teacher into a few-step student, with DDIL inputs and reflected thresholding.
 
@@ -98,7 +114,7 @@ def distill_command(
     overwrite: bool = typer.Option(False, help="Start again in an existing run folder (deletes it first)."),
     config: Optional[Path] = typer.Option(None, help=HELP_CONFIG),
 ):
-    cfg = resolve_config(ctx, DistillConfig, config, options_keys=METHOD_OPTION_KEYS)
+    cfg = resolve_config(ctx, DistillConfig, config, RULES, options_keys=METHOD_OPTION_KEYS)
     cfg.device = resolve_device(cfg.device)
     with progress(cfg.quiet) as bar:
         summary = run_distill(cfg, progress=bar)
@@ -106,7 +122,7 @@ def distill_command(
         for phase in summary["phases"]:
             console.print(f"{phase['phase']}: {phase['updates']} updates, {phase['buffer_states']} buffered states, "
                           f"{phase['nonfinite_skipped']} non-finite skipped")
-        console.print(f"[green]student[/] saved to {summary['student']} "
+        console.print(f"[green]student[/] saved to {escape(str(summary['student']))} "
                       f"(collection took {100 * summary['collect_share']:.1f}% of training time)")
 
 

@@ -6,13 +6,19 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED, console,
                                  output_dir, progress, resolve_config, resolve_device)
 from ddil_cli.evaluate.run import ALL_METRICS, EvaluateConfig
 from ddil_cli.stages.evaluate import run_evaluate
+from ddil_cli.validate import BATCH, POSITIVE, SEED, Rule
 
 D = EvaluateConfig()
+
+# what each option must satisfy beyond its type (validate.py), checked before anything is written
+RULES = {"eval_res": Rule(low=8, high=4096), "num_reference": POSITIVE, "prdc_max": Rule(low=2),
+         "nearest_k": POSITIVE, "batch_size": BATCH, "seed": SEED}
 
 EVALUATE_HELP = f"""Score a `ddil sample` folder against a reference; writes metrics.json and prints a table.
 
@@ -76,7 +82,7 @@ def evaluate_command(
     from ddil_cli.evaluate import report
     from ddil_cli.manifest import write_manifest
 
-    cfg = resolve_config(ctx, EvaluateConfig, config)
+    cfg = resolve_config(ctx, EvaluateConfig, config, RULES)
     cfg.device = resolve_device(cfg.device)
     with output_dir(cfg.out, overwrite=cfg.overwrite) as work, progress(cfg.quiet) as bar:
         result = run_evaluate(cfg, work, progress=bar)
@@ -85,10 +91,10 @@ def evaluate_command(
     if not cfg.quiet:
         console.print(report.metrics_table(result))
         for note in result["notes"]:
-            console.print(f"[yellow]note:[/] {note}", highlight=False)
+            console.print(f"[yellow]note:[/] {escape(str(note))}", highlight=False)
         if "compare" in result:
             console.print(report.compare_table(result["compare"]["deltas"], result["compare"]["other"]))
-        console.print(f"[green]wrote[/] {Path(cfg.out) / 'metrics.json'}")
+        console.print(f"[green]wrote[/] {escape(str(Path(cfg.out) / 'metrics.json'))}")
 
 
 evaluate_command.__doc__ = EVALUATE_HELP

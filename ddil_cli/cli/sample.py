@@ -6,14 +6,20 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED, console,
                                  output_dir, progress, resolve_config, resolve_device)
 from ddil_cli.models import MODEL_HELP
 from ddil_cli.sampling import SampleConfig, load_models
 from ddil_cli.stages.sample import run_sample
+from ddil_cli.validate import BATCH, GUIDANCE, PROBABILITY, SEED, STEPS, Rule
 
 D = SampleConfig()
+
+# what each option must satisfy beyond its type (validate.py), checked before anything is written
+RULES = {"steps": STEPS, "teacher_steps": STEPS, "teacher_prob": PROBABILITY, "guidance": GUIDANCE,
+         "num_per_prompt": Rule(low=1, high=2**20), "batch_size": BATCH, "seed": SEED}
 
 SAMPLE_HELP = f"""Generate with the teacher, the student, or both mixed on one trajectory.
 
@@ -55,7 +61,7 @@ def sample_command(
     overwrite: bool = typer.Option(False, help=HELP_OVERWRITE),
     config: Optional[Path] = typer.Option(None, help=HELP_CONFIG),
 ):
-    cfg = resolve_config(ctx, SampleConfig, config)
+    cfg = resolve_config(ctx, SampleConfig, config, RULES)
     cfg.device = resolve_device(cfg.device)
     cfg.prompt = cfg.prompt or []
     models = load_models(cfg, cfg.device)  # load (and fail) before any folder is made
@@ -63,7 +69,7 @@ def sample_command(
         summary = run_sample(cfg, work, progress=bar, models=models)
     if not cfg.quiet:
         console.print(f"[green]wrote[/] {summary['samples']} samples ({summary['sampler']}, "
-                      f"{summary['seconds_per_sample']:.4f} s/sample, {summary['nfe_per_sample']:g} NFE) to {cfg.out}")
+                      f"{summary['seconds_per_sample']:.4f} s/sample, {summary['nfe_per_sample']:g} NFE) to {escape(str(cfg.out))}")
 
 
 sample_command.__doc__ = SAMPLE_HELP

@@ -6,14 +6,22 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, HELP_SEED, console, progress, resolve_config,
                                  resolve_device)
 from ddil_cli.evaluate.run import ALL_METRICS
 from ddil_cli.models import MODEL_HELP
 from ddil_cli.stages.shift import ShiftConfig, resolve_inputs, run_shift
+from ddil_cli.validate import BATCH, GUIDANCE, SEED, STEPS, Rule
 
 D = ShiftConfig()
+
+# what each option must satisfy beyond its type (validate.py), checked before anything is written
+RULES = {"steps": STEPS, "teacher_steps": STEPS, "shift_reference": Rule(choices=("auto", "data", "teacher")),
+         "shift_samples": Rule(low=2, high=10**7), "shift_dims": Rule(low=1, high=65536), "guidance": GUIDANCE,
+         "num_per_prompt": Rule(low=1, high=2**20), "batch_size": BATCH, "seed": SEED,
+         "betas": Rule(comma_list=True), "switch_at": Rule(comma_list=True), "metrics": Rule(comma_list=True)}
 
 SHIFT_HELP = f"""Measure a few-step student's covariate shift: the paper's mixed rollouts, and directly.
 
@@ -79,7 +87,7 @@ def covariate_shift_command(
     quiet: bool = typer.Option(False, help=HELP_QUIET),
     config: Optional[Path] = typer.Option(None, help=HELP_CONFIG),
 ):
-    cfg = resolve_config(ctx, ShiftConfig, config)
+    cfg = resolve_config(ctx, ShiftConfig, config, RULES)
     cfg.device = resolve_device(cfg.device)
     cfg.prompt, cfg.compare_student, cfg.settings = cfg.prompt or [], cfg.compare_student or [], cfg.settings or []
     inputs = resolve_inputs(cfg)  # load and validate everything before anything is written
@@ -89,7 +97,7 @@ def covariate_shift_command(
         from rich.markdown import Markdown
 
         console.print(Markdown((Path(cfg.out) / "table.md").read_text()))
-        console.print(f"[green]wrote[/] {cfg.out}/table.md, table.csv, direct.csv and "
+        console.print(f"[green]wrote[/] {escape(str(cfg.out))}/table.md, table.csv, direct.csv and "
                       f"{', '.join(summary['plots']) or 'no plots'} ({len(summary['computed'])} computed, "
                       f"{len(summary['reused'])} reused, {summary['seconds']:.1f} s)")
 

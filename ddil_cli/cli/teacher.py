@@ -6,13 +6,25 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED, HELP_THREADS,
                                  console, output_dir, progress, resolve_config, resolve_device)
 from ddil_cli.errors import UserError
 from ddil_cli.stages.teacher import TeacherCommandConfig, parse_channels, run_teacher
+from ddil_cli.validate import BATCH, NON_NEGATIVE, POSITIVE, SEED, Rule
 
 D = TeacherCommandConfig()
+
+# what each option must satisfy beyond its type (validate.py), checked before anything is written
+RULES = {"resolution": Rule(low=4, high=1024), "channels": Rule(choices=(1, 3)), "layers_per_block": Rule(low=1, high=16),
+         "attention_heads": Rule(low=1, high=64), "text_width": Rule(low=1, high=4096), "text_layers": Rule(low=1, high=64),
+         "max_length": Rule(low=2, high=1024), "steps": Rule(low=1, high=10**9), "batch_size": BATCH,
+         "lr": Rule(above=0, high=10), "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+         "grad_clip": NON_NEGATIVE, "caption_dropout": Rule(low=0, below=1), "ema_decay": Rule(low=0, below=1),
+         "checkpoint_every": POSITIVE, "keep_checkpoints": POSITIVE, "log_every": POSITIVE, "max_samples": POSITIVE,
+         "default_guidance": Rule(low=1, high=100), "mixed_precision": Rule(choices=("no", "fp16", "bf16")),
+         "threads": Rule(low=1, high=1024), "seed": SEED}
 
 TEACHER_HELP = """Train a small pixel-space text-to-image diffusion teacher on image-caption shards.
 
@@ -76,7 +88,7 @@ def teacher_command(
     overwrite: bool = typer.Option(False, help=HELP_OVERWRITE),
     config: Optional[Path] = typer.Option(None, help=HELP_CONFIG),
 ):
-    cfg = resolve_config(ctx, TeacherCommandConfig, config)
+    cfg = resolve_config(ctx, TeacherCommandConfig, config, RULES)
     cfg.block_out_channels = parse_channels(cfg.block_out_channels)
     cfg.device = "cpu" if resolve_device(cfg.device) == "cpu" else "auto"
     cfg.validate()
@@ -90,9 +102,9 @@ def teacher_command(
     if not cfg.quiet:
         data = summary["data"]
         skipped = f", {data['skipped_total']} skipped {data['skipped']}" if data["skipped_total"] else ""
-        console.print(f"[green]wrote[/] teacher pipeline to {cfg.out} ({summary['steps']} steps, final loss "
+        console.print(f"[green]wrote[/] teacher pipeline to {escape(str(cfg.out))} ({summary['steps']} steps, final loss "
                       f"{summary['final_loss']:.4f}, {data['used']} samples{skipped}); checkpoints in "
-                      f"{summary['checkpoints']}")
+                      f"{escape(str(summary['checkpoints']))}")
 
 
 teacher_command.__doc__ = TEACHER_HELP

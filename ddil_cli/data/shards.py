@@ -111,6 +111,24 @@ def _all_shards(urls):
     return urls
 
 
+def tar_problem(exc: BaseException) -> str:
+    """What is wrong with a shard, in a few words, from the exception reading it raised."""
+    text = " ".join(str(exc).split())
+    if "could not be opened successfully" in text or "invalid header" in text or "bad checksum" in text:
+        return "not a tar archive, or its header is corrupt"
+    if "unexpected end of data" in text or isinstance(exc, EOFError):
+        return "truncated: it ends in the middle of a file"
+    return f"{type(exc).__name__}: {text[:120]}"
+
+
+def _refuse_damaged_shard(exn: BaseException) -> bool:
+    """webdataset's error handler for --data shards: a shard that cannot be read stops the command
+    with its name (a half-read data set would change the run without saying so)."""
+    url = next((a for a in reversed(getattr(exn, "args", ())) if isinstance(a, str) and a), None)
+    where = f"data shard {url}" if url else "a data shard"
+    raise UserError(f"{where} cannot be read ({tar_problem(exn)}); replace it or leave it out of --data") from None
+
+
 def _first(sample: dict[str, Any], extensions: Sequence[str]) -> tuple[str, bytes] | None:
     for ext in extensions:
         value = sample.get(ext)
@@ -194,7 +212,7 @@ class ImageCaptionShards:
         # already picked this process's shards (DataStates' part/parts), so no node splitting
         # here; without a nodesplitter webdataset refuses to run under torchrun at all.
         dataset = wds.WebDataset(self.urls, shardshuffle=self.shuffle_shards, empty_check=False,
-                                 nodesplitter=_all_shards)
+                                 nodesplitter=_all_shards, handler=_refuse_damaged_shard)
         for raw in dataset:
             self.stats.read += 1
             decoded = self._decode(raw)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -86,10 +87,13 @@ def reference_stats(reference: ImageReference, extractor: FeatureExtractor, res:
     key = _stats_key(reference, extractor, res, cfg)
     path = cache_dir(cfg) / "reference-stats" / f"{extractor.name.replace(':', '-')}-{res}-{key[:20]}.npz"
     if path.is_file() and not cfg.no_cache:
-        data = np.load(path)
-        meta = json.loads(str(data["meta"]))
-        return (GaussianStats(data["mu"], data["sigma"], int(meta["num"])), data["features"],
-                {"cache": str(path), "cache_hit": True})
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                return (GaussianStats(data["mu"], data["sigma"], int(meta["num"])), data["features"],
+                        {"cache": str(path), "cache_hit": True})
+        except (OSError, ValueError, KeyError, EOFError) as exc:  # a damaged cache entry is recomputed
+            warnings.warn(f"reference statistics cache {path} is unreadable ({exc}); recomputing it")
     task = progress.add_task(f"reference {extractor.name}", total=len(reference.source)) if progress else None
     feats = []
     for batch in reference.source.batches(res, cfg.batch_size):

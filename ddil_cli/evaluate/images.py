@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
+from ddil_cli.data.shards import tar_problem
 from ddil_cli.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -131,38 +132,44 @@ class ShardSource:
         return {"kind": self.kind, "shards": [str(s) for s in self.shards], "num_images": len(self)}
 
     def _samples(self) -> Iterator[tuple[np.ndarray | bytes, str | None]]:
+        """(image bytes, caption) per sample. A damaged shard is refused, never skipped: a reference
+        missing part of its images would silently change every score against it."""
         import tarfile
 
         count = 0
         for shard in self.shards:
-            with tarfile.open(shard) as tar:
-                # webdataset groups members by the key before the first dot of the basename
-                current, image, caption = None, None, None
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    base = member.name.rsplit("/", 1)[-1]
-                    key, _, ext = base.partition(".")
-                    key = member.name.rsplit("/", 1)[0] + "/" + key if "/" in member.name else key
-                    if key != current:
-                        if image is not None:
-                            yield image, caption
-                            count += 1
-                            if self.limit is not None and count >= self.limit:
-                                return
-                        current, image, caption = key, None, None
-                    data = tar.extractfile(member).read()
-                    if "." + ext.lower() in IMAGE_EXTENSIONS and image is None:
-                        image = data
-                    elif ext.lower() == "txt":
-                        caption = data.decode("utf-8").strip()
-                    elif ext.lower() == "json" and caption is None:
-                        caption = json.loads(data).get("caption")
-                if image is not None and (self.limit is None or count < self.limit):
-                    yield image, caption
-                    count += 1
-                    if self.limit is not None and count >= self.limit:
-                        return
+            try:
+                with tarfile.open(shard) as tar:
+                    # webdataset groups members by the key before the first dot of the basename
+                    current, image, caption = None, None, None
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        base = member.name.rsplit("/", 1)[-1]
+                        key, _, ext = base.partition(".")
+                        key = member.name.rsplit("/", 1)[0] + "/" + key if "/" in member.name else key
+                        if key != current:
+                            if image is not None:
+                                yield image, caption
+                                count += 1
+                                if self.limit is not None and count >= self.limit:
+                                    return
+                            current, image, caption = key, None, None
+                        data = tar.extractfile(member).read()
+                        if "." + ext.lower() in IMAGE_EXTENSIONS and image is None:
+                            image = data
+                        elif ext.lower() == "txt":
+                            caption = data.decode("utf-8").strip()
+                        elif ext.lower() == "json" and caption is None:
+                            caption = json.loads(data).get("caption")
+                    if image is not None and (self.limit is None or count < self.limit):
+                        yield image, caption
+                        count += 1
+                        if self.limit is not None and count >= self.limit:
+                            return
+            except (tarfile.TarError, OSError, EOFError, ValueError, AttributeError) as exc:
+                raise UserError(f"reference shard {shard} is damaged ({tar_problem(exc)}); a reference must be "
+                                "complete: replace the shard or leave it out of --reference") from None
 
     def __len__(self) -> int:
         if self._count is None:
@@ -172,8 +179,12 @@ class ShardSource:
     def batches(self, eval_res: int, batch_size: int) -> Iterator[np.ndarray]:
         batch = []
         for data, _ in self._samples():
-            with Image.open(io.BytesIO(data)) as img:
-                batch.append(prepare_image(img, eval_res))
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    batch.append(prepare_image(img, eval_res))
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise UserError(f"a reference image in {', '.join(str(s) for s in self.shards[:2])} cannot be "
+                                f"decoded ({exc}); a reference must be complete: fix or remove that sample") from None
             if len(batch) == batch_size:
                 yield np.stack(batch)
                 batch = []

@@ -67,7 +67,13 @@ def load_sample_set(folder: str) -> SampleSet:
     if not rows:
         raise UserError(f"{index} lists no samples")
     if all(r.get("file") == "states.npy" for r in rows):
-        states = np.load(root / "states.npy")
+        try:
+            states = np.load(root / "states.npy", allow_pickle=False)
+            if states.ndim < 2:
+                raise ValueError(f"an array of shape {states.shape}, not one state per row")
+        except (OSError, ValueError, EOFError) as exc:
+            raise UserError(f"{root / 'states.npy'} is unreadable ({' '.join(str(exc).split())}); "
+                            "regenerate the folder with ddil sample") from None
         rows_idx = [int(r.get("row", i)) for i, r in enumerate(rows)]
         if max(rows_idx) >= len(states):
             raise UserError(f"{index} refers to row {max(rows_idx)} but states.npy has {len(states)} rows")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from rich.table import Table
 
+from ddil_cli.atomic import write_json_atomic
 from ddil_cli.errors import UserError
 
 # the headline number(s) of each metric, in table order; higher_is_better per number
@@ -26,9 +26,7 @@ HEADLINES = {
 
 
 def write_metrics_json(path: Path, result: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=False, allow_nan=True) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, result)  # a non-finite number is written as null: strict JSON
 
 
 def load_metrics_json(path: str | Path) -> dict:

@@ -70,6 +70,11 @@ def score(cfg: EvaluateConfig, *, progress=None) -> dict:
     """Every requested metric of the samples in `cfg.samples` against `cfg.reference`."""
     samples = load_sample_set(cfg.samples)
     reference = resolve_reference(cfg.reference, cfg.num_reference)
+    if reference is not None and (samples.kind == "states") != isinstance(reference, GMMReference):
+        # no metric compares lab states with images: every row would be "unavailable"
+        raise UserError(f"--samples {cfg.samples} holds {'lab states' if samples.kind == 'states' else 'images'} "
+                        f"but --reference {cfg.reference} is {'a Gaussian-mixture spec' if isinstance(reference, GMMReference) else 'images'}; "
+                        "score lab samples against a gmm: spec and images against images")
     names, explicit = requested_metrics(cfg, samples, reference)
     if cfg.eval_res < 8:
         raise UserError(f"--eval-res {cfg.eval_res} is too small; use e.g. 256")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ddil_cli.atomic import unreadable_file
 from ddil_cli.errors import UserError
 from ddil_cli.models.base import Conditioning, Denoiser
 
@@ -36,8 +37,17 @@ def load_denoiser(spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.
         return _diffusers(path, device, dtype)
     path = Path(spec).expanduser()
     if path.is_dir():
+        problem = unreadable_file(path)  # a truncated weights file or a broken config, named
+        if problem is not None:
+            raise UserError(f"model folder {path}: {problem}; re-create it (e.g. re-run the ddil distill that "
+                            "made it) or restore the file")
         if (path / CONFIG_NAME).is_file():
-            return MLPDenoiser.from_pretrained(path).to(device)
+            try:
+                return MLPDenoiser.from_pretrained(path).to(device)
+            except (TypeError, KeyError, ValueError, RuntimeError) as exc:  # another format or other shapes
+                raise UserError(f"model folder {path} does not hold a loadable ddil MLP student "
+                                f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); re-create it with "
+                                "ddil distill") from None
         if (path / "model_index.json").is_file() or (path / "unet").is_dir():
             return _diffusers(path, device, dtype)
         raise UserError(f"{path} is a folder but holds no model (no model_index.json, unet/ or "

@@ -444,6 +444,9 @@ class DiffusersDenoiser(Denoiser):
         (path / STUDENT_FILE).write_text(json.dumps(record, indent=2))
         if self.sampling_defaults:
             (path / DEFAULTS_FILE).write_text(json.dumps(self.sampling_defaults, indent=2))
+        from ddil_cli.atomic import follow_umask
+
+        follow_umask(path)  # safetensors writes private files; a saved model is an ordinary output
 
     def _teacher_scheduler(self):
         import diffusers

@@ -116,6 +116,9 @@ class MLPDenoiser(Denoiser):
         save_file({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()},
                   str(path / WEIGHTS_NAME))
         (path / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        from ddil_cli.atomic import follow_umask
+
+        follow_umask(path)  # safetensors writes private files; a saved model is an ordinary output
 
     @classmethod
     def from_pretrained(cls, path) -> "MLPDenoiser":

@@ -17,7 +17,6 @@ distill's DAgger hook stores rollouts through the same `buffer.sources.rollout_r
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ddil_cli.atomic import remove_path, save_tensors_atomic
 from ddil_cli.buffer import manifest as mf
 from ddil_cli.buffer.manifest import buffer_header
 from ddil_cli.buffer.replay import FIFOPolicy
@@ -207,7 +207,16 @@ def run_collect(cfg: CollectConfig, *, models: tuple[Denoiser, Denoiser | None] 
     writer = BufferWriter(cfg.out, plan.header, run_info=run_info, rank=rank, world_size=world_size,
                           launch_key=launch_key, shard_samples=min(cfg.shard_samples, cfg.max_samples or cfg.shard_samples),
                           shard_bytes=int(cfg.shard_mb * (1 << 20)), on_commit=FIFOPolicy(cfg.max_samples))
-    writer.open()
+    # a buffer this run creates and that ends without a shard is removed on failure: a failed first
+    # collect (damaged --data, a full disk) leaves nothing behind. Only alone: other ranks share it.
+    new_folder = world_size == 1 and not (Path(cfg.out) / mf.MANIFEST_NAME).exists() and \
+        not (Path(cfg.out).exists() and any(Path(cfg.out).iterdir()))
+    try:
+        writer.open()
+    except BaseException:
+        if new_folder:
+            remove_path(cfg.out)
+        raise
     total = sum(len(b.ids) * (1 if b.kind == "data" else plan.grid.num_transitions) for b in blocks)
     task = progress.add_task(f"collecting (rank {rank})" if world_size > 1 else "collecting", total=total) \
         if progress is not None else None
@@ -237,6 +246,8 @@ def run_collect(cfg: CollectConfig, *, models: tuple[Denoiser, Denoiser | None] 
                     progress.advance(task, 1)
     except BaseException:
         writer.abort()  # the shard in progress is dropped; committed shards and the manifest stay valid
+        if new_folder and not writer.committed:
+            remove_path(cfg.out)
         raise
     shards = writer.close()
     if cfg.cache_prompts:
@@ -253,8 +264,6 @@ def cache_prompt_embeddings(teacher: Denoiser, prompts: dict[str, str], root: Pa
                             batch_size: int = 32) -> Path:
     """The teacher's encodings of the prompts this process used, once per prompt (never per state):
     `prompt_cache/RRRR-KKK.safetensors`, tensors `PROMPT_ID/cond/KEY` and `PROMPT_ID/uncond/KEY`."""
-    from safetensors.torch import save_file
-
     ids = sorted(prompts)
     tensors: dict[str, torch.Tensor] = {}
     for begin in range(0, len(ids), batch_size):
@@ -267,7 +276,5 @@ def cache_prompt_embeddings(teacher: Denoiser, prompts: dict[str, str], root: Pa
     folder = root / "prompt_cache"
     folder.mkdir(exist_ok=True)
     path = folder / f"{run:04d}-{rank:03d}.safetensors"
-    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    save_tensors_atomic(tensors, path)
     return path

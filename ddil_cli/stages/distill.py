@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ddil_cli.atomic import unreadable_file, write_bytes_atomic
 from ddil_cli.buffer.pool import ReplayPool
 from ddil_cli.buffer.replay import FIFOPolicy, PrioritizedPolicy
 from ddil_cli.buffer.manifest import buffer_header
@@ -34,7 +35,7 @@ from ddil_cli.models.base import Denoiser
 from ddil_cli.priors import PhaseSchedule, PriorSchedule
 from ddil_cli.rollout import Grid
 from ddil_cli.specs import read_prompts
-from ddil_cli.train import MetricsLog, TrainConfig, Trainer, latest_checkpoint
+from ddil_cli.train import CheckpointError, MetricsLog, TrainConfig, Trainer, latest_checkpoint
 
 # ALGORITHMS.md section 4 defaults: phase 1 (first 60%) data 0.5 / buffer 0.5 with the student
 # taking a transition with probability 0.5; phase 2 data 0.3 / buffer 0.7, student 0.8.
@@ -370,7 +371,13 @@ def check_resume(cfg: DistillConfig, run: Path) -> Path | None:
     manifest_path = run / "manifest.json"
     if not manifest_path.is_file():
         raise UserError(f"--resume: {run} is not a ddil distill run (no manifest.json); check --out")
-    old = json.loads(manifest_path.read_text())["config"]
+    try:
+        old = json.loads(manifest_path.read_text())["config"]
+        if not isinstance(old, dict):
+            raise TypeError("config is not a table")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--resume: {manifest_path} is damaged ({exc}); restore it, or start again with "
+                        "--overwrite or another --out") from None
     for key in COMPATIBLE_KEYS:
         if old.get(key, {} if key == "options" else None) != getattr(cfg, key):
             raise UserError(f"--resume: the run in {run} has {key}={old.get(key)!r}, this command "
@@ -381,6 +388,10 @@ def check_resume(cfg: DistillConfig, run: Path) -> Path | None:
     if not (path / "state.json").is_file():
         raise UserError(f"--resume {path}: not a checkpoint folder (no state.json); use latest or "
                         f"a folder under {run / 'checkpoints'}")
+    problem = unreadable_file(path)
+    if problem is not None:
+        raise UserError(f"--resume {path}: {problem}; use --resume latest (it skips damaged checkpoints) "
+                        f"or another folder under {run / 'checkpoints'}")
     return path
 
 
@@ -412,6 +423,8 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
+    # a resume that fails on its checkpoint leaves the run's manifest (its original command) as it was
+    previous_manifest = (run / "manifest.json").read_bytes() if resume_from is not None else None
     if accelerator.is_main_process:
         write_json_atomic(run / "manifest.json", build_manifest(
             "distill", cfg, inputs={"teacher": cfg.teacher, "data": cfg.data, "prompts": cfg.prompts},
@@ -422,6 +435,8 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
                                                           if isinstance(v, (int, float, str, bool))})
     metrics = MetricsLog(run / "metrics.jsonl")
     resume_info = json.loads((resume_from / "state.json").read_text()) if resume_from else None
+    if resume_info is not None and not isinstance(resume_info, dict):
+        resume_info = {"phase": None}  # not a checkpoint's state: load_checkpoint names the problem
 
     teacher = teacher.to(accelerator.device)
     original_source = str(getattr(teacher, "spec", "") or cfg.teacher)  # normalised lab spec
@@ -437,9 +452,14 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
             continue
         phase_teacher, teacher_source = (teacher, original_source) if phase.teacher == "original" \
             else (previous, previous_source)
-        summaries.append(_run_phase(cfg, plan, phase, k, phase_teacher, teacher, data, run, accelerator, metrics,
-                                    resume_from if resume_info and resume_info["phase"] == phase.name else None,
-                                    offset, progress, teacher_source, external))
+        try:
+            summaries.append(_run_phase(cfg, plan, phase, k, phase_teacher, teacher, data, run, accelerator, metrics,
+                                        resume_from if resume_info and resume_info["phase"] == phase.name else None,
+                                        offset, progress, teacher_source, external))
+        except CheckpointError:
+            if previous_manifest is not None and accelerator.is_main_process:
+                write_bytes_atomic(run / "manifest.json", previous_manifest)
+            raise
         previous, previous_source = load_denoiser(str(stage_dir), device=accelerator.device), str(stage_dir)
         offset += phase.updates
     final = run / "student"

@@ -15,15 +15,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -31,9 +26,10 @@ from ddil_cli.buffer.sources import DataStates, is_lab
 from ddil_cli.diffusion.threshold import parse_threshold
 from ddil_cli.errors import UserError
 from ddil_cli.evaluate import report
+from ddil_cli.atomic import atomic_folder, write_json_atomic, write_text_atomic
 from ddil_cli.evaluate.inputs import resolve_reference
 from ddil_cli.evaluate.run import ALL_METRICS, EvaluateConfig, score
-from ddil_cli.manifest import fingerprint, write_json_atomic, write_manifest
+from ddil_cli.manifest import fingerprint, write_manifest
 from ddil_cli.models import EMBEDDED, load_denoiser
 from ddil_cli.sampling import SampleConfig, load_models, plan_sampling, sample_seed, write_sample_folder
 from ddil_cli.shift import (REFERENCE_KINDS, Setting, build_settings, config_key, forward_diffused, load_json,
@@ -216,26 +212,6 @@ def prepare_out(out: Path) -> None:
         raise UserError(f"cannot write to {out} ({exc.strerror}); choose a writable --out") from None
 
 
-@contextmanager
-def atomic_folder(final: Path) -> Iterator[Path]:
-    """A hidden work folder beside `final` that replaces it only when the block succeeds."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    os.chmod(work, 0o755)  # mkdtemp makes it private; the finished folder is an ordinary one
-    try:
-        yield work
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(work, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(work, final)
-
-
 def stored(folder: Path, key: str) -> dict | None:
     record = load_json(folder / "setting.json")
     return record if record and record.get("key") == key else None
@@ -355,12 +331,6 @@ def run_shift(cfg: ShiftConfig, *, progress=None, inputs: Inputs | None = None) 
 
 # ---- tables and plots -------------------------------------------------------------------------
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _csv(header: list[str], rows: list[list]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -398,13 +368,13 @@ def write_report(cfg: ShiftConfig, inputs: Inputs, out: Path, results: dict[str,
                "mean squared difference between the student's one-step and the teacher's landing state, on the "
                "student's own states / on the reference states; timestep -1: the clean samples.\n",
                markdown_table(direct_header, direct_rows)]
-    _write_text(out / "table.md", "\n".join(md))
-    _write_text(out / "table.csv", _csv(["setting", "kind", "value", "description", "teacher_share", "nfe_per_sample"]
+    write_text_atomic(out / "table.md", "\n".join(md))
+    write_text_atomic(out / "table.csv", _csv(["setting", "kind", "value", "description", "teacher_share", "nfe_per_sample"]
                                         + metric_names,
                                         [[r["name"], r["kind"], r["value"], r["description"], r["teacher_share"],
                                           r["nfe_per_sample"]] + [r["metrics"].get(m) for m in metric_names]
                                          for r in results.values()]))
-    _write_text(out / "direct.csv", _csv(direct_header, direct_rows))
+    write_text_atomic(out / "direct.csv", _csv(direct_header, direct_rows))
     plots = out / "plots"
     made = {"beta": plot_beta(results, metric_names, plots / "beta.png"),
             "switch": plot_switch(results, metric_names, plots / "switch.png"),

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ddil_cli.atomic import to_json, unreadable_file
 from ddil_cli.data.shards import load_image_captions
 from ddil_cli.diffusion.parameterization import to_v
 from ddil_cli.diffusion.schedule import NoiseSchedule, bcast
@@ -40,7 +41,7 @@ from ddil_cli.errors import UserError
 from ddil_cli.lab.digits import (TeacherArch, build_clip_tokenizer, make_scheduler, make_text_encoder,
                                  make_unet, tokenize)
 from ddil_cli.methods.base import TrainedGroup
-from ddil_cli.train import TrainConfig, Trainer, list_checkpoints
+from ddil_cli.train import TrainConfig, Trainer, newest_readable_checkpoint
 
 TRAINABLE_PREDICTIONS = ("epsilon", "v_prediction")
 
@@ -213,26 +214,28 @@ class _TeacherRunState:
 
     def __init__(self, config: TeacherTrainConfig):
         self.config = config
-        self.saved: dict | None = None
 
     def state(self):
-        return {}, {"teacher_config": json.loads(json.dumps(asdict(self.config)))}
+        return {}, {"teacher_config": json.loads(to_json(asdict(self.config)))}
 
     def load(self, tensors, info):
-        self.saved = info.get("teacher_config", {})
+        pass  # checked before the loop starts (_check_resume_config), nothing to restore
 
 
 def resolve_resume(resume: str | Path | None, checkpoint_dir: str | Path) -> Path | None:
-    """'latest' (newest complete checkpoint in checkpoint_dir, None if there is none) or a path."""
+    """'latest' (the newest readable checkpoint in checkpoint_dir, None if there is none; a damaged
+    newer one is skipped with a warning) or a path."""
     if resume is None:
         return None
     if str(resume) == "latest":
-        found = list_checkpoints(checkpoint_dir)
-        return found[-1] if found else None
+        return newest_readable_checkpoint(Path(checkpoint_dir))
     path = Path(resume)
     if not (path / "state.json").is_file():
-        raise UserError(f"{path} is not a teacher checkpoint (no state.json); pass a checkpoint-N "
-                        f"folder or --resume")
+        raise UserError(f"{path} is not a teacher checkpoint (no state.json); pass a checkpoint-NNNNNNNN "
+                        f"folder to --resume-from, or --resume for the newest one")
+    problem = unreadable_file(path)
+    if problem is not None:
+        raise UserError(f"--resume-from {path}: {problem}; pass an older checkpoint-NNNNNNNN folder or --resume")
     return path
 
 
@@ -274,7 +277,7 @@ def save_pipeline(out: Path, unet, text_encoder, tokenizer_dir: Path, scheduler)
         "unet": ["diffusers", type(unet).__name__],
         "vae": [None, None],
     }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "model_index.json").write_text(to_json(index, indent=2) + "\n")
 
 
 def write_sampling_defaults(out: Path, config: TeacherTrainConfig) -> None:
@@ -285,7 +288,7 @@ def write_sampling_defaults(out: Path, config: TeacherTrainConfig) -> None:
     defaults: dict[str, Any] = {"guidance": config.default_guidance}
     if config.default_prompts:
         defaults["prompts"] = read_prompts(None, config.default_prompts, None)
-    (out / "ddil_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
+    (out / "ddil_defaults.json").write_text(to_json(defaults, indent=2) + "\n")
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -311,10 +314,18 @@ def train_teacher(config: TeacherTrainConfig, out: str | Path, checkpoint_dir: s
     data = load_image_captions(config.data, resolution=config.resolution, channels=config.channels,
                                output="tensor", limit=config.max_samples)
     if console is not None and accelerator.is_main_process:
-        console.print(f"data: {data.stats.summary()}")
+        console.print(f"data: {data.stats.summary()}", markup=False)
     resume_path = resolve_resume(resume, checkpoint_dir)
-    saved = json.loads((resume_path / "state.json").read_text()) if resume_path is not None else None
-    if saved is not None:
+    saved = None
+    if resume_path is not None:
+        try:
+            saved = json.loads((resume_path / "state.json").read_text())
+            if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict):
+                raise ValueError("no training state")
+        except ValueError:
+            raise UserError(f"{resume_path / 'state.json'} is not a teacher checkpoint's state (checkpoints of "
+                            "the earlier teacher loop do not resume in this one); pass another checkpoint to "
+                            "--resume-from, or start fresh") from None
         _check_resume_config(saved.get("extra", {}).get("teacher_config", {}), config)
         start_step = int(saved["train"]["update"])
         if start_step > config.steps:
@@ -348,7 +359,7 @@ def train_teacher(config: TeacherTrainConfig, out: str | Path, checkpoint_dir: s
         entry = {"step": row["update"], "loss": row["loss"], "lr": row["lr"], "seconds": round(time.time() - started, 2)}
         log.append(entry)
         with log_file.open("a") as fh:
-            fh.write(json.dumps(entry) + "\n")
+            fh.write(to_json(entry) + "\n")
         if on_step is not None:
             on_step(entry["step"], entry["loss"])
 
@@ -373,7 +384,7 @@ def train_teacher(config: TeacherTrainConfig, out: str | Path, checkpoint_dir: s
             save_pipeline(out, final_net.unet, final_net.text_encoder, tokenizer_dir,
                           make_scheduler(config.prediction_type, config.beta_schedule))
         write_sampling_defaults(out, config)
-        (out / "train_config.json").write_text(json.dumps(
+        (out / "train_config.json").write_text(to_json(
             {"config": asdict(config), "data": data.stats.as_dict(), "weights": "ema" if config.ema_decay > 0 else "raw"},
             indent=2) + "\n")
         if log_file.is_file():
@@ -427,7 +438,7 @@ def run_teacher(cfg: TeacherCommandConfig, work: Path, *, progress=None, console
     checkpoint_dir = cfg.checkpoint_dir()
     resumed = resolve_resume(resume, checkpoint_dir)
     if resume == "latest" and resumed is None and console is not None:
-        console.print(f"no checkpoint in {checkpoint_dir} to resume from: starting at step 0")
+        console.print(f"no checkpoint in {checkpoint_dir} to resume from: starting at step 0", markup=False)
     result = train_teacher(cfg, work, checkpoint_dir, resume=resumed, progress=progress, console=console)
     shards = {url: fingerprint(url) for url in resolve_shards(cfg.data) if Path(url).is_file()}
     summary = {"steps": result.step, "final_loss": result.final_loss, "seconds": round(result.seconds, 2),

@@ -1,0 +1,226 @@
+"""Publishing files and folders atomically: a reader sees the old version or the whole new one.
+
+Everything is written under a hidden temporary name beside its final place, flushed to disk
+(fsync) and renamed; a failure (an exception, a full disk) removes the temporary, so nothing is
+ever half-published. Published files and folders get the permissions the user's umask gives
+(libraries such as safetensors and `tempfile.mkdtemp` create private ones). One place for this
+so every stage behaves the same (docs/troubleshooting.md: disk full, interrupted runs).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from ddil_cli.errors import UserError
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give `path` (and, for a folder, everything in it) the permissions a new file or folder
+    would get from the umask: 0o666 & ~umask for files, 0o777 & ~umask for folders."""
+    mask = current_umask()
+    path = Path(path)
+    if path.is_dir():
+        os.chmod(path, 0o777 & ~mask)
+        for root, dirs, files in os.walk(path):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+    elif path.exists():
+        os.chmod(path, 0o666 & ~mask)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's entries') data to disk; a no-op where the OS refuses."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
+
+
+def temp_name(final: str | os.PathLike) -> Path:
+    """A hidden, unique sibling name for `final` (same folder, so the rename is atomic)."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def remove_path(path: str | os.PathLike) -> None:
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; when the block succeeds, the file written there is
+    flushed, given the umask's permissions and renamed over `path`. A failure removes it."""
+    final = Path(path)
+    tmp = temp_name(final)
+    try:
+        yield tmp
+        if fsync:
+            fsync_path(tmp)
+        follow_umask(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        remove_path(tmp)
+        raise
+    if fsync:
+        fsync_path(final.parent)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN / infinity replaced by None: JSON has no such numbers, and a file
+    holding `NaN` is not JSON other tools can read."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def to_json(data: Any, **kwargs) -> str:
+    """Strict JSON text (non-finite numbers written as null)."""
+    return json.dumps(json_safe(data), allow_nan=False, **kwargs)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON under a temporary name and rename: a reader never sees half a file."""
+    write_text_atomic(path, to_json(data, indent=2, sort_keys=False) + "\n")
+
+
+def save_tensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """safetensors.save_file, published atomically with the umask's permissions."""
+    from safetensors.torch import save_file
+
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty hidden folder beside `path`, renamed to `path` when the block succeeds
+    (its files flushed and given the umask's permissions). An existing `path` is swapped out
+    and deleted only then (replace=True) or is an error (replace=False). A failure or an
+    interrupt removes the hidden folder and leaves `path` as it was."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = temp_name(final)
+    work.mkdir()
+    try:
+        yield work
+        _fsync_tree(work)
+        follow_umask(work)
+        if final.exists():
+            if not replace:
+                raise FileExistsError(errno.EEXIST, "already exists", str(final))
+            old = temp_name(final).with_suffix(".old")
+            os.rename(final, old)
+            os.rename(work, final)
+            remove_path(old)
+        else:
+            os.rename(work, final)
+    except BaseException:
+        remove_path(work)
+        raise
+    fsync_path(final.parent)
+
+
+# ---- checking on read what publishing promised -------------------------------------------------
+def unreadable_file(folder: str | os.PathLike) -> str | None:
+    """Why a published folder (a checkpoint, a student) cannot be read, or None: every .json in
+    it must parse and every .safetensors must be complete. Cheap: tensors are not loaded."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*")):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".safetensors":
+                with safe_open(str(path), "pt"):
+                    pass
+        except Exception as exc:  # json, unicode, OS and safetensors errors alike: the file is bad
+            return f"{path} is unreadable ({one_line(exc)})"
+    return None
+
+
+def one_line(exc: BaseException | str, limit: int = 160) -> str:
+    """An exception's message as one short line (library messages can span many lines)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# ---- a full disk, reported as one line ---------------------------------------------------------
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = ("no space left on device", "storagefull", "os error 28", "disk quota exceeded")
+
+
+def disk_full_error(exc: BaseException) -> UserError | None:
+    """A UserError for an exception (or its cause) that says the disk or quota is full, else None.
+    Libraries report it differently: OSError(ENOSPC), safetensors' SafetensorError text, ..."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        filename = getattr(exc, "filename", None)
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+            where = f" while writing {filename}" if filename else ""
+            return UserError(f"the disk is full ({exc.strerror}){where}; free space or choose an --out on "
+                             "another disk, then run the command again")
+        if any(text in str(exc).lower() for text in _DISK_FULL_TEXT):
+            return UserError("the disk is full (no space left on device); free space or choose an --out on "
+                             "another disk, then run the command again")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+__all__ = ["atomic_file", "atomic_folder", "current_umask", "disk_full_error", "follow_umask", "fsync_path",
+           "json_safe", "one_line", "remove_path", "save_tensors_atomic", "temp_name", "to_json", "write_bytes_atomic",
+           "unreadable_file", "write_json_atomic", "write_text_atomic"]
