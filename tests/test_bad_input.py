@@ -93,6 +93,8 @@ def world(tmp_path_factory) -> Path:
     (w / "broken.yaml").write_text("steps: [4\n  x: 1\n")
     (w / "broken.toml").write_text("steps = \n")
     (w / "empty.txt").write_text("\n\n")
+    (w / "binary.txt").write_bytes(b"\xab\xff\x00 not text")
+    (w / "latin1.toml").write_bytes(b"\xff\xfe steps = 4\n")
     (w / "afile").write_text("a file, not a folder")
     (w / "bad_metrics.json").write_text("{")
     (w / "bad_stats.npz").write_bytes(b"not an npz")
@@ -141,6 +143,8 @@ CASES = [
     ("sample-out-exists", [*S, "--out", "{w}/samples"], "--overwrite"),
     ("sample-out-is-file", [*S, "--out", "{w}/afile"], "is a file"),
     ("sample-prompts-empty", [*S, "--prompts", "{w}/empty.txt", "--out", "{o}"], "no prompts"),
+    ("sample-prompts-binary", [*S, "--prompts", "{w}/binary.txt", "--out", "{o}"], "UTF-8"),
+    ("sample-config-not-utf8", [*S, "--config", "{w}/latin1.toml", "--out", "{o}"], "UTF-8"),
     ("sample-device", [*S, "--device", "tpu", "--out", "{o}"], "--device"),
     ("sample-unknown-flag", [*S, "--stepz", "4", "--out", "{o}"], "--stepz"),
     # collect
