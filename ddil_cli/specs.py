@@ -29,7 +29,12 @@ def read_prompts(prompt: list[str] | None, prompts_file: str | None, default: li
         path = Path(prompts_file)
         if not path.is_file():
             raise UserError(f"prompts file {path} not found; give a text file with one prompt per line")
-        lines = [line.strip() for line in path.read_text().splitlines()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"prompts file {path} cannot be read as UTF-8 text ({exc}); give a text file "
+                            "with one prompt per line") from None
+        lines = [line.strip() for line in text.splitlines()]
         lines = [line for line in lines if line]
         if not lines:
             raise UserError(f"prompts file {path} has no prompts; write one prompt per line")

@@ -107,9 +107,9 @@ def print_error(message: str) -> None:
     sys.stderr.flush()
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     """Warnings as `warning: MESSAGE` lines, without the source location and code line."""
-    (file or sys.stderr).write(f"warning: {' '.join(str(message).split())}\n")
+    return f"warning: {' '.join(str(message).split())}\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from ddil_cli.atomic import disk_full_error
 
-    shown = warnings.showwarning
-    warnings.showwarning = _one_line_warning
+    formatted = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         set_threads(default_threads())
         app(args=argv, standalone_mode=False, prog_name="ddil")
@@ -145,4 +145,4 @@ def main(argv: list[str] | None = None) -> None:
         print_error(str(full))
         sys.exit(2)
     finally:
-        warnings.showwarning = shown
+        warnings.formatwarning = formatted

@@ -40,8 +40,8 @@ def load_config_file(path: Path | None) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} not found; pass an existing .toml or .yaml file to --config")
-    text = path.read_text()
     try:
+        text = path.read_text(encoding="utf-8")
         if path.suffix.lower() == ".toml":
             if sys.version_info >= (3, 11):
                 import tomllib
@@ -56,6 +56,8 @@ def load_config_file(path: Path | None) -> dict[str, Any]:
             raise UserError(f"config file {path} must end in .toml, .yaml or .yml")
     except UserError:
         raise
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
     except Exception as exc:  # the parsers' own messages name line and column
         raise UserError(f"config file {path} could not be parsed ({' '.join(str(exc).split())}); "
                         "fix its syntax") from None

@@ -16,6 +16,7 @@ distill's DAgger hook stores rollouts through the same `buffer.sources.rollout_r
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import time
 from dataclasses import dataclass
@@ -213,9 +214,11 @@ def run_collect(cfg: CollectConfig, *, models: tuple[Denoiser, Denoiser | None] 
         not (Path(cfg.out).exists() and any(Path(cfg.out).iterdir()))
     try:
         writer.open()
-    except BaseException:
+    except BaseException as exc:
         if new_folder:
             remove_path(cfg.out)
+        if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"cannot create the buffer {cfg.out} ({exc.strerror}); choose a writable --out") from None
         raise
     total = sum(len(b.ids) * (1 if b.kind == "data" else plan.grid.num_transitions) for b in blocks)
     task = progress.add_task(f"collecting (rank {rank})" if world_size > 1 else "collecting", total=total) \

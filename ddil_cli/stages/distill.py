@@ -372,9 +372,13 @@ def check_resume(cfg: DistillConfig, run: Path) -> Path | None:
     if not manifest_path.is_file():
         raise UserError(f"--resume: {run} is not a ddil distill run (no manifest.json); check --out")
     try:
-        old = json.loads(manifest_path.read_text())["config"]
+        manifest = json.loads(manifest_path.read_text())
+        old = manifest["config"]
         if not isinstance(old, dict):
             raise TypeError("config is not a table")
+        if manifest.get("stage") != "distill":
+            raise UserError(f"--resume: {run} is not a ddil distill run (its manifest is a "
+                            f"{manifest.get('stage')!r} output's); check --out")
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"--resume: {manifest_path} is damaged ({exc}); restore it, or start again with "
                         "--overwrite or another --out") from None
