@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from ddil_cli.atomic import atomic_folder, to_json
 from ddil_cli.errors import UserError
 from ddil_cli.methods.base import Batch, DistillMethod, TrainedGroup
 
@@ -214,36 +215,31 @@ class Trainer:
         if not acc.is_main_process:
             acc.wait_for_everyone()
             return final
-        tmp = final.with_name("." + final.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        tensors, info = {}, {"schedulers": {}}
-        for group in self.groups:
-            for name, module in group.raw.items():
-                save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
-                          str(tmp / f"{name}.safetensors"))
-            _split_state(group.optimizer.state_dict(), f"optimizer{group.key}", tensors, info)
-            info["schedulers"][group.name] = group.scheduler.state_dict()
-        if self.ema is not None:
-            _split_state(self.ema.state_dict(), "ema", tensors, info)
-        method_tensors, method_info = self.method.extra_state()
-        tensors.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in method_tensors.items()})
-        info["method"] = method_info
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        _split_state(rng, "rng", tensors, info)
-        if self.extra_state is not None:
-            extra_tensors, extra_info = self.extra_state.state()
-            tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra_tensors.items()})
-            info["extra"] = extra_info
-        save_file(tensors, str(tmp / "state.safetensors"))
-        info.update(phase=self.phase, train=asdict(self.state), scheduler=info["schedulers"]["student"],
-                    config=asdict(self.config), groups=[g.name for g in self.groups])
-        (tmp / "state.json").write_text(json.dumps(info))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        with atomic_folder(final) as tmp:  # temp name, fsync, rename: a crash never shows half a checkpoint
+            tensors, info = {}, {"schedulers": {}}
+            for group in self.groups:
+                for name, module in group.raw.items():
+                    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+                              str(tmp / f"{name}.safetensors"))
+                _split_state(group.optimizer.state_dict(), f"optimizer{group.key}", tensors, info)
+                info["schedulers"][group.name] = group.scheduler.state_dict()
+            if self.ema is not None:
+                _split_state(self.ema.state_dict(), "ema", tensors, info)
+            method_tensors, method_info = self.method.extra_state()
+            tensors.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in method_tensors.items()})
+            info["method"] = method_info
+            rng = {"torch_cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+            _split_state(rng, "rng", tensors, info)
+            if self.extra_state is not None:
+                extra_tensors, extra_info = self.extra_state.state()
+                tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra_tensors.items()})
+                info["extra"] = extra_info
+            save_file(tensors, str(tmp / "state.safetensors"))
+            info.update(phase=self.phase, train=asdict(self.state), scheduler=info["schedulers"]["student"],
+                        config=asdict(self.config), groups=[g.name for g in self.groups])
+            (tmp / "state.json").write_text(to_json(info))  # last: its presence marks a complete checkpoint
         self._prune()
         acc.wait_for_everyone()
         return final
@@ -459,7 +455,7 @@ class MetricsLog:
 
     def __call__(self, row: dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(to_json(row) + "\n")  # strict JSON: a NaN loss is written as null
 
 
 __all__ = ["CheckpointError", "MetricsLog", "NonFiniteLoss", "TrainConfig", "Trainer", "latest_checkpoint",

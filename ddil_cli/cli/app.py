@@ -112,6 +112,15 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {' '.join(str(message).split())}\n"
 
 
+def _quiet_library_bars() -> None:
+    """The environment variable above is read at import; when transformers or diffusers were
+    imported first (a program calling main()), switch their weight-loading bars off directly."""
+    for name in ("transformers", "diffusers"):
+        module = sys.modules.get(name)
+        if module is not None:
+            module.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the app; problems the user can fix end in one line on stderr and exit code 2."""
     import warnings
@@ -120,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
 
     formatted = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
+    _quiet_library_bars()
     try:
         set_threads(default_threads())
         app(args=argv, standalone_mode=False, prog_name="ddil")

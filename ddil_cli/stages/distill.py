@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from ddil_cli.atomic import unreadable_file, write_bytes_atomic
 from ddil_cli.buffer.pool import ReplayPool
 from ddil_cli.buffer.replay import FIFOPolicy, PrioritizedPolicy
 from ddil_cli.buffer.manifest import buffer_header
@@ -28,7 +27,8 @@ from ddil_cli.buffer.sources import DataStates, forward_diffuse, is_lab, rollout
 from ddil_cli.buffer.writer import BufferWriter, prompt_id
 from ddil_cli.diffusion.threshold import Threshold, parse_threshold
 from ddil_cli.errors import UserError
-from ddil_cli.manifest import build_manifest, fingerprint, write_json_atomic
+from ddil_cli.atomic import atomic_folder, to_json, unreadable_file, write_bytes_atomic, write_json_atomic
+from ddil_cli.manifest import build_manifest, fingerprint
 from ddil_cli.methods import METHODS, PLANNED, Batch, DistillMethod, MethodOptions, Phase, PlanRequest
 from ddil_cli.models import load_denoiser
 from ddil_cli.models.base import Denoiser
@@ -468,13 +468,9 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
         offset += phase.updates
     final = run / "student"
     if accelerator.is_main_process:
-        tmp = run / ".student.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(run / "stages" / plan.phases[-1].name, tmp)
-        (tmp / "ddil_phase.json").unlink()
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        with atomic_folder(final) as tmp:
+            shutil.copytree(run / "stages" / plan.phases[-1].name, tmp, dirs_exist_ok=True)
+            (tmp / "ddil_phase.json").unlink()
     accelerator.end_training()
     summary = {"phases": summaries, "student": str(final),
                "collect_share": sum(s["collect_seconds"] for s in summaries) /
@@ -535,15 +531,10 @@ def _run_phase(cfg, plan, phase: Phase, index, phase_teacher, original_teacher, 
                "nonfinite_skipped": state.nonfinite_total, "collect_seconds": state.collect_seconds,
                "train_seconds": state.train_seconds, "buffer_states": len(pool)}
     if accelerator.is_main_process:
-        tmp = stage_dir.with_name("." + stage_dir.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with trainer.final_weights():  # the EMA weights when EMA is on, the online ones put back after
+        with atomic_folder(stage_dir) as tmp, trainer.final_weights():
+            # the EMA weights when EMA is on; the online ones are put back after
             student.save_pretrained(tmp, timesteps=phase.timesteps, scheduler=plan.method.student_scheduler)
-        (tmp / "ddil_phase.json").write_text(json.dumps(summary, indent=2))
-        if stage_dir.exists():
-            shutil.rmtree(stage_dir)
-        stage_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(stage_dir)
+            (tmp / "ddil_phase.json").write_text(to_json(summary, indent=2))
     accelerator.wait_for_everyone()
     return summary
 
