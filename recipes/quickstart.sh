@@ -14,9 +14,10 @@ else
 fi
 echo "[install] pip install -e . (the first time this downloads torch and friends: a few minutes)"
 .venv/bin/python -m pip install --quiet --upgrade pip
-# one line per package pip fetches, so a slow download shows as progress, not as a hang
+# one line per package pip fetches, as it fetches it (unbuffered: pip buffers a pipe), so a slow
+# download shows as progress, not as a hang
 set +o pipefail
-.venv/bin/python -m pip install -e . | { grep --line-buffered -E '^(Collecting|Successfully installed)' | cut -c1-100; true; }
+PYTHONUNBUFFERED=1 .venv/bin/python -m pip install -e . | { grep --line-buffered -E '^(Collecting|Successfully installed)' | cut -c1-100; true; }
 status=${PIPESTATUS[0]}
 set -o pipefail
 [ "$status" -eq 0 ] || { echo "error: pip install failed (above); fix that and rerun" >&2; exit 1; }
