@@ -14,9 +14,11 @@ else
 fi
 echo "[install] pip install -e . (the first time this downloads torch and friends: a few minutes)"
 .venv/bin/python -m pip install --quiet --upgrade pip
-# one line per package pip fetches, so a slow download shows as progress, not as a hang
+# one line per package pip fetches (cut to 100 characters by grep -o itself: a second filter
+# such as cut would buffer its output when it is not a terminal), so a slow download shows as
+# progress, not as a hang
 set +o pipefail
-.venv/bin/python -m pip install -e . | { grep --line-buffered -E '^(Collecting|Successfully installed)' | cut -c1-100; true; }
+.venv/bin/python -m pip install -e . | { grep --line-buffered -oE '^(Collecting|Successfully installed).{0,80}'; true; }
 status=${PIPESTATUS[0]}
 set -o pipefail
 [ "$status" -eq 0 ] || { echo "error: pip install failed (above); fix that and rerun" >&2; exit 1; }
