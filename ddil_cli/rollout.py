@@ -1,4 +1,4 @@
-"""Mixed teacher/student trajectories on nested grids (ALGORITHMS.md sections 4 and 8).
+"""Mixed teacher/student trajectories on nested grids (docs/sampling.md, docs/distill.md).
 
 A student with S steps and a teacher with T steps share the student's grid (trailing spacing:
 999, 749, 499, 249 for S = 4; or any decreasing list, e.g. an LCM grid 999, 759, 499, 259). Each

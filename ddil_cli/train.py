@@ -20,7 +20,7 @@ import time
 import warnings
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -111,7 +111,6 @@ class TrainState:
     update: int = 0
     nonfinite_total: int = 0
     nonfinite_in_row: int = 0
-    samples_seen: int = 0
     collect_seconds: float = 0.0
     train_seconds: float = 0.0
 
@@ -291,7 +290,8 @@ class Trainer:
             if self.extra_state is not None:
                 self.extra_state.load({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")},
                                       info.get("extra", {}))
-            self.state = TrainState(**info["train"])
+            known = {f.name for f in fields(TrainState)}  # older checkpoints carry a dropped samples_seen
+            self.state = TrainState(**{k: v for k, v in info["train"].items() if k in known})
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a state.json of another format
             raise CheckpointError(f"checkpoint {path} does not fit this run ({type(exc).__name__}: "
                                   f"{' '.join(str(exc).split())[:120]}); resume from another one or use another --out") from None
@@ -336,7 +336,6 @@ class Trainer:
                     self._record(batch, per_example)
                     for observe in self.loss_observers:
                         observe(batch, per_example.detach())
-                    self.state.samples_seen += len(batch) * acc.num_processes
                     self._window_samples += len(batch) * acc.num_processes
         finite_all = acc.gather(torch.tensor([float(finite)], device=acc.device)).min().item() > 0
         grad_norm = float("nan")

@@ -102,7 +102,10 @@ def check_writable(root: Path) -> None:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to {probe}; choose a writable --out folder")
-    if root.exists() and any(root.iterdir()) and not (root / mf.MANIFEST_NAME).is_file():
+    # a buffer another process is creating holds only its lock, partial shards and shards its
+    # manifest write will list (or the next writer adopts): that folder is a buffer, not foreign
+    own = lambda p: p.name.startswith(".") or (p.name.startswith("shard-") and p.name.endswith(".tar"))
+    if root.exists() and not (root / mf.MANIFEST_NAME).is_file() and not all(own(p) for p in root.iterdir()):
         raise UserError(f"--out {root} is a non-empty folder without a buffer manifest; give a new folder "
                         "or an existing buffer")
 

@@ -37,8 +37,9 @@ from ddil_cli.rollout import Grid
 from ddil_cli.specs import read_prompts
 from ddil_cli.train import CheckpointError, MetricsLog, TrainConfig, Trainer, latest_checkpoint
 
-# ALGORITHMS.md section 4 defaults: phase 1 (first 60%) data 0.5 / buffer 0.5 with the student
-# taking a transition with probability 0.5; phase 2 data 0.3 / buffer 0.7, student 0.8.
+# The default DDIL schedule (docs/distill.md, "Priors"): phase 1 (first 60%) data 0.5 / buffer
+# 0.5 with the student taking a transition with probability 0.5; phase 2 data 0.3 / buffer 0.7,
+# student 0.8.
 DEFAULT_PRIOR_SCHEDULE = "0:data=0.5,student=0.5;0.6:data=0.3,student=0.7"
 DEFAULT_STUDENT_PROB = "0:0.5;0.6:0.8"
 
