@@ -318,3 +318,15 @@ def test_recipe_runs_end_to_end_on_a_tiny_sd_pipeline(tiny_sd, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert LCMScheduler.from_pretrained(tmp_path / "run/student/scheduler").config.original_inference_steps == 50
     assert len(list((tmp_path / "run/samples/images").glob("*.png"))) == 2
+
+
+def test_two_processes_train_one_student_and_one_target(tmp_path):
+    """A real 2-process (gloo) LCM + DDIL lab run: ranks end with identical students and EMA targets."""
+    from test_train import _assert_ranks_identical, _launch
+
+    dump = tmp_path / "dump"
+    _launch("torchrun", dump, ["distill", "--method", "lcm", "--teacher", "gmm:ring:8", "--max-updates", "4",
+                               "--batch-size", "16", "--lr", "1e-3", "--collect-every", "2",
+                               "--rollouts-per-collect", "4", "--device", "cpu", "--quiet", "--out", str(tmp_path / "run")])
+    _assert_ranks_identical(dump, ["lcm-4"], names=("student", "method"))
+    assert sorted(p.name for p in (tmp_path / "run/buffer/lcm-4").iterdir()) == ["steps-3", "steps-4"]
