@@ -192,6 +192,11 @@ def test_lab_runs_with_and_without_ddil(tmp_path):
     student = load_denoiser(str(tmp_path / "ddil/student"))
     assert student.sampler == "consistency" and student.student_timesteps == [999, 759, 499, 259]
     assert student.guidance_conditioned
+    # other step counts: LCMScheduler's grid for them, as diffusers' set_timesteps(3) gives
+    from ddil_cli.rollout import sampling_grid
+
+    assert sampling_grid(student, 3, 32).student == [999, 679, 339]
+    assert sampling_grid(student, 4, 32).student == [999, 759, 499, 259]
     manifest = json.loads((tmp_path / "ddil/manifest.json").read_text())
     assert manifest["method_options"]["w_min"] == 1.0 and manifest["method_options"]["w_max"] == 2.0
 
