@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -229,6 +230,24 @@ def test_resume_gives_the_uninterrupted_student_and_target(tmp_path, monkeypatch
             assert torch.equal(full[key], resumed[key]), (name, key)
 
 
+@contextmanager
+def our_renoise(renoise):
+    """diffusers' LCMScheduler.step draws its re-noising noise itself: hand it ours, (B, S, ...), step by step."""
+    import diffusers.schedulers.scheduling_lcm as scheduling_lcm
+
+    drawn = {"steps": 0}
+
+    def noise(shape, **kwargs):
+        drawn["steps"] += 1
+        return renoise[:, drawn["steps"] - 1].to(kwargs.get("dtype") or torch.float32)
+    original = scheduling_lcm.randn_tensor
+    scheduling_lcm.randn_tensor = noise
+    try:
+        yield drawn
+    finally:
+        scheduling_lcm.randn_tensor = original
+
+
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
     from ddil_cli.data.digits import build_digits_shards
@@ -281,24 +300,12 @@ def test_tiny_sd_runs_with_and_without_ddil_and_student_runs_in_diffusers_lcm_pi
     renoise = seeded_renoise(seeds, tuple(teacher.state_shape), 4)
     pipe = LatentConsistencyModelPipeline.from_pretrained(student_dir, safety_checker=None,
                                                           requires_safety_checker=False)
-    import diffusers.schedulers.scheduling_lcm as scheduling_lcm
-
-    # LCMScheduler.step draws its re-noising noise itself: hand it ours, step by step
-    step = {"i": 0}
-
-    def our_noise(shape, **kwargs):
-        step["i"] += 1
-        return renoise[:, step["i"] - 1].to(kwargs.get("dtype") or torch.float32)
-    original = scheduling_lcm.randn_tensor
-    scheduling_lcm.randn_tensor = our_noise
-    try:
+    with our_renoise(renoise) as drawn:
         latents = pipe(prompts, num_inference_steps=4, guidance_scale=w, latents=x_T.clone(),
                        output_type="latent").images
-        step["i"] = 0
+    assert drawn["steps"] == 3  # a noise draw per step but the last
+    with our_renoise(renoise):
         images = pipe(prompts, num_inference_steps=4, guidance_scale=w, latents=x_T.clone(), output_type="np").images
-    finally:
-        scheduling_lcm.randn_tensor = original
-    assert step["i"] == 3  # a noise draw per step but the last
     assert torch.allclose(latents, ours, atol=1e-4), (latents - ours).abs().max()
     from PIL import Image
 
@@ -335,3 +342,41 @@ def test_two_processes_train_one_student_and_one_target(tmp_path):
                                "--rollouts-per-collect", "4", "--device", "cpu", "--quiet", "--out", str(tmp_path / "run")])
     _assert_ranks_identical(dump, ["lcm-4"], names=("student", "method"))
     assert sorted(p.name for p in (tmp_path / "run/buffer/lcm-4").iterdir()) == ["steps-3", "steps-4"]
+
+
+def test_pixel_student_by_hand_with_unet_and_lcm_scheduler(tmp_path):
+    """A pixel-space student (no VAE, so no pipeline class): its UNet driven by hand with the saved
+    LCMScheduler, the pipeline's prompt encoding and guidance embedding, equals our rollout."""
+    from diffusers import LatentConsistencyModelPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ddil_cli.data.digits import build_digits_shards
+    from ddil_cli.models import load_denoiser
+    from ddil_cli.rollout import rollout_seeds, sampling_grid, seeded_noise, seeded_renoise
+    from tiny_models import build_tiny_pixel
+
+    build_tiny_pixel(tmp_path / "teacher")
+    build_digits_shards(tmp_path / "digits")
+    run_distill(DistillConfig(method="lcm", teacher=str(tmp_path / "teacher"), max_updates=2, batch_size=2,
+                              data=str(tmp_path / "digits/train-{000000..000001}.tar"), collect_every=1,
+                              rollouts_per_collect=2, quiet=True, out=str(tmp_path / "run")))
+    folder, w, seeds, prompts = tmp_path / "run/student", 2.0, [3, 4], ["zero", "seven"]
+    teacher, student = load_denoiser(str(tmp_path / "teacher")), load_denoiser(str(folder))
+    ours = rollout_seeds(seeds, prompts, sampling_grid(student, 4, 32), teacher=teacher, student=student,
+                         teacher_prob=0.0, guidance=w).final
+    x, _ = seeded_noise(seeds, tuple(teacher.state_shape), 4)
+    renoise = seeded_renoise(seeds, tuple(teacher.state_shape), 4)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder")(ids)[0]
+    w_embedding = LatentConsistencyModelPipeline.get_guidance_scale_embedding(
+        None, torch.full((2,), w - 1), embedding_dim=unet.config.time_cond_proj_dim)
+    scheduler = LCMScheduler.from_pretrained(folder / "scheduler")
+    scheduler.set_timesteps(4)
+    with torch.no_grad(), our_renoise(renoise):
+        for t in scheduler.timesteps:
+            out = unet(x, t, encoder_hidden_states=text, timestep_cond=w_embedding).sample
+            x, denoised = scheduler.step(out, t, x, return_dict=False)
+    assert torch.allclose(denoised, ours, atol=1e-4), (denoised - ours).abs().max()
