@@ -45,7 +45,7 @@ Examples:
 
   ddil distill --method lcm --teacher gmm:ring:8 --max-updates 2000 --batch-size 256 --lr 1e-3 --prior student=0.5,data=0.5 --student-prob 1 --out runs/lab-lcm-ddil
 
-  ddil distill --method lcm --teacher runwayml/stable-diffusion-v1-5 --data "laion/{{00000..00099}}.tar" --w-min 3 --w-max 15 --lr 8e-6 --out runs/sd15-lcm   (recipes/sd15-lcm.sh)
+  ddil distill --method lcm --teacher stable-diffusion-v1-5/stable-diffusion-v1-5 --data "laion/{{00000..00099}}.tar" --prompts captions.txt --w-min 3 --w-max 15 --batch-size 12 --lr 1e-6 --mixed-precision fp16 --prior data=0.5,student=0.5 --student-prob 1 --out runs/sd15-lcm-ddil   (recipes/sd15-lcm.sh)
 
   ddil distill --out runs/digits --resume latest   (same flags as the interrupted run)
 """
