@@ -107,6 +107,9 @@ class LCMMethod(DistillMethod):
     @classmethod
     def plan(cls, request: PlanRequest, teacher: Denoiser, options: LCMOptions) -> list[Phase]:
         num_train = teacher.schedule.num_train_timesteps
+        if request.stage_updates or request.guided_updates:
+            raise UserError("--stage-updates and --guided-updates are progressive distillation's; LCM trains one "
+                            "phase of --max-updates updates (w comes from --w-min / --w-max)")
         if options.solver_steps > num_train:
             raise UserError(f"--solver-steps {options.solver_steps} exceeds the teacher's {num_train} timesteps")
         for flag, steps in (("--steps", [request.steps]), ("--unroll-steps", parse_unroll_steps(options.unroll_steps))):
