@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ddil_cli.diffusion.consistency import consistency_output, renoise_step
+from ddil_cli.diffusion.consistency import consistency_output, lcm_timesteps, renoise_step
 from ddil_cli.diffusion.ddim import ddim_step
 from ddil_cli.diffusion.schedule import nested_grids, trailing_timesteps
 from ddil_cli.diffusion.threshold import Threshold
@@ -68,10 +68,16 @@ class Grid:
 
 def sampling_grid(student: Denoiser | None, steps: int, teacher_steps: int, num_train_timesteps: int = 1000) -> Grid:
     """The grid a rollout with this student runs on: the timesteps the student was distilled on
-    when it has `steps` of them (an LCM student's 999, 759, 499, 259), else nested trailing grids."""
+    when it has `steps` of them (an LCM student's 999, 759, 499, 259); for another step count, a
+    consistency student's LCMScheduler grid (as `set_timesteps(steps)` picks it from its
+    `original_inference_steps` solver grid); else nested trailing grids."""
     own = getattr(student, "student_timesteps", None) if student is not None else None
     if own and len(own) == steps and own != trailing_timesteps(steps, num_train_timesteps):
         return Grid.from_timesteps(own, teacher_steps, num_train_timesteps)
+    solver = (getattr(student, "scheduler_config", None) or {}).get("original_inference_steps")
+    if student is not None and student.sampler == "consistency" and solver and steps <= int(solver):
+        return Grid.from_timesteps(lcm_timesteps(steps, int(solver), num_train_timesteps), teacher_steps,
+                                   num_train_timesteps)
     return Grid.make(steps, teacher_steps, num_train_timesteps)
 
 

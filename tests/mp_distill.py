@@ -1,5 +1,6 @@
 """Launched by tests/test_train.py under torchrun / accelerate launch: runs `ddil distill ARGS`
-and has every rank write its own student weights after each phase (RANK_DIR/rank{N}-{phase}.safetensors),
+and has every rank write its trained networks after each phase (RANK_DIR/rank{N}-{phase}-{module}.safetensors,
+and -method.safetensors for a method's extra state such as LCM's EMA target),
 so the test can compare what the ranks trained."""
 
 import os
@@ -22,6 +23,10 @@ def run_and_dump(self):
         for name, module in group.raw.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
                       str(out / f"rank{rank}-{self.phase}-{name}.safetensors"))
+    method_tensors, _info = self.method.extra_state()  # an EMA target network, say
+    if method_tensors:
+        save_file({k: v.detach().cpu().contiguous() for k, v in method_tensors.items()},
+                  str(out / f"rank{rank}-{self.phase}-method.safetensors"))
     return state
 
 

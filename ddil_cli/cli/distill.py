@@ -43,6 +43,11 @@ into run/buffer/. `--prior data=1` is plain teacher-forced distillation. Models:
 PD halves the steps stage by stage (--teacher-steps 32 -> 16 -> 8 -> --steps 4), each stage's
 teacher being the previous student; --max-updates is split over the stages.
 
+LCM (consistency distillation) trains one phase on the teacher's 50-step DDIM solver grid
+(--solver-steps) against an EMA target network, w ~ U[--w-min, --w-max] through the guidance
+embedding; the student samples on LCMScheduler's grid (4 steps: 999, 759, 499, 259) and DDIL rolls
+it out with its own 3-, 4- and 5-step samplers (--unroll-steps).
+
 Output: OUT/student/ (a diffusers folder, or an MLP folder for the lab), OUT/stages/*/,
 OUT/checkpoints/, OUT/buffer/, OUT/metrics.jsonl, OUT/summary.json, OUT/manifest.json.
 
@@ -53,6 +58,10 @@ Examples:
   ddil distill --method pd --teacher gmm:ring:8 --teacher-steps 16 --max-updates 3000 --batch-size 256 --lr 1e-3 --prior data=1 --out runs/lab-pd
 
   ddil distill --method pd --teacher embedded:digits --data "data/digits/train-{{000000..000001}}.tar" --max-updates 360 --batch-size 32 --out runs/digits
+
+  ddil distill --method lcm --teacher gmm:ring:8 --max-updates 2000 --batch-size 256 --lr 1e-3 --prior student=0.5,data=0.5 --student-prob 1 --out runs/lab-lcm-ddil
+
+  ddil distill --method lcm --teacher stable-diffusion-v1-5/stable-diffusion-v1-5 --data "laion/{{00000..00099}}.tar" --prompts captions.txt --w-min 3 --w-max 15 --batch-size 12 --lr 1e-6 --mixed-precision fp16 --prior data=0.5,student=0.5 --student-prob 1 --out runs/sd15-lcm-ddil   (recipes/sd15-lcm.sh)
 
   ddil distill --out runs/digits --resume latest   (same flags as the interrupted run)
 """
@@ -107,6 +116,20 @@ def distill_command(
     max_nonfinite: int = typer.Option(D.max_nonfinite, help="Stop after this many non-finite updates in a row."),
     resume: Optional[str] = typer.Option(None, help="latest or a checkpoint folder: continue the run in --out."),
     tracker: str = typer.Option(D.tracker, help="none, tensorboard or wandb (through accelerate)."),
+    # --method lcm (LCMOptions)
+    solver_steps: Optional[int] = typer.Option(None, help="LCM: DDIM solver grid the teacher steps on, skip "
+                                               "k = T / N (default 50)."),
+    w_min: Optional[float] = typer.Option(None, help="LCM: lowest CFG scale w ~ U[w-min, w-max] (default: 0.4 x "
+                                          "the teacher's default guidance, at least 1; 3 for SD's 7.5)."),
+    w_max: Optional[float] = typer.Option(None, help="LCM: highest CFG scale (default: 2 x the teacher's default "
+                                          "guidance, at least w-min; 15 for SD's 7.5)."),
+    timestep_scaling: Optional[float] = typer.Option(None, help="LCM: g in the boundary scalings c_skip, c_out "
+                                                     "(default 10, as diffusers' LCMScheduler)."),
+    target_ema: Optional[float] = typer.Option(None, help="LCM: decay of the EMA target network (default 0.95)."),
+    loss: Optional[str] = typer.Option(None, help="LCM: huber (pseudo-Huber, default) or l2."),
+    huber_c: Optional[float] = typer.Option(None, help="LCM: pseudo-Huber c (default 0.001)."),
+    unroll_steps: Optional[str] = typer.Option(None, help="LCM + DDIL: the student's LCM samplers rolled out, "
+                                               "one per collection in turn (default 3,4,5)."),
     seed: int = typer.Option(D.seed, help=HELP_SEED),
     device: str = typer.Option("auto", help=HELP_DEVICE),
     out: Path = typer.Option(Path(D.out), help="Run folder."),

@@ -45,3 +45,24 @@ def renoise_step(x0: torch.Tensor, s, schedule: NoiseSchedule, noise: torch.Tens
     """x_s = a_s x0 + s_s z; at s = -1 (clean data: a = 1, s = 0) the endpoint itself."""
     a_s, s_s = schedule.alpha_sigma(torch.as_tensor(s, device=x0.device), dtype=x0.dtype)
     return bcast(a_s, x0) * x0 + bcast(s_s, x0) * noise.to(x0.dtype)
+
+
+def solver_timesteps(solver_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """The DDIM solver grid of consistency distillation, decreasing: k i - 1 for i = N..1 with
+    skip k = T // N (N = 50, T = 1000: 999, 979, ..., 19), the grid diffusers' LCMScheduler calls
+    its `original_inference_steps` schedule. The solver steps t -> t - k; from the last point it
+    lands on clean data (t = -1)."""
+    if not 1 <= solver_steps <= num_train_timesteps:
+        raise ValueError(f"solver steps must be in [1, {num_train_timesteps}], got {solver_steps}")
+    skip = num_train_timesteps // solver_steps
+    return [skip * i - 1 for i in range(solver_steps, 0, -1)]
+
+
+def lcm_timesteps(steps: int, solver_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """A multistep LCM sampler's grid: `steps` points of the solver grid at evenly spaced positions
+    from its top (floor of linspace, endpoint excluded), as diffusers' `LCMScheduler.set_timesteps(
+    steps, original_inference_steps=solver_steps)` picks them (4 of 50: 999, 759, 499, 259)."""
+    grid = solver_timesteps(solver_steps, num_train_timesteps)
+    if not 1 <= steps <= len(grid):
+        raise ValueError(f"an LCM grid of {steps} steps needs 1 <= steps <= the {len(grid)} solver steps")
+    return [grid[(i * len(grid)) // steps] for i in range(steps)]

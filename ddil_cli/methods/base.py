@@ -32,7 +32,7 @@ class Batch:
 
     x_t: torch.Tensor  # (B, *state)
     t: torch.Tensor  # (B,) training timestep of each input: what every loss uses
-    t_index: torch.Tensor  # (B,) position of t on the phase's training grid (-1: off it), for metrics
+    t_index: torch.Tensor  # (B,) position (or bin) of t on the phase's training grid (-1: off it), for metrics
     cond: Conditioning  # the teacher's encoding of the prompts
     student_cond: Conditioning  # the student's (same object when they share a text encoder)
     guidance: torch.Tensor  # (B,) CFG scale w per example

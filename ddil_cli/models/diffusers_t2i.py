@@ -477,8 +477,11 @@ def student_scheduler(base_config: dict, timesteps: list[int], prediction_type: 
     elif kind == "lcm":
         # LCM picks from its `original_inference_steps` grid; only grids whose spacing divides the
         # last timestep + 1 can contain it
+        # (the solver grid the student was distilled on first, and its boundary's timestep scaling)
+        preferred = [int(base_config["original_inference_steps"])] if base_config.get("original_inference_steps") else []
+        common.update({k: base_config[k] for k in ("timestep_scaling",) if base_config.get(k) is not None})
         candidates = (LCMScheduler.from_config({**common, "original_inference_steps": k})
-                      for k in range(n, num_train + 1) if (timesteps[-1] + 1) % (num_train // k) == 0)
+                      for k in [*preferred, *range(n, num_train + 1)] if (timesteps[-1] + 1) % (num_train // k) == 0)
     else:
         raise ValueError(f"unknown student scheduler {kind!r}; expected 'ddim' or 'lcm'")
     for sched in candidates:

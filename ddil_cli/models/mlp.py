@@ -112,7 +112,9 @@ class MLPDenoiser(Denoiser):
         config = asdict(self.config)
         if scheduler == "lcm":
             config["scheduler_config"] = {**config["scheduler_config"], "_class_name": "LCMScheduler",
-                                          "timestep_scaling": self.timestep_scaling}
+                                          "timestep_scaling": self.timestep_scaling,
+                                          **{k: self.scheduler_config[k] for k in ("original_inference_steps",)
+                                             if k in self.scheduler_config}}
         save_file({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()},
                   str(path / WEIGHTS_NAME))
         (path / CONFIG_NAME).write_text(json.dumps(config, indent=2))

@@ -203,7 +203,9 @@ class InputAssembler:
                  device: str):
         # timesteps: where data inputs are forward-diffused (the phase's training grid)
         self.teacher, self.student, self.timesteps, self.plan = teacher, student, list(timesteps), plan
-        self._position = {t: i for i, t in enumerate(self.timesteps)}
+        # per-timestep metrics: each grid position, or 8 equal bins of a long grid (LCM's 50 points)
+        bins = len(self.timesteps) if len(self.timesteps) <= 16 else 8
+        self._position = {t: i * bins // len(self.timesteps) for i, t in enumerate(self.timesteps)}
         self.pool, self.data, self.batch_size = pool, data, batch_size
         self.total_updates, self.generator, self.device = total_updates, generator, device
         self.data_index = 0

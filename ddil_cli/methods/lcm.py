@@ -1,0 +1,214 @@
+"""Latent consistency distillation (Luo et al.; diffusers' examples/consistency_distillation);
+docs/distill.md, "LCM".
+
+The student is a consistency function f(x_t, t) = c_skip(t) x_t + c_out(t) x0_student(x_t, t, w)
+(boundary scalings with sigma_data 0.5 and --timestep-scaling g, so f is the identity at t = 0).
+For an input x_t at a point t of the DDIM solver grid (--solver-steps N, skip k = T // N):
+
+    x_prev = DDIM step t -> t - k of the teacher's CFG x0 at scale w (thresholded),
+    target = f_target(x_prev, t - k)         (an EMA copy of the student, no gradient;
+                                              at t - k = -1, clean data, the target is x_prev),
+    loss   = pseudo-Huber sqrt((f - target)^2 + c^2) - c, or L2, per element, mean per example.
+
+w ~ U[--w-min, --w-max] per example, fed to the student through its guidance embedding (w - 1,
+LCM pipeline's convention). With --threshold the teacher's x0 and the target network's x0 are
+clamped (reflected LCM). The EMA target moves after every student update:
+theta_target <- d theta_target + (1 - d) theta_student, d = --target-ema.
+
+DDIL: the inputs may be states the student visits under its own multistep LCM sampler (3, 4 or
+5 steps, --unroll-steps); those grids are subsets of the solver grid, so the same target applies.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ddil_cli.diffusion.consistency import consistency_output, lcm_timesteps, solver_timesteps
+from ddil_cli.diffusion.ddim import ddim_step
+from ddil_cli.diffusion.threshold import apply_threshold
+from ddil_cli.errors import UserError
+from ddil_cli.methods.base import Batch, DistillMethod, MethodOptions, Phase, PlanRequest
+from ddil_cli.models.base import Denoiser
+from ddil_cli.rollout import Grid
+
+# the LCM paper's guidance range for Stable Diffusion, in the standard CFG convention (its own
+# convention, w - 1, writes it [2, 14]); lab and pixel teachers scale it by their default scale
+SD_GUIDANCE = 7.5
+SD_W_RANGE = (3.0, 15.0)
+
+
+def default_w_range(default_guidance: float) -> tuple[float, float]:
+    """[0.4 g, 2 g] around the teacher's default CFG scale g, floored at 1 (no guidance): 3..15
+    for Stable Diffusion's 7.5, 1..3 for the digits teacher's 1.5, 1..2 for the unguided lab."""
+    g = float(default_guidance)
+    low = max(1.0, SD_W_RANGE[0] / SD_GUIDANCE * g)
+    return low, max(low, SD_W_RANGE[1] / SD_GUIDANCE * g)
+
+
+def parse_unroll_steps(text) -> list[int]:
+    try:
+        steps = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1:
+        raise UserError(f"--unroll-steps {text!r}: give step counts of the student's LCM sampler, e.g. 3,4,5")
+    return steps
+
+
+@dataclass
+class LCMOptions(MethodOptions):
+    solver_steps: int = 50  # DDIM solver grid (skip k = T / solver_steps)
+    w_min: float | None = None  # None: from the teacher's default guidance (default_w_range)
+    w_max: float | None = None
+    timestep_scaling: float = 10.0  # g in the boundary scalings
+    target_ema: float = 0.95  # decay of the EMA target network
+    loss: str = "huber"  # huber | l2
+    huber_c: float = 0.001
+    unroll_steps: str = "3,4,5"  # the student's LCM samplers DDIL rolls out (one per collection, in turn)
+
+    def validate(self) -> None:
+        if self.solver_steps < 1:
+            raise UserError(f"--solver-steps must be >= 1, got {self.solver_steps}")
+        if self.loss not in ("huber", "l2"):
+            raise UserError(f"--loss {self.loss!r}: use huber or l2")
+        if not 0 <= self.target_ema < 1:
+            raise UserError(f"--target-ema {self.target_ema} must be in [0, 1)")
+        if self.huber_c <= 0:
+            raise UserError(f"--huber-c must be > 0, got {self.huber_c}")
+        if self.timestep_scaling <= 0:
+            raise UserError(f"--timestep-scaling must be > 0, got {self.timestep_scaling}")
+        for flag, w in (("--w-min", self.w_min), ("--w-max", self.w_max)):
+            if w is not None and w < 1:
+                raise UserError(f"{flag} {w} is below 1 (1 = no guidance); CFG scales start at 1")
+        if self.w_min is not None and self.w_max is not None and self.w_min > self.w_max:
+            raise UserError(f"--w-min {self.w_min} exceeds --w-max {self.w_max}")
+        parse_unroll_steps(self.unroll_steps)
+
+    def resolve_guidance(self, teacher: Denoiser) -> None:
+        """Fill in w_min / w_max the user left out, from the teacher's default CFG scale."""
+        low, high = default_w_range(getattr(teacher, "default_guidance", 1.0))
+        if self.w_min is None:
+            self.w_min = low if self.w_max is None else min(low, self.w_max)
+        if self.w_max is None:
+            self.w_max = max(high, self.w_min)
+
+
+class LCMMethod(DistillMethod):
+    """Consistency distillation on the teacher's DDIM solver grid with an EMA target network."""
+
+    name = "lcm"
+    Options = LCMOptions
+    student_scheduler = "lcm"
+    needs_guidance_embedding = True
+
+    @classmethod
+    def plan(cls, request: PlanRequest, teacher: Denoiser, options: LCMOptions) -> list[Phase]:
+        num_train = teacher.schedule.num_train_timesteps
+        if request.stage_updates or request.guided_updates:
+            raise UserError("--stage-updates and --guided-updates are progressive distillation's; LCM trains one "
+                            "phase of --max-updates updates (w comes from --w-min / --w-max)")
+        if options.solver_steps > num_train:
+            raise UserError(f"--solver-steps {options.solver_steps} exceeds the teacher's {num_train} timesteps")
+        for flag, steps in (("--steps", [request.steps]), ("--unroll-steps", parse_unroll_steps(options.unroll_steps))):
+            if max(steps) > options.solver_steps or min(steps) < 1:
+                raise UserError(f"{flag} {','.join(map(str, steps))}: an LCM sampler takes 1 to --solver-steps "
+                                f"({options.solver_steps}) steps")
+        options.resolve_guidance(teacher)
+        solver = solver_timesteps(options.solver_steps, num_train)
+        grids = [Grid.from_timesteps(lcm_timesteps(n, options.solver_steps, num_train), request.teacher_steps,
+                                     num_train) for n in parse_unroll_steps(options.unroll_steps)]
+        return [Phase(f"lcm-{request.steps}", request.max_updates,
+                      lcm_timesteps(request.steps, options.solver_steps, num_train), solver, grids,
+                      teacher="original")]
+
+    @classmethod
+    def guidance_range(cls, options: LCMOptions) -> tuple[float, float] | None:
+        if options.w_min is None or options.w_max is None:
+            return None  # not planned yet
+        return float(options.w_min), float(options.w_max)
+
+    @classmethod
+    def make_student(cls, phase_teacher: Denoiser, phase: Phase, options: LCMOptions, *,
+                     guidance_embedding: bool, **kwargs) -> Denoiser:
+        student = super().make_student(phase_teacher, phase, options, guidance_embedding=guidance_embedding,
+                                       **kwargs)
+        # the saved LCMScheduler picks its sampling grid from the solver grid it was distilled on
+        student.scheduler_config = {**student.scheduler_config, "original_inference_steps": options.solver_steps}
+        return student
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.solver = list(self.phase.train_timesteps)
+        num_train = self.teacher.schedule.num_train_timesteps
+        self.skip = num_train // len(self.solver)
+        if self.solver != solver_timesteps(len(self.solver), num_train):
+            raise ValueError(f"LCM's training grid must be the {len(self.solver)}-step solver grid")
+        self._on_grid = set(self.solver)
+        # the network f_target is evaluated with: an EMA of the student, never trained
+        self.target_network = copy.deepcopy(self.student.network).requires_grad_(False)
+
+    # ---- the pieces of the target ---------------------------------------------------------------
+    def _check_on_grid(self, t: torch.Tensor) -> None:
+        off = sorted({int(v) for v in t.tolist()} - self._on_grid)
+        if off:
+            raise ValueError(f"LCM inputs at timesteps {off} are off the {len(self.solver)}-step solver grid "
+                             f"({self.solver[0]}, {self.solver[1] if len(self.solver) > 1 else ''}...); "
+                             "the teacher's solver step t -> t - k needs t on it")
+
+    def consistency(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """f = c_skip x_t + c_out x0 (t = -1, clean data, counts as the boundary: f = x_t)."""
+        return consistency_output(x_t, x0, t.clamp(min=0), timestep_scaling=self.options.timestep_scaling)
+
+    @torch.no_grad()
+    def solver_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_prev, t - k): the teacher's CFG DDIM step from the batch inputs (thresholded x0)."""
+        self._check_on_grid(batch.t)
+        x_t, t = batch.x_t.float(), batch.t
+        x0 = apply_threshold(self.teacher.predict_x0(x_t, t, batch.cond, batch.guidance), self.threshold)
+        t_prev = t - self.skip  # -1 below the last solver point: clean data
+        return ddim_step(x_t, x0, t, t_prev, self.teacher.schedule), t_prev
+
+    @torch.no_grad()
+    def target(self, batch: Batch) -> torch.Tensor:
+        x_prev, t_prev = self.solver_step(batch)
+        student = self.student
+        w = batch.guidance if student.guidance_conditioned else None
+        t_net = t_prev.clamp(min=0)  # rows at clean data: c_out = 0, any x0 will do
+        out = student.forward(x_prev, t_net, batch.student_cond.cond, w, network=self.target_network)
+        x0 = apply_threshold(student.x0_from_output(out, x_prev, t_net), self.threshold)
+        return self.consistency(x_prev, x0, t_prev)
+
+    def loss(self, group, nets, batch: Batch):
+        target = self.target(batch)
+        f = self.consistency(batch.x_t.float(), self.student_x0(batch, nets["student"]), batch.t)
+        diff = (f - target).reshape(len(batch), -1)
+        if self.options.loss == "huber":
+            c = self.options.huber_c
+            per_example = (torch.sqrt(diff ** 2 + c ** 2) - c).mean(1)
+        else:
+            per_example = (diff ** 2).mean(1)
+        return per_example
+
+    # ---- the EMA target ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def after_update(self, nets) -> None:
+        """theta_target <- d theta_target + (1 - d) theta_student (raw parameters: the same tensors
+        the wrapped module trains)."""
+        d = self.options.target_ema
+        for target, online in zip(self.target_network.parameters(), self.student.network.parameters()):
+            target.mul_(d).add_(online.detach(), alpha=1 - d)
+        for target, online in zip(self.target_network.buffers(), self.student.network.buffers()):
+            target.copy_(online)
+
+    def extra_state(self):
+        return {f"target.{k}": v for k, v in self.target_network.state_dict().items()}, {}
+
+    def load_extra_state(self, tensors, info) -> None:
+        self.target_network.load_state_dict({k[len("target."):]: v for k, v in tensors.items()
+                                             if k.startswith("target.")})
+
+
+__all__ = ["LCMMethod", "LCMOptions", "default_w_range", "lcm_timesteps", "solver_timesteps"]
