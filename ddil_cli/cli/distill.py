@@ -30,6 +30,11 @@ teacher being the previous student; --max-updates is split over the stages.
 Output: OUT/student/ (a diffusers folder, or an MLP folder for the lab), OUT/stages/*/,
 OUT/checkpoints/, OUT/buffer/, OUT/metrics.jsonl, OUT/summary.json, OUT/manifest.json.
 
+DMD2 trains a 4-step generator (--generator-timesteps) by distribution matching against the
+teacher with CFG (--real-guidance) and a fake critic (--critic-lr, --critic-updates), optionally
+with a GAN head (--gan-weight); its default prior is student=0.5,teacher=0.5 (backward
+simulation and teacher states); --prior student=1 --student-prob 1 is DMD2's backward simulation.
+
 Examples:
 
   ddil distill --method pd --teacher gmm:ring:8 --teacher-steps 16 --max-updates 3000 --batch-size 256 --lr 1e-3 --out runs/lab-ddil
@@ -37,6 +42,8 @@ Examples:
   ddil distill --method pd --teacher gmm:ring:8 --teacher-steps 16 --max-updates 3000 --batch-size 256 --lr 1e-3 --prior data=1 --out runs/lab-pd
 
   ddil distill --method pd --teacher embedded:digits --data "data/digits/train-{{000000..000001}}.tar" --max-updates 360 --batch-size 32 --out runs/digits
+
+  ddil distill --method dmd2 --teacher gmm:ring:8 --max-updates 2000 --batch-size 256 --lr 1e-3 --critic-updates 10 --out runs/lab-dmd2
 
   ddil distill --out runs/digits --resume latest   (same flags as the interrupted run)
 """
@@ -85,6 +92,20 @@ def distill_command(
     threshold: Optional[str] = typer.Option(None, help="none, static:C or dynamic:P on the teacher's x0 "
                                             "(default static:1 for pixel and lab models)."),
     student_prediction: Optional[str] = typer.Option(None, help="Lab MLP student's output: epsilon, v_prediction, sample."),
+    generator_timesteps: Optional[str] = typer.Option(None, help="DMD2: the generator's timesteps, e.g. "
+                                                      "999,749,499,249 (default: trailing spacing of --steps)."),
+    real_guidance: Optional[float] = typer.Option(None, help="DMD2: CFG of the real score (default: --guidance "
+                                                  "or the teacher's)."),
+    critic_lr: Optional[float] = typer.Option(None, help="DMD2: the critic's (and GAN head's) learning rate "
+                                              "(default: --lr)."),
+    critic_updates: Optional[int] = typer.Option(None, help="DMD2: critic steps per generator update (10)."),
+    gan_weight: Optional[float] = typer.Option(None, help="DMD2: weight of the generator's GAN term (0: no GAN "
+                                               "head; DMD2 used 1e-3 SD1.5, 5e-3 SDXL)."),
+    critic_gan_weight: Optional[float] = typer.Option(None, help="DMD2: weight of the critic-side GAN term (1e-2)."),
+    tau_min: Optional[float] = typer.Option(None, help="DMD2: the DM timestep tau ~ U[MIN T, MAX T], MIN (0.02)."),
+    tau_max: Optional[float] = typer.Option(None, help="DMD2: ... MAX (0.98)."),
+    timestep_scaling: Optional[float] = typer.Option(None, help="Consistency students (DMD2): the LCMScheduler "
+                                                     "boundary's timestep scaling (10)."),
     checkpoint_every: int = typer.Option(D.checkpoint_every, help="Checkpoint every N updates (0: at stage ends)."),
     keep_checkpoints: int = typer.Option(D.keep_checkpoints, help="How many checkpoints to keep."),
     log_every: int = typer.Option(D.log_every, help="metrics.jsonl row every N updates."),

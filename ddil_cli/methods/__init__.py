@@ -5,10 +5,11 @@ no method by name (docs/distill.md, "Adding a method").
 """
 
 from ddil_cli.methods.base import Batch, DistillMethod, MethodOptions, Phase, PlanRequest, TrainedGroup
+from ddil_cli.methods.dmd2 import DMD2Method
 from ddil_cli.methods.pd import PDMethod
 
-METHODS: dict[str, type[DistillMethod]] = {"pd": PDMethod}
-PLANNED = ("lcm", "dmd2")
+METHODS: dict[str, type[DistillMethod]] = {"pd": PDMethod, "dmd2": DMD2Method}
+PLANNED = ("lcm",)
 
-__all__ = ["Batch", "DistillMethod", "METHODS", "MethodOptions", "PDMethod", "PLANNED", "Phase",
+__all__ = ["Batch", "DMD2Method", "DistillMethod", "METHODS", "MethodOptions", "PDMethod", "PLANNED", "Phase",
            "PlanRequest", "TrainedGroup"]
