@@ -9,7 +9,7 @@ ask two scores:
 
     x0_real = the frozen teacher with CFG at the real guidance,
     x0_fake = the critic (a trainable copy of the teacher, guidance 1),
-    grad    = (x0_fake - x0_real) / mean|x0_g - x0_real|      (mean per sample; nan -> 0),
+    grad    = (x0_fake - x0_real) / mean|x0_g - x0_real|      (mean per sample; non-finite -> 0),
     loss_G  = 0.5 ||x0_g - stopgrad(x0_g - grad)||^2          (gradient: grad, per element / D).
 
 The critic follows G's distribution: `critic_updates` steps of its own optimiser per G update,
@@ -86,7 +86,9 @@ def dm_gradient(x0_g: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor
     towards_real = x0_g - x0_real
     towards_fake = x0_g - x0_fake
     scale = towards_real.abs().reshape(len(x0_g), -1).mean(1)
-    return torch.nan_to_num((towards_real - towards_fake) / bcast(scale, x0_g))
+    # a sample already at the real score (scale 0) has no direction: 0, where DMD2's bare
+    # nan_to_num would turn x/0 into +-3.4e38
+    return torch.nan_to_num((towards_real - towards_fake) / bcast(scale, x0_g), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def dm_loss(x0_g: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
