@@ -123,6 +123,9 @@ class DistillMethod:
     - `after_update(nets)`: after each student optimiser step (an EMA target updates here).
     - `extra_state()` / `load_extra_state()`: tensors and JSON-able values to checkpoint besides
       the trained networks and their optimisers (an EMA target network, a step counter).
+    - `default_prior_schedule`: the prior schedule when the user gives none (None: the stage's).
+    - `needs_data(options)` (classmethod): the loss draws real data itself (DMD2's GAN head), so
+      the stage opens the data source whatever the prior and passes it as `self.data`.
     """
 
     name: ClassVar[str] = "base"
