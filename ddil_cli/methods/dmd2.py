@@ -237,7 +237,7 @@ class DMD2Method(DistillMethod):
         the memory, and autocast would run its matmuls in bf16 anyway."""
         self._teacher_cast = True
         net = self.teacher.network
-        if net is not None and net.device.type == "cuda" and torch.is_autocast_enabled("cuda") \
+        if net is not None and next(net.parameters()).device.type == "cuda" and torch.is_autocast_enabled("cuda") \
                 and torch.get_autocast_dtype("cuda") == torch.bfloat16:
             net.to(torch.bfloat16)
 
