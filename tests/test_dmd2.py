@@ -39,6 +39,68 @@ def test_dm_gradient_and_loss_against_hand_arithmetic():
     assert torch.allclose(x0_g.grad, grad / 2)  # d loss / d x0_g = grad / D per element
 
 
+def _method(teacher, **options):
+    from ddil_cli.buffer.sources import DataStates
+    from ddil_cli.methods.base import PlanRequest
+    from ddil_cli.methods.dmd2 import DMD2Options
+
+    opts = DMD2Options(**options)
+    phase = DMD2Method.plan(PlanRequest(steps=4, teacher_steps=8, max_updates=1), teacher, opts)[0]
+    student = DMD2Method.make_student(teacher, phase, opts, guidance_embedding=False)
+    data = DataStates(teacher, prompts=teacher.default_prompts()) if opts.gan_weight > 0 else None
+    method = DMD2Method(teacher=teacher, student=student, phase=phase, options=opts, data=data)
+    nets = {name: module for group in method.groups() for name, module in group.modules.items()}
+    return method, nets
+
+
+def _batch(teacher, n=4):
+    from ddil_cli.methods.base import Batch
+
+    torch.manual_seed(1)
+    cond = teacher.encode((teacher.default_prompts() or ["a cat", "a dog"]) * n)
+    cond = cond.select(list(range(n)))
+    t = torch.tensor([999, 749, 499, 249])[torch.arange(n) % 4]
+    return Batch(x_t=torch.randn(n, *teacher.state_shape), t=t, t_index=torch.arange(n) % 4, cond=cond,
+                 student_cond=cond, guidance=torch.ones(n), source=["data"] * n, keys=[None] * n)
+
+
+def test_critic_equal_to_teacher_gives_no_dm_gradient(tiny):
+    from ddil_cli.models.diffusers_t2i import DiffusersDenoiser
+
+    teacher = DiffusersDenoiser.from_pretrained(tiny / "sd")
+    method, nets = _method(teacher)
+    batch = _batch(teacher)
+    loss, metrics = method.generator_loss(nets, batch)  # critic = teacher's copy, real score at w = 1
+    assert torch.equal(loss, torch.zeros(len(batch))) and metrics["dmd/grad_norm"] == 0
+    batch.guidance = torch.full((len(batch),), 4.0)  # CFG moves the real score away from the critic
+    loss, metrics = method.generator_loss(nets, batch)
+    assert bool((loss > 0).all()) and metrics["dmd/grad_norm"] > 0
+
+
+def test_each_loss_reaches_only_its_own_networks():
+    from ddil_cli.models.gmm import GMMDenoiser
+
+    teacher = GMMDenoiser("gmm:ring:8")
+    method, nets = _method(teacher, gan_weight=1.0)
+    batch = _batch(teacher)
+
+    def grads(name):
+        return [p.grad for p in nets[name].parameters()]
+    loss, metrics = method.generator_loss(nets, batch)
+    loss.mean().backward()
+    assert all(g is not None and g.abs().sum() > 0 for g in grads("student"))
+    assert all(g is None for g in grads("critic") + grads("gan_head"))  # the GAN term went through them
+    assert all(p.requires_grad for p in nets["critic"].parameters())  # and they train again afterwards
+    assert "dmd/gan_g" in metrics
+    for module in nets.values():
+        module.zero_grad(set_to_none=True)
+    loss, metrics = method.critic_loss(nets, batch)
+    loss.mean().backward()
+    assert all(g is None for g in grads("student"))
+    assert all(g is not None for g in grads("critic") + grads("gan_head"))
+    assert {"critic/denoise", "critic/gan"} <= set(metrics)
+
+
 def _optimizer_steps(checkpoint: Path, key: str) -> set[int]:
     tensors = load_file(str(checkpoint / "state.safetensors"))
     return {int(v.item()) for k, v in tensors.items() if k.startswith(f"{key}.state.") and k.endswith(".step")}
