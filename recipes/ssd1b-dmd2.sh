@@ -25,14 +25,15 @@ EXTRA=${EXTRA:---mixed-precision bf16 --gradient-checkpointing --checkpoint-ever
 
 # DMD2's SDXL settings: real score CFG 8, lr 5e-7 for generator and critic, GAN 5e-3 / 1e-2,
 # grad clip 10; --threshold static:4 keeps every x0 (real, fake, generator) in the latents' range.
+# Plain DMD2 (backward simulation only) for comparison: --prior student=1 --student-prob 1.
 # shellcheck disable=SC2086
 $LAUNCH distill --method dmd2 --teacher "$TEACHER" --data "$DATA" --prompts "$PROMPTS" \
   --generator-timesteps 999,749,499,249 --teacher-steps "$TEACHER_STEPS" \
   --real-guidance 8 --lr 5e-7 --critic-lr 5e-7 --critic-updates "$CRITIC_UPDATES" \
   --gan-weight 5e-3 --critic-gan-weight 1e-2 --max-grad-norm 10 \
-  --prior student=0.5,teacher=0.5 --student-prob 1 --threshold static:4 \
+  --prior student=0.5,teacher=0.5 --threshold static:4 \
   --batch-size "$BATCH" --max-updates "$UPDATES" \
-  --collect-every "$COLLECT_EVERY" --rollouts-per-collect "$ROLLOUTS" --buffer-size 50000 \
+  --collect-every "$COLLECT_EVERY" --rollouts-per-collect "$ROLLOUTS" --buffer-size 10000 \
   --out "$OUT" $EXTRA
 
 # the generator samples with its own re-noising steps (its LCMScheduler) at the real guidance
