@@ -101,6 +101,20 @@ def test_each_loss_reaches_only_its_own_networks():
     assert {"critic/denoise", "critic/gan"} <= set(metrics)
 
 
+def test_threshold_on_the_generator_passes_the_gradient_through():
+    from ddil_cli.diffusion.threshold import Threshold
+    from ddil_cli.models.gmm import GMMDenoiser
+
+    teacher = GMMDenoiser("gmm:ring:8")
+    method, nets = _method(teacher)
+    method.threshold = Threshold("static", 1e-3)
+    batch = _batch(teacher)
+    x0_g = method.generator_x0(batch, nets["student"])
+    assert float(x0_g.detach().abs().max()) <= 1e-3 + 1e-6  # clamped (c_skip ~1e-7 at t >= 249)
+    x0_g.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in nets["student"].parameters())
+
+
 def _optimizer_steps(checkpoint: Path, key: str) -> set[int]:
     tensors = load_file(str(checkpoint / "state.safetensors"))
     return {int(v.item()) for k, v in tensors.items() if k.startswith(f"{key}.state.") and k.endswith(".step")}

@@ -201,8 +201,12 @@ class DMD2Method(DistillMethod):
 
     def generator_x0(self, batch: Batch, network: torch.nn.Module | None) -> torch.Tensor:
         """x0_g = f(x_t, t): the thresholded x0 through the consistency boundary, as the saved
-        generator's LCMScheduler and our re-noising rollouts compute it."""
-        x0_hat = apply_threshold(self.student_x0(batch, network).float(), self.threshold)
+        generator's LCMScheduler and our re-noising rollouts compute it (the threshold passes the
+        gradient straight through)."""
+        x0_hat = self.student_x0(batch, network).float()
+        # thresholded forward (what the sampler does), identity backward: a hard clamp would give
+        # every output outside the bound a zero gradient, and the DM gradient could never pull it back
+        x0_hat = x0_hat + (apply_threshold(x0_hat.detach(), self.threshold) - x0_hat.detach())
         return consistency_output(batch.x_t.float(), x0_hat, batch.t, timestep_scaling=self.student.timestep_scaling)
 
     def _critic_cond(self, cond: Conditioning) -> Conditioning:
