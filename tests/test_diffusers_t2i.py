@@ -229,6 +229,19 @@ def test_guidance_student_starts_at_the_teachers_conditional_output(request, nam
     assert not torch.allclose(low, high, atol=1e-4)
 
 
+def test_guidance_student_of_a_unet_config_without_time_cond_proj_dim(folders, tmp_path):
+    # SD 1.5's unet/config.json predates the key; diffusers then lists it in _use_default_values
+    folder = tmp_path / "sd"
+    shutil.copytree(folders["sd"], folder)
+    config = json.loads((folder / "unet/config.json").read_text())
+    del config["time_cond_proj_dim"]
+    (folder / "unet/config.json").write_text(json.dumps(config))
+    teacher = DiffusersDenoiser.from_pretrained(folder)
+    assert "time_cond_proj_dim" in teacher.unet.config.get("_use_default_values", [])
+    student = make_student(teacher, guidance_embedding=True, time_cond_proj_dim=8)
+    assert student.guidance_conditioned and student.unet.config.time_cond_proj_dim == 8
+
+
 def test_guidance_embedding_is_lcm_pipelines():
     w = torch.tensor([0.0, 1.5, 6.5])
     expected = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=32)

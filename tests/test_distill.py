@@ -152,7 +152,7 @@ def test_diffusers_student_loads_in_plain_diffusers(tmp_path):
 
 @pytest.mark.parametrize("extra,needle", [
     (["--method", "gan"], "unknown --method"),
-    (["--method", "dmd2"], "not implemented yet"),
+    (["--method", "lcm", "--critic-updates", "3"], "is not an option of --method lcm"),
     (["--steps", "3"], "cannot reach --steps 3"),
     (["--prior", "data=0.5,student=0.6"], "sum to 1.1"),
     (["--prior", "data=-1,student=2"], "non-negative"),

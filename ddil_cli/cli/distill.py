@@ -51,6 +51,11 @@ it out with its own 3-, 4- and 5-step samplers (--unroll-steps).
 Output: OUT/student/ (a diffusers folder, or an MLP folder for the lab), OUT/stages/*/,
 OUT/checkpoints/, OUT/buffer/, OUT/metrics.jsonl, OUT/summary.json, OUT/manifest.json.
 
+DMD2 trains a 4-step generator (--generator-timesteps) by distribution matching against the
+teacher with CFG (--real-guidance) and a fake critic (--critic-lr, --critic-updates), optionally
+with a GAN head (--gan-weight); its default prior is student=0.5,teacher=0.5 (backward
+simulation and teacher states); --prior student=1 --student-prob 1 is DMD2's backward simulation.
+
 Examples:
 
   ddil distill --method pd --teacher gmm:ring:8 --teacher-steps 16 --max-updates 3000 --batch-size 256 --lr 1e-3 --out runs/lab-ddil
@@ -62,6 +67,7 @@ Examples:
   ddil distill --method lcm --teacher gmm:ring:8 --max-updates 2000 --batch-size 256 --lr 1e-3 --prior student=0.5,data=0.5 --student-prob 1 --out runs/lab-lcm-ddil
 
   ddil distill --method lcm --teacher stable-diffusion-v1-5/stable-diffusion-v1-5 --data "laion/{{00000..00099}}.tar" --prompts captions.txt --w-min 3 --w-max 15 --batch-size 12 --lr 1e-6 --mixed-precision fp16 --prior data=0.5,student=0.5 --student-prob 1 --out runs/sd15-lcm-ddil   (recipes/sd15-lcm.sh)
+  ddil distill --method dmd2 --teacher gmm:ring:8 --max-updates 2000 --batch-size 256 --lr 1e-3 --critic-updates 10 --out runs/lab-dmd2
 
   ddil distill --out runs/digits --resume latest   (same flags as the interrupted run)
 """
@@ -110,6 +116,18 @@ def distill_command(
     threshold: Optional[str] = typer.Option(None, help="none, static:C or dynamic:P on the teacher's x0 "
                                             "(default static:1 for pixel and lab models)."),
     student_prediction: Optional[str] = typer.Option(None, help="Lab MLP student's output: epsilon, v_prediction, sample."),
+    generator_timesteps: Optional[str] = typer.Option(None, help="DMD2: the generator's timesteps, e.g. "
+                                                      "999,749,499,249 (default: trailing spacing of --steps)."),
+    real_guidance: Optional[float] = typer.Option(None, help="DMD2: CFG of the real score (default: --guidance "
+                                                  "or the teacher's)."),
+    critic_lr: Optional[float] = typer.Option(None, help="DMD2: the critic's (and GAN head's) learning rate "
+                                              "(default: --lr)."),
+    critic_updates: Optional[int] = typer.Option(None, help="DMD2: critic steps per generator update (10)."),
+    gan_weight: Optional[float] = typer.Option(None, help="DMD2: weight of the generator's GAN term (0: no GAN "
+                                               "head; DMD2 used 1e-3 SD1.5, 5e-3 SDXL)."),
+    critic_gan_weight: Optional[float] = typer.Option(None, help="DMD2: weight of the critic-side GAN term (1e-2)."),
+    tau_min: Optional[float] = typer.Option(None, help="DMD2: the DM timestep tau ~ U[MIN T, MAX T], MIN (0.02)."),
+    tau_max: Optional[float] = typer.Option(None, help="DMD2: ... MAX (0.98)."),
     checkpoint_every: int = typer.Option(D.checkpoint_every, help="Checkpoint every N updates (0: at stage ends)."),
     keep_checkpoints: int = typer.Option(D.keep_checkpoints, help="How many checkpoints to keep."),
     log_every: int = typer.Option(D.log_every, help="metrics.jsonl row every N updates."),
@@ -123,8 +141,9 @@ def distill_command(
                                           "the teacher's default guidance, at least 1; 3 for SD's 7.5)."),
     w_max: Optional[float] = typer.Option(None, help="LCM: highest CFG scale (default: 2 x the teacher's default "
                                           "guidance, at least w-min; 15 for SD's 7.5)."),
-    timestep_scaling: Optional[float] = typer.Option(None, help="LCM: g in the boundary scalings c_skip, c_out "
-                                                     "(default 10, as diffusers' LCMScheduler)."),
+    timestep_scaling: Optional[float] = typer.Option(None, help="LCM and DMD2 (consistency students): g in the "
+                                                     "boundary scalings c_skip, c_out (default 10, as diffusers' "
+                                                     "LCMScheduler)."),
     target_ema: Optional[float] = typer.Option(None, help="LCM: decay of the EMA target network (default 0.95)."),
     loss: Optional[str] = typer.Option(None, help="LCM: huber (pseudo-Huber, default) or l2."),
     huber_c: Optional[float] = typer.Option(None, help="LCM: pseudo-Huber c (default 0.001)."),

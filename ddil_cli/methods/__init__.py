@@ -5,11 +5,12 @@ no method by name (docs/distill.md, "Adding a method").
 """
 
 from ddil_cli.methods.base import Batch, DistillMethod, MethodOptions, Phase, PlanRequest, TrainedGroup
+from ddil_cli.methods.dmd2 import DMD2Method
 from ddil_cli.methods.lcm import LCMMethod
 from ddil_cli.methods.pd import PDMethod
 
-METHODS: dict[str, type[DistillMethod]] = {"pd": PDMethod, "lcm": LCMMethod}
-PLANNED = ("dmd2",)
+METHODS: dict[str, type[DistillMethod]] = {"pd": PDMethod, "lcm": LCMMethod, "dmd2": DMD2Method}
+PLANNED: tuple[str, ...] = ()
 
-__all__ = ["Batch", "DistillMethod", "LCMMethod", "METHODS", "MethodOptions", "PDMethod", "PLANNED", "Phase",
+__all__ = ["Batch", "DMD2Method", "DistillMethod", "LCMMethod", "METHODS", "MethodOptions", "PDMethod", "PLANNED", "Phase",
            "PlanRequest", "TrainedGroup"]

@@ -123,21 +123,28 @@ class DistillMethod:
     - `after_update(nets)`: after each student optimiser step (an EMA target updates here).
     - `extra_state()` / `load_extra_state()`: tensors and JSON-able values to checkpoint besides
       the trained networks and their optimisers (an EMA target network, a step counter).
+    - `default_prior_schedule`: the prior schedule when the user gives none (None: the stage's).
+    - `needs_data(options)` (classmethod): the loss draws real data itself (DMD2's GAN head), so
+      the stage opens the data source whatever the prior and passes it as `self.data`.
     """
 
     name: ClassVar[str] = "base"
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     student_scheduler: ClassVar[str] = "ddim"  # 'lcm': a consistency student, re-noising sampler
     needs_guidance_embedding: ClassVar[bool] = False  # the student always takes w as an input
+    # the prior schedule when the user gives neither --prior nor --prior-schedule (None: the stage's)
+    default_prior_schedule: ClassVar[str | None] = None
 
     def __init__(self, *, teacher: Denoiser, student: Denoiser, phase: Phase, options: MethodOptions,
-                 threshold: Threshold | None = None, original_teacher: Denoiser | None = None):
+                 threshold: Threshold | None = None, original_teacher: Denoiser | None = None,
+                 data=None):
         self.teacher = teacher  # the phase's teacher
         self.student = student
         self.phase = phase
         self.options = options
         self.threshold = threshold or Threshold()
         self.original_teacher = original_teacher or teacher
+        self.data = data  # the stage's real data (buffer.sources.DataStates) when needs_data or the prior uses it
 
     # ---- plan ---------------------------------------------------------------------------------
     @classmethod
@@ -149,6 +156,11 @@ class DistillMethod:
         """The range w is drawn from per example when --guidance-range is not given (None: the
         teacher's default guidance, fixed)."""
         return None
+
+    @classmethod
+    def needs_data(cls, options: MethodOptions) -> bool:
+        """True when the loss itself draws real data (DMD2's GAN head), whatever the prior."""
+        return False
 
     @classmethod
     def make_student(cls, phase_teacher: Denoiser, phase: Phase, options: MethodOptions, *,

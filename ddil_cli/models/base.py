@@ -41,6 +41,16 @@ class Conditioning:
         return Conditioning([self.prompts[i] for i in idx.tolist()], pick(self.cond), pick(self.uncond),
                             dict(self.extra))
 
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        """The rows of several encodings one after the other (DMD2 runs fake and real inputs in one pass)."""
+        def cat(dicts):
+            if any(d is None for d in dicts):
+                return None
+            return {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
+        return Conditioning([p for c in parts for p in c.prompts], cat([c.cond for c in parts]),
+                            cat([c.uncond for c in parts]), dict(parts[0].extra))
+
 
 class Denoiser(ABC):
     """A model of E[x0 | x_t] in the teacher's noise schedule.

@@ -507,7 +507,10 @@ def make_student(teacher: DiffusersDenoiser, *, guidance_embedding: bool = False
 
     source = teacher.unet
     if guidance_embedding and source.config.time_cond_proj_dim is None:
-        config = {**source.config, "time_cond_proj_dim": time_cond_proj_dim}
+        # diffusers' `_use_default_values` lists keys the config file lacked (time_cond_proj_dim in
+        # SD 1.5's) and from_config resets those to their defaults: drop it, or the projection is lost
+        config = {**{k: v for k, v in source.config.items() if k != "_use_default_values"},
+                  "time_cond_proj_dim": time_cond_proj_dim}
         unet = UNet2DConditionModel.from_config(config)
         missing, unexpected = unet.load_state_dict(source.state_dict(), strict=False)
         fresh = {"time_embedding.cond_proj.weight"}

@@ -151,7 +151,8 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
     phases = method.plan(PlanRequest(steps=cfg.steps, teacher_steps=cfg.teacher_steps, max_updates=cfg.max_updates,
                                      stage_updates=cfg.stage_updates, guided_updates=cfg.guided_updates,
                                      options=dict(cfg.options or {})), teacher, options)
-    schedule = PriorSchedule.parse(cfg.prior if cfg.prior else (cfg.prior_schedule or DEFAULT_PRIOR_SCHEDULE),
+    default_schedule = method.default_prior_schedule or DEFAULT_PRIOR_SCHEDULE
+    schedule = PriorSchedule.parse(cfg.prior if cfg.prior else (cfg.prior_schedule or default_schedule),
                                    flag="--prior" if cfg.prior else "--prior-schedule")
     if cfg.prior and cfg.prior_schedule:
         raise UserError("give --prior or --prior-schedule, not both")
@@ -159,6 +160,9 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
     if "data" in uses and not is_lab(teacher) and not cfg.data:
         raise UserError("the prior gives weight to data but this teacher has no built-in data; pass "
                         "--data SHARDS (image-caption webdataset) or set data=0")
+    if method.needs_data(options) and not is_lab(teacher) and not cfg.data:
+        raise UserError(f"--method {cfg.method} with these options draws real data in its loss but this teacher "
+                        "has no built-in data; pass --data SHARDS (image-caption webdataset)")
     if cfg.data and is_lab(teacher):
         raise UserError("the Gaussian-mixture lab draws exact samples of its mixture as data; drop --data")
     if uses & {"student", "teacher"} and cfg.collect_every < 1 and not cfg.buffer:
@@ -413,7 +417,7 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
     teacher = load_denoiser(cfg.teacher, device=str(accelerator.device))
     plan = make_plan(cfg, teacher)
     resume_from = check_resume(cfg, run)
-    uses_data = any(p["data"] > 0 for p in plan.schedule.priors)
+    uses_data = any(p["data"] > 0 for p in plan.schedule.priors) or plan.method.needs_data(plan.options)
     if uses_data and cfg.data:
         DataStates(teacher, data=cfg.data).captions(1)  # fail now, not after the run folder exists
     data = DataStates(teacher, data=cfg.data, prompts=plan.prompts,
@@ -495,7 +499,7 @@ def _run_phase(cfg, plan, phase: Phase, index, phase_teacher, original_teacher, 
     if cfg.gradient_checkpointing and hasattr(student.network, "enable_gradient_checkpointing"):
         student.network.enable_gradient_checkpointing()
     method = plan.method(teacher=phase_teacher, student=student, phase=phase, options=plan.options,
-                         threshold=plan.threshold, original_teacher=original_teacher)
+                         threshold=plan.threshold, original_teacher=original_teacher, data=data)
     policy = PrioritizedPolicy(cfg.priority_alpha) if cfg.replay == "prioritised" else None
     pool = ReplayPool(cfg.buffer_size, policy)
     generator = torch.Generator().manual_seed(cfg.seed * 7919 + index * 104729 + accelerator.process_index)
