@@ -90,7 +90,7 @@ LAB_REGIMES = {  # one factor at a time from the base
     "2 steps (32->2)": {"steps": 2},
     "short (300 upd)": {"max_updates": 300},
     "batch 64": {"batch_size": 64},
-    "long (3600 upd)": {"max_updates": 3600},
+    "long (2400 upd)": {"max_updates": 2400},
 }
 DIGITS_BASE = {"teacher": "embedded:digits", "teacher_steps": 32, "steps": 4, "max_updates": 360, "batch_size": 32,
                "lr": 1e-4, "collect_every": 20, "rollouts_per_collect": 16}
@@ -300,7 +300,8 @@ def heat_map(results: dict[str, dict], path: Path, title: str) -> None:
             sign = (1.0 if results[regime]["higher"][col] else -1.0) if col in metrics else -1.0
             values[i, j] = 100 * sign * c["rel_diff"]
             marks[i][j] = {"better": "+", "worse": "-"}.get(c["verdict"], "")
-    limit = max(5.0, float(np.nanmax(np.abs(values)))) if np.isfinite(values).any() else 5.0
+    # colours saturate at +-50% so that one huge relative change does not wash out the rest
+    limit = min(50.0, max(5.0, float(np.nanmax(np.abs(values))))) if np.isfinite(values).any() else 5.0
     fig, ax = plt.subplots(figsize=(1.1 * len(columns) + 3, 0.55 * len(regimes) + 2), dpi=110)
     image = ax.imshow(np.clip(values, -limit, limit), cmap="RdYlGn", vmin=-limit, vmax=limit, aspect="auto")
     ax.set_xticks(range(len(columns)), [c.replace("@t", "\n@t") for c in columns], rotation=45, ha="right",
