@@ -87,9 +87,9 @@ LAB_REGIMES = {  # one factor at a time from the base
     "base (d8, 32->4, 1200 upd, batch 256)": {},
     "dim 2": {"teacher": "gmm:ring:8"},
     "dim 32": {"teacher": "gmm:ring:8:d32"},
-    "2 steps (32->2)": {"steps": 2},
     "short (300 upd)": {"max_updates": 300},
     "batch 64": {"batch_size": 64},
+    "2 steps (32->2)": {"steps": 2},
     "long (2400 upd)": {"max_updates": 2400},
 }
 DIGITS_BASE = {"teacher": "embedded:digits", "teacher_steps": 32, "steps": 4, "max_updates": 360, "batch_size": 32,
@@ -245,6 +245,7 @@ def report(suite: Suite, method: str, work: Path, results: dict[str, dict], teac
              f"Base regime: `{json.dumps(suite.base)}`; base arm `{json.dumps(arms['base'])}`, "
              f"DDIL arm `{json.dumps(arms['ddil'])}` over distill's defaults. Difference = DDIL - base, "
              "95% paired-t interval; verdict from the interval (metric's good direction).\n"]
+    lines.append(map_table(results, teachers))
     for regime, comparison in results.items():
         teacher = teachers[regime]
         steps = sorted(teacher)
@@ -275,6 +276,35 @@ def report(suite: Suite, method: str, work: Path, results: dict[str, dict], teac
                      f"[{100 * o['lo'] / o['mean_base']:+.1f}%, {100 * o['hi'] / o['mean_base']:+.1f}%]; "
                      f"DAgger collection {100 * comparison['collect_share']:.1f}% of DDIL's training time.\n")
     return "\n".join(lines)
+
+
+def map_table(results: dict[str, dict], teachers: dict[str, dict]) -> str:
+    """One row per regime: each metric as teacher S/T steps, base -> DDIL, difference [CI] verdict;
+    the own/data-state error ratio at the last student step per arm; collect share."""
+    metrics = [m for m in dict.fromkeys(m for r in results.values() for m in r["metrics"])
+               if any(r["metrics"][m]["std_base"] or r["metrics"][m]["std_treated"] or r["metrics"][m]["diff"]
+                      for r in results.values() if m in r["metrics"])]  # constant metrics say nothing
+    header = ["regime", *metrics, "last-step err_own/err_ref (base, DDIL)", "collect share", "wall overhead"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for regime, r in results.items():
+        steps = sorted(teachers[regime])
+        cells = [regime]
+        for m in metrics:
+            c = r["metrics"][m]
+            verdict = f"**{c['verdict']}**" if c["verdict"] in ("better", "worse") else c["verdict"]
+            teacher = "/".join(_fmt(teachers[regime][s].get(m, [math.nan])[0]) for s in steps)
+            cells.append(f"T {teacher}; {_fmt(c['mean_base'])} -> {_fmt(c['mean_treated'])}, "
+                         f"{_fmt(c['diff'])} [{_fmt(c['lo'])}, {_fmt(c['hi'])}] {verdict}")
+        last = min((k for k in r["shift"] if k.startswith("err_ratio@t")), key=lambda k: int(k.split("@t")[1]))
+        cells.append(f"{_fmt(r['shift'][last]['mean_base'])}, {_fmt(r['shift'][last]['mean_treated'])}")
+        cells.append(f"{100 * r['collect_share']:.1f}%")
+        o = r["overhead"]
+        cells.append(f"{100 * o['rel_diff']:+.0f}% [{100 * o['lo'] / o['mean_base']:+.0f}%, "
+                     f"{100 * o['hi'] / o['mean_base']:+.0f}%]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return ("\nThe map (T a/b: the teacher's own numbers at the student's and at its own step count; then "
+            "base -> DDIL means, the paired difference DDIL - base with its 95% interval, the verdict):\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def heat_map(results: dict[str, dict], path: Path, title: str) -> None:
