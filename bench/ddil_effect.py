@@ -161,8 +161,9 @@ def _sample_and_evaluate(suite: Suite, work: Path, folder: Path, teacher: str, s
 
 
 def run_arm(suite: Suite, work: Path, method: str, regime: str, settings: dict, arm: str, overrides: dict,
-            seed: int) -> dict:
-    folder = work / suite.name / _slug(regime) / f"seed{seed}" / arm
+            seed: int, tag: str = "") -> dict:
+    """One arm of one seed; `tag` names the user's overrides of this arm, so they get their own folder."""
+    folder = work / suite.name / _slug(regime) / f"seed{seed}" / (f"{arm}-{tag}" if tag else arm)
     done = folder / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -380,9 +381,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heatmap", type=Path, default=None, help="PNG (default WORK/SUITE.png)")
     args = parser.parse_args(argv)
     arms = {k: dict(v) for k, v in ARMS.get(args.method, ARMS["pd"]).items()}
-    arms["base"].update(_parse_overrides(args.base_arg))
-    arms["ddil"].update(_parse_overrides(args.ddil_arg))
+    user = {"base": _parse_overrides(args.base_arg), "ddil": _parse_overrides(args.ddil_arg)}
+    tags = {arm: _slug(json.dumps(extra, sort_keys=True)) if extra else "" for arm, extra in user.items()}
+    for arm, extra in user.items():
+        arms[arm].update(extra)
     shared = _parse_overrides(args.set)
+    if shared:
+        tags = {arm: "-".join(filter(None, [tag, _slug(json.dumps(shared, sort_keys=True))])) for arm, tag in tags.items()}
     work = args.work / args.method
     work.mkdir(parents=True, exist_ok=True)
     for name in ("lab", "digits") if args.suite == "all" else (args.suite,):
@@ -397,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
             records = {arm: [] for arm in arms}
             for seed in range(seeds):
                 for arm, overrides in arms.items():
-                    record = run_arm(suite, work, args.method, regime, settings, arm, overrides, seed)
+                    record = run_arm(suite, work, args.method, regime, settings, arm, overrides, seed, tags[arm])
                     records[arm].append(record)
                     print(f"{name} | {regime} | seed {seed} | {arm}: " + ", ".join(
                         f"{k}={v[0]:.4g}" for k, v in record["metrics"].items()) +
