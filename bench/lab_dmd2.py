@@ -4,7 +4,7 @@ DMD2: backward simulation only (`--prior student=1 --student-prob 1`: the genera
 rollouts). DMD2 + DDIL: the method's default prior `student=0.5,teacher=0.5` with the default
 `--student-prob` schedule (mixed student/teacher rollouts and pure teacher rollouts). Each seed
 trains both, samples the 4-step generators (`ddil sample`) and scores them with the lab's exact
-metrics (bench/lab_pd.py's helpers); prints per-seed numbers and the paired difference
+metrics (bench/lab_common.py); prints per-seed numbers and the paired difference
 (DDIL - plain) with a 95% t interval.
 
     python bench/lab_dmd2.py --seeds 3 --updates 2000
@@ -21,7 +21,7 @@ from pathlib import Path
 from scipy.stats import t as student_t
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab_pd import lab_numbers, sample_into  # noqa: E402
+from lab_common import lab_numbers, sample_into  # noqa: E402
 
 from ddil_cli.stages.distill import DistillConfig, run_distill  # noqa: E402
 

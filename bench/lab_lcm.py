@@ -1,7 +1,7 @@
 """LCM vs LCM + DDIL on the Gaussian-mixture lab, paired seeds, equal updates.
 
 Each seed trains every variant (`ddil distill --method lcm`, through the stage function the CLI
-calls), samples the 4-step student and scores it with the lab's exact metrics (bench/lab_pd.py's
+calls), samples the 4-step student and scores it with the lab's exact metrics (bench/lab_common.py's
 helpers); prints each variant's mean and its paired difference from the first variant with a
 95% t interval.
 
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lab_pd import lab_numbers, sample_into  # noqa: E402
+from lab_common import lab_numbers, sample_into  # noqa: E402
 
 from ddil_cli.stages.distill import DistillConfig, run_distill  # noqa: E402
 

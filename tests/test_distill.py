@@ -249,3 +249,15 @@ def test_two_processes_under_torchrun_share_one_run(tmp_path):
     shards = sorted(p.name for p in (tmp_path / "run/buffer/pd-4").glob("shard-*.tar"))
     assert {name.split("-")[2] for name in shards} == {"000", "001"}  # both ranks wrote, disjoint names
     assert (tmp_path / "run/student/model.safetensors").is_file()
+
+
+def test_teacher_states_are_rolled_at_every_collection(tmp_path):
+    # rolled only while the pool had none, the `teacher` source was a few trajectories for a whole stage
+    cfg = DistillConfig(**{**LAB, "teacher_steps": 8}, stage_updates="7", prior="data=0.5,teacher=0.5",
+                        out=str(tmp_path / "run"))
+    summary = run_distill(cfg)
+    collections = -(-7 // LAB["collect_every"])  # updates 0, 3, 6
+    per_rollout = cfg.steps  # states on the 4-step grid
+    assert summary["phases"][0]["buffer_states"] == collections * LAB["rollouts_per_collect"] * per_rollout
+    manifest = json.loads((tmp_path / "run/buffer/pd-4/manifest.json").read_text())
+    assert manifest["counts"]["total"] == summary["phases"][0]["buffer_states"]

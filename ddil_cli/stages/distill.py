@@ -300,8 +300,12 @@ class DaggerCollector:
                               run_info={"command": "distill (DAgger)", "student_version": update, "phase": self.phase},
                               on_commit=self.fifo)
         with writer.open():
-            self._roll(writer, grid, update, 1.0 - student_prob, 0)
-            if self.needs_teacher_states and self.pool.count("teacher") == 0:
+            if any(prior["student"] > 0 for prior in self.plan.schedule.priors):  # else never drawn
+                self._roll(writer, grid, update, 1.0 - student_prob, 0)
+            # fresh teacher trajectories at every collection, as for the student: rolled once, the
+            # `teacher` share of every batch came from --rollouts-per-collect trajectories for a
+            # whole stage, and the lab student overfitted them (16 -> 4 quality 0.06 vs 0.23 fresh)
+            if self.needs_teacher_states:
                 self._roll(writer, grid, update, 1.0, 1)
         return time.perf_counter() - start
 

@@ -1,0 +1,59 @@
+"""The DDIL-effect bench's paired statistics against scipy's own paired t-test."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+_spec = importlib.util.spec_from_file_location("ddil_effect", Path(__file__).parents[1] / "bench" / "ddil_effect.py")
+ddil_effect = importlib.util.module_from_spec(_spec)
+sys.modules["ddil_effect"] = ddil_effect  # dataclasses look their module up there
+_spec.loader.exec_module(ddil_effect)
+paired_comparison = ddil_effect.paired_comparison
+
+
+@pytest.mark.parametrize("n,shift", [(3, 0.0), (5, 0.3), (5, 2.0), (8, -1.0), (12, 0.05)])
+def test_interval_and_p_match_scipy_ttest_rel(n, shift):
+    rng = np.random.default_rng(n)
+    base = rng.normal(1.0, 0.5, n)
+    treated = base + shift + rng.normal(0, 0.4, n)
+    c = paired_comparison(base.tolist(), treated.tolist(), higher_is_better=True)
+    ref = stats.ttest_rel(treated, base)
+    ci = ref.confidence_interval(0.95)
+    assert c["n"] == n
+    assert c["diff"] == pytest.approx(float(np.mean(treated - base)))
+    assert c["lo"] == pytest.approx(float(ci.low)) and c["hi"] == pytest.approx(float(ci.high))
+    assert c["p"] == pytest.approx(float(ref.pvalue))
+    assert c["std_base"] == pytest.approx(float(np.std(base, ddof=1)))
+    # the verdict is significance at 5%, signed by the metric's direction
+    significant = ref.pvalue < 0.05
+    assert (c["verdict"] != "tie") == significant
+    if significant:
+        assert c["verdict"] == ("better" if np.mean(treated - base) > 0 else "worse")
+        flipped = paired_comparison(base.tolist(), treated.tolist(), higher_is_better=False)
+        assert flipped["verdict"] == ("worse" if c["verdict"] == "better" else "better")
+
+
+def test_clear_differences_get_their_verdicts_and_noise_ties():
+    base = [0.80, 0.82, 0.79, 0.81, 0.80]
+    assert paired_comparison(base, [b + 0.05 + 0.001 * i for i, b in enumerate(base)],
+                             higher_is_better=True)["verdict"] == "better"
+    assert paired_comparison(base, [b + 0.05 + 0.001 * i for i, b in enumerate(base)],
+                             higher_is_better=False)["verdict"] == "worse"
+    assert paired_comparison(base, [b + d for b, d in zip(base, [0.03, -0.02, 0.01, -0.03, 0.0])],
+                             higher_is_better=True)["verdict"] == "tie"
+
+
+def test_degenerate_inputs():
+    one = paired_comparison([1.0], [2.0], higher_is_better=True)
+    assert one["verdict"] == "n/a" and math.isnan(one["lo"])
+    same = paired_comparison([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], higher_is_better=True)
+    assert same["verdict"] == "tie" and same["lo"] == same["hi"] == 0.0
+    constant = paired_comparison([1.0, 2.0, 3.0], [1.5, 2.5, 3.5], higher_is_better=True)
+    assert constant["verdict"] == "better" and constant["rel_diff"] == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        paired_comparison([1.0, 2.0], [1.0], higher_is_better=True)
