@@ -6,7 +6,7 @@
 # 5k captions, one per line) and the metric weights (see docs/evaluate.md).
 set -euo pipefail
 TEACHER=${TEACHER:-stable-diffusion-v1-5/stable-diffusion-v1-5}
-DATA=${DATA:?set DATA to image-caption shards, e.g. /data/laion/{00000..00999}.tar}
+DATA=${DATA:?set DATA to image-caption shards, e.g. a brace pattern over /data/laion/NNNNN.tar}
 PROMPTS=${PROMPTS:?set PROMPTS to a captions file, one per line}
 OUT=${OUT:-runs/sd15-pd-ddil}
 NPROC=${NPROC:-1}
