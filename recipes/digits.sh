@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: the embedded digits teacher (32 DDIM steps) distilled by PD to 4 steps, with DDIL
 # and (plain) teacher-forced, then sampled and evaluated in the embedded feature space, ending in
-# one table. About 7 minutes on 2 free CPU cores. Usage: recipes/digits.sh [OUT]   (env: UPDATES,
+# one table. About 4.5 minutes on 2 free CPU cores. Usage: recipes/digits.sh [OUT]   (env: UPDATES,
 # PER_DIGIT, QUIET=1 for no progress bars). ddil picks its torch thread count itself (--threads).
 set -euo pipefail
 OUT=${1:-runs/digits}
