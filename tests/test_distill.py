@@ -2,7 +2,6 @@
 the non-finite guard; prior frequencies; one-line errors that leave the run folder alone."""
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,8 @@ from ddil_cli.models.gmm import GMMDenoiser
 from ddil_cli.models.mlp import mlp_student_for
 from ddil_cli.priors import PhaseSchedule, PriorSchedule
 from ddil_cli.stages.distill import DistillConfig, InputAssembler, Plan, run_distill
-from ddil_cli.train import Trainer
 from cli_runner import run_cli as cli
+from resume import crash_and_resume
 
 LAB = dict(method="pd", teacher="gmm:ring:8", steps=4, teacher_steps=16, batch_size=16, lr=1e-3,
            collect_every=3, rollouts_per_collect=8, quiet=True, log_every=2)
@@ -38,27 +37,10 @@ def test_lab_run_with_and_without_ddil(tmp_path):
     assert manifest["counts"]["total"] > 0 and manifest["header"]["grid"]["timesteps"] == [999, 749, 499, 249]
 
 
-class Stop(Exception):
-    pass
-
-
 def test_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
     cfg = DistillConfig(**LAB, stage_updates="8", checkpoint_every=4, out=str(tmp_path / "full"))
     run_distill(cfg)
-    save = Trainer.save_checkpoint
-
-    def crash_after_update_12(self):
-        path = save(self)
-        if self.update_offset + self.state.update == 12:
-            raise Stop()
-        return path
-    monkeypatch.setattr(Trainer, "save_checkpoint", crash_after_update_12)
-    broken = replace(cfg, out=str(tmp_path / "broken"))
-    with pytest.raises(Stop):
-        run_distill(broken)
-    monkeypatch.setattr(Trainer, "save_checkpoint", save)
-    assert not (tmp_path / "broken/student").exists()
-    run_distill(replace(broken, resume="latest"))
+    crash_and_resume(cfg, tmp_path / "broken", monkeypatch, 12)
     full = load_file(str(tmp_path / "full/student/model.safetensors"))
     resumed = load_file(str(tmp_path / "broken/student/model.safetensors"))
     assert full.keys() == resumed.keys()

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,8 @@ from safetensors.torch import load_file
 
 from ddil_cli.methods.dmd2 import DMD2Method, dm_gradient, dm_loss
 from ddil_cli.stages.distill import DistillConfig, run_distill
-from ddil_cli.train import Trainer
 from cli_runner import run_cli as cli
+from resume import crash_and_resume
 
 HERE = Path(__file__).parent
 LAB = dict(method="dmd2", teacher="gmm:ring:8", teacher_steps=8, batch_size=8, lr=1e-3, collect_every=2,
@@ -138,27 +137,11 @@ def test_critic_takes_critic_updates_steps_per_generator_update(tmp_path, monkey
     assert state["schedulers"]["critic"]["last_epoch"] == 12 and state["groups"] == ["student", "critic"]
 
 
-class Stop(Exception):
-    pass
-
-
 def test_exact_resume_with_critic_and_gan_head(tmp_path, monkeypatch):
     cfg = DistillConfig(**LAB, max_updates=6, checkpoint_every=3,
                         options={"critic_updates": 2, "gan_weight": 0.1}, out=str(tmp_path / "full"))
     run_distill(cfg)
-    save = Trainer.save_checkpoint
-
-    def crash_after_update_3(self):
-        path = save(self)
-        if self.state.update == 3:
-            raise Stop()
-        return path
-    monkeypatch.setattr(Trainer, "save_checkpoint", crash_after_update_3)
-    broken = replace(cfg, out=str(tmp_path / "broken"))
-    with pytest.raises(Stop):
-        run_distill(broken)
-    monkeypatch.setattr(Trainer, "save_checkpoint", save)
-    run_distill(replace(broken, resume="latest"))
+    crash_and_resume(cfg, tmp_path / "broken", monkeypatch, 3)
     for name in ("student", "critic", "gan_head"):
         full = load_file(str(tmp_path / f"full/checkpoints/checkpoint-00000006/{name}.safetensors"))
         resumed = load_file(str(tmp_path / f"broken/checkpoints/checkpoint-00000006/{name}.safetensors"))

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +24,8 @@ from ddil_cli.methods.base import Batch, PlanRequest
 from ddil_cli.methods.lcm import LCMMethod, LCMOptions, default_w_range
 from ddil_cli.models.gmm import GMM_SCHEDULER_CONFIG, GMMDenoiser
 from ddil_cli.stages.distill import DistillConfig, run_distill
-from ddil_cli.train import Trainer
 from cli_runner import run_cli as cli
+from resume import crash_and_resume
 
 HERE = Path(__file__).parent
 LAB = dict(method="lcm", teacher="gmm:ring:8", steps=4, batch_size=16, lr=1e-3, collect_every=2,
@@ -203,26 +202,10 @@ def test_lab_runs_with_and_without_ddil(tmp_path):
     assert manifest["method_options"]["w_min"] == 1.0 and manifest["method_options"]["w_max"] == 2.0
 
 
-class Stop(Exception):
-    pass
-
-
 def test_resume_gives_the_uninterrupted_student_and_target(tmp_path, monkeypatch):
     cfg = DistillConfig(**LAB, max_updates=8, checkpoint_every=4, out=str(tmp_path / "full"))
     run_distill(cfg)
-    save = Trainer.save_checkpoint
-
-    def crash_after_update_4(self):
-        path = save(self)
-        if self.state.update == 4:
-            raise Stop()
-        return path
-    monkeypatch.setattr(Trainer, "save_checkpoint", crash_after_update_4)
-    broken = replace(cfg, out=str(tmp_path / "broken"))
-    with pytest.raises(Stop):
-        run_distill(broken)
-    monkeypatch.setattr(Trainer, "save_checkpoint", save)
-    run_distill(replace(broken, resume="latest"))
+    crash_and_resume(cfg, tmp_path / "broken", monkeypatch, 4)
     for name in ("student/model.safetensors", "checkpoints/checkpoint-00000008/state.safetensors"):
         full, resumed = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "broken" / name))
         assert full.keys() == resumed.keys()

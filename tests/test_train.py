@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from ddil_cli.stages.distill import DistillConfig, run_distill
+from resume import crash_and_resume
 
 HERE = Path(__file__).parent
 LAB = ["distill", "--teacher", "gmm:ring:8", "--teacher-steps", "8", "--steps", "4", "--stage-updates", "8",
@@ -116,10 +117,8 @@ class _WithCritic:
 
 
 def test_a_second_trained_network_steps_logs_and_resumes_exactly(tmp_path, monkeypatch):
-    from dataclasses import replace
 
     from ddil_cli import methods
-    from ddil_cli.train import Trainer
 
     method = _WithCritic.make()
     monkeypatch.setitem(methods.METHODS, "pd-critic", method)
@@ -136,19 +135,7 @@ def test_a_second_trained_network_steps_logs_and_resumes_exactly(tmp_path, monke
     assert {"loss/critic", "grad_norm/critic", "lr/critic", "critic/mean_out"} <= set(rows[-1])
     assert rows[0]["lr/critic"] == pytest.approx(0.01 * (24 - 12) / 24)  # its own schedule, per its steps
 
-    save = Trainer.save_checkpoint
-
-    def crash_at_4(self):
-        path = save(self)
-        if self.state.update == 4:
-            raise KeyboardInterrupt
-        return path
-    monkeypatch.setattr(Trainer, "save_checkpoint", crash_at_4)
-    broken = replace(cfg, out=str(tmp_path / "broken"))
-    with pytest.raises(KeyboardInterrupt):
-        run_distill(broken)
-    monkeypatch.setattr(Trainer, "save_checkpoint", save)
-    run_distill(replace(broken, resume="latest"))
+    crash_and_resume(cfg, tmp_path / "broken", monkeypatch, 4)
     for name in ("student", "critic"):
         full = load_file(str(tmp_path / f"full/checkpoints/checkpoint-00000008/{name}.safetensors"))
         resumed = load_file(str(tmp_path / f"broken/checkpoints/checkpoint-00000008/{name}.safetensors"))
