@@ -18,7 +18,7 @@ import torch
 from ddil_cli.diffusion.consistency import consistency_output, lcm_timesteps, renoise_step
 from ddil_cli.diffusion.ddim import ddim_step
 from ddil_cli.diffusion.schedule import nested_grids, trailing_timesteps
-from ddil_cli.diffusion.threshold import Threshold
+from ddil_cli.diffusion.threshold import Threshold, apply_threshold
 from ddil_cli.models.base import Conditioning, Denoiser
 
 SWITCH_KINDS = ("t2s", "s2t")
@@ -110,8 +110,6 @@ def ddim_path(model: Denoiser, x: torch.Tensor, path: list[int], cond: Condition
 def consistency_step(model: Denoiser, x: torch.Tensor, t: int, s: int, cond: Conditioning, guidance,
                      threshold: Threshold | None, noise: torch.Tensor) -> torch.Tensor:
     """One re-noising multistep-consistency step: x_s = a_s f(x_t, t) + s_s z (LCM's sampler)."""
-    from ddil_cli.diffusion.threshold import apply_threshold
-
     t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
     x0_hat = model.predict_x0(x, t_batch, cond, guidance)
     if threshold is not None:

@@ -126,8 +126,8 @@ class _Group:
             module.requires_grad_(True)
             module.train()
         self.params = [p for m in self.raw.values() for p in m.parameters() if p.requires_grad]
-        self.lr = spec.lr if spec.lr is not None else config.lr
-        optimizer = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=config.weight_decay)
+        lr = spec.lr if spec.lr is not None else config.lr
+        optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=config.weight_decay)
         names = list(self.raw)
         *wrapped, self.optimizer = accelerator.prepare(*[self.raw[n] for n in names], optimizer)
         self.wrapped = dict(zip(names, wrapped))
@@ -188,19 +188,6 @@ class Trainer:
         self.state = TrainState()
         self._sums = defaultdict(float)
         self._counts = defaultdict(int)
-
-    @property
-    def net(self):
-        """The student's network as the launcher wrapped it."""
-        return self.student_group.wrapped["student"]
-
-    @property
-    def optimizer(self):
-        return self.student_group.optimizer
-
-    @property
-    def scheduler(self):
-        return self.student_group.scheduler
 
     # ---- checkpoints ------------------------------------------------------------------------
     @property
@@ -389,7 +376,7 @@ class Trainer:
             if state.update % cfg.log_every == 0 or state.update == cfg.max_updates:
                 elapsed = time.perf_counter() - window_start
                 row = {"phase": self.phase, "update": state.update,
-                       "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                       "lr": self.student_group.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                        "updates_per_s": window_updates / elapsed, "samples_per_s": self._window_samples / elapsed,
                        "nonfinite_skipped": state.nonfinite_total,
                        "collect_share": state.collect_seconds / max(1e-9, state.collect_seconds + state.train_seconds),
