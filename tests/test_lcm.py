@@ -144,11 +144,11 @@ def test_default_guidance_ranges_and_option_checks():
     assert default_w_range(7.5) == (3.0, 15.0)  # Stable Diffusion: the LCM paper's range
     assert default_w_range(1.5) == (1.0, 3.0) and default_w_range(1.0) == (1.0, 2.0)
     options = LCMOptions(w_max=1.5)
-    options.resolve_guidance(GMMDenoiser("gmm:ring:8"))
+    options.resolve(GMMDenoiser("gmm:ring:8"))
     assert (options.w_min, options.w_max) == (1.0, 1.5)
     for bad, needle in (({"loss": "l1"}, "huber or l2"), ({"w_min": 0.5}, "below 1"),
                         ({"w_min": 5.0, "w_max": 4.0}, "exceeds"), ({"unroll_steps": "3,x"}, "--unroll-steps"),
-                        ({"target_ema": 1.0}, r"in \[0, 1\)")):
+                        ({"target_ema": 1.0}, r"in \[0, 1\)"), ({"solver_steps": "fifty"}, "solver")):
         with pytest.raises(UserError, match=needle):
             LCMOptions.from_dict("lcm", bad)
 

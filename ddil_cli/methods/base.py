@@ -102,12 +102,21 @@ class MethodOptions:
             raise UserError(f"{flags} {'is not an option' if len(foreign) == 1 else 'are not options'} of "
                             f"--method {method}; drop {'it' if len(foreign) == 1 else 'them'} or choose the "
                             "method they belong to")
-        options = cls(**{k: v for k, v in given.items() if k in names and v is not None})
+        from ddil_cli.validate import check_values
+
+        # types from the dataclass fields, as for every command's own config (a config file's
+        # `solver_steps = "fifty"` is one line, not a TypeError later)
+        values = check_values(cls, {k: v for k, v in given.items() if k in names and v is not None}, {})
+        options = cls(**values)
         options.validate()
         return options
 
     def validate(self) -> None:
         pass
+
+    def resolve(self, teacher: Denoiser) -> None:
+        """Fill in defaults that depend on the teacher (LCM's w range from its default guidance);
+        called once, before the method plans, so the manifest records the values used."""
 
 
 class DistillMethod:

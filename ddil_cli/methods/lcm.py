@@ -87,7 +87,7 @@ class LCMOptions(MethodOptions):
             raise UserError(f"--w-min {self.w_min} exceeds --w-max {self.w_max}")
         parse_unroll_steps(self.unroll_steps)
 
-    def resolve_guidance(self, teacher: Denoiser) -> None:
+    def resolve(self, teacher: Denoiser) -> None:
         """Fill in w_min / w_max the user left out, from the teacher's default CFG scale."""
         low, high = default_w_range(getattr(teacher, "default_guidance", 1.0))
         if self.w_min is None:
@@ -116,7 +116,6 @@ class LCMMethod(DistillMethod):
             if max(steps) > options.solver_steps or min(steps) < 1:
                 raise UserError(f"{flag} {','.join(map(str, steps))}: an LCM sampler takes 1 to --solver-steps "
                                 f"({options.solver_steps}) steps")
-        options.resolve_guidance(teacher)
         solver = solver_timesteps(options.solver_steps, num_train)
         grids = [Grid.from_timesteps(lcm_timesteps(n, options.solver_steps, num_train), request.teacher_steps,
                                      num_train) for n in parse_unroll_steps(options.unroll_steps)]
@@ -126,9 +125,7 @@ class LCMMethod(DistillMethod):
 
     @classmethod
     def guidance_range(cls, options: LCMOptions) -> tuple[float, float] | None:
-        if options.w_min is None or options.w_max is None:
-            return None  # not planned yet
-        return float(options.w_min), float(options.w_max)
+        return float(options.w_min), float(options.w_max)  # resolved from the teacher before planning
 
     @classmethod
     def make_student(cls, phase_teacher: Denoiser, phase: Phase, options: LCMOptions, *,

@@ -148,6 +148,7 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
             raise UserError(f"--tracker {cfg.tracker} needs the {module} package; pip install {module}, "
                             "or use --tracker none")
     options = method.Options.from_dict(cfg.method, dict(cfg.options or {}))
+    options.resolve(teacher)
     phases = method.plan(PlanRequest(steps=cfg.steps, teacher_steps=cfg.teacher_steps, max_updates=cfg.max_updates,
                                      stage_updates=cfg.stage_updates, guided_updates=cfg.guided_updates,
                                      options=dict(cfg.options or {})), teacher, options)
