@@ -72,3 +72,17 @@ def test_mlp_student_round_trip(tmp_path):
     cond = loaded.encode(["class 0", "class 1", "class 2", "class 3"])
     assert torch.equal(student.predict_x0(x, t, cond, 4.0), loaded.predict_x0(x, t, cond, 4.0))
     assert not torch.equal(loaded.predict_x0(x, t, cond, 1.0), loaded.predict_x0(x, t, cond, 4.0))
+
+
+def test_lab_students_take_their_initialisation_from_the_seeded_stream():
+    # distill seeds torch with --seed before making the stage-1 student; a fixed seed inside the
+    # factory once gave every --seed the same initial MLP
+    from ddil_cli.models import make_student
+
+    teacher = GMMDenoiser("gmm:ring:8")
+    weights = []
+    for seed in (0, 1, 0):
+        torch.manual_seed(seed)
+        weights.append(torch.cat([p.detach().flatten() for p in make_student(teacher).network.parameters()]))
+    assert torch.equal(weights[0], weights[2])
+    assert not torch.allclose(weights[0], weights[1])

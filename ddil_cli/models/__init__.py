@@ -71,7 +71,8 @@ def make_student(teacher: Denoiser, *, guidance_embedding: bool = False, **kwarg
     if teacher.kind == "gmm":
         from ddil_cli.models.mlp import mlp_student_for
 
-        return mlp_student_for(teacher, guidance_conditioned=guidance_embedding, **kwargs)
+        # the caller's seeded stream initialises it: a fixed seed here gave every --seed one init
+        return mlp_student_for(teacher, guidance_conditioned=guidance_embedding, **{"seed": None, **kwargs})
     if teacher.kind == "mlp":
         import copy
 

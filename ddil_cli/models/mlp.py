@@ -133,9 +133,12 @@ class MLPDenoiser(Denoiser):
 
 def mlp_student_for(teacher: Denoiser, *, guidance_conditioned: bool = False,
                     prediction_type: str = "v_prediction", hidden: int = 256, layers: int = 4,
-                    seed: int = 0) -> MLPDenoiser:
-    """A fresh MLP student for a lab teacher (an analytic teacher has no weights to copy)."""
-    torch.manual_seed(seed)
+                    seed: int | None = 0) -> MLPDenoiser:
+    """A fresh MLP student for a lab teacher (an analytic teacher has no weights to copy).
+    `seed=None` draws the initialisation from torch's global stream, which the caller seeded
+    (distill seeds it with --seed, so each seed starts from its own weights)."""
+    if seed is not None:
+        torch.manual_seed(seed)
     config = MLPConfig(dim=teacher.state_shape[0], num_classes=teacher.num_classes, hidden=hidden,
                        layers=layers, prediction_type=prediction_type,
                        guidance_conditioned=guidance_conditioned,
