@@ -246,11 +246,16 @@ def _fmt(value: float) -> str:
 
 
 def report(suite: Suite, method: str, work: Path, results: dict[str, dict], teachers: dict[str, dict],
-           seeds: int, arms: dict) -> str:
-    lines = [f"### {method.upper()} vs {method.upper()} + DDIL, suite `{suite.name}` ({seeds} paired seeds)\n",
-             f"Base regime: `{json.dumps(suite.base)}`; base arm `{json.dumps(arms['base'])}`, "
-             f"DDIL arm `{json.dumps(arms['ddil'])}` over distill's defaults. Difference = DDIL - base, "
-             "95% paired-t interval; verdict from the interval (metric's good direction).\n"]
+           seeds: int, arms: dict, pair: tuple[str, str] = ("base", "ddil")) -> str:
+    """`pair`: the two arms compared (reference, treated); PD's is base vs ddil."""
+    name = {"base": method.upper(), "ddil": f"{method.upper()} + DDIL", "base-plain": f"{method.upper()} (plain)",
+            "ddil-plain": f"{method.upper()} + DDIL (plain)"}
+    lines = [f"### {name.get(pair[1], pair[1])} vs {name.get(pair[0], pair[0])}, suite `{suite.name}` "
+             f"({seeds} paired seeds)\n",
+             f"Base regime: `{json.dumps(suite.base)}`; reference arm `{json.dumps(arms[pair[0]])}`, "
+             f"treated arm `{json.dumps(arms[pair[1]])}` over distill's defaults. Difference = treated - "
+             "reference, 95% paired-t interval; verdict from the interval (metric's good direction). In the "
+             "tables `base` is the reference arm and `+ DDIL` the treated one.\n"]
     lines.append(map_table(results, teachers))
     for regime, comparison in results.items():
         teacher = teachers[regime]
@@ -381,6 +386,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ddil-arg", action="append", default=[], help="KEY=VALUE distill override, DDIL arm")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE distill override, both arms")
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
+    parser.add_argument("--reflected", action="store_true",
+                        help="four arms: base and DDIL, each with distill's default thresholding (reflected) and "
+                             "with --threshold none (plain); reports DDIL vs base in each, reflected vs plain, "
+                             "and reflected + DDIL vs plain base")
     parser.add_argument("--work", type=Path, default=Path("runs/ddil-effect"))
     parser.add_argument("--markdown", type=Path, default=None, help="write the report here (default WORK/SUITE.md)")
     parser.add_argument("--heatmap", type=Path, default=None, help="PNG (default WORK/SUITE.png)")
@@ -390,6 +399,13 @@ def main(argv: list[str] | None = None) -> None:
     tags = {arm: _slug(json.dumps(extra, sort_keys=True)) if extra else "" for arm, extra in user.items()}
     for arm, extra in user.items():
         arms[arm].update(extra)
+    comparisons = [("base", "ddil")]
+    if args.reflected:
+        for arm in ("base", "ddil"):
+            arms[f"{arm}-plain"] = {**arms[arm], "threshold": "none"}
+            tags[f"{arm}-plain"] = tags[arm]
+        comparisons = [("base-plain", "ddil-plain"), ("base", "ddil"), ("base-plain", "base"),
+                       ("base-plain", "ddil")]
     shared = _parse_overrides(args.set)
     if shared:
         tags = {arm: "-".join(filter(None, [tag, _slug(json.dumps(shared, sort_keys=True))])) for arm, tag in tags.items()}
@@ -400,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
         seeds = args.seeds or (2 if args.quick else (5 if name == "lab" else 3))
         regimes = {r: s for r, s in suite.regimes.items()
                    if not args.regimes or any(p.strip() in r for p in args.regimes.split(","))}
-        results, teachers = {}, {}
+        results, teachers = {pair: {} for pair in comparisons}, {}
         for regime, override in regimes.items():
             settings = {**suite.base, **override, **shared}
             teachers[regime] = teacher_row(suite, work, settings)
@@ -412,23 +428,31 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{name} | {regime} | seed {seed} | {arm}: " + ", ".join(
                         f"{k}={v[0]:.4g}" for k, v in record["metrics"].items()) +
                         f", wall {record['wall_seconds']:.1f}s", flush=True)
-            results[regime] = compare_regime(records)
-            results[regime]["higher"] = {k: v[1] for k, v in records["base"][0]["metrics"].items()}
-        text = report(suite, args.method, work, results, teachers, seeds, arms)
+            for pair in comparisons:
+                results[pair][regime] = compare_regime({"base": records[pair[0]], "ddil": records[pair[1]]})
+                results[pair][regime]["higher"] = {k: v[1] for k, v in records["base"][0]["metrics"].items()}
+        command = "python bench/ddil_effect.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        texts = []
+        for pair in comparisons:
+            suffix = "" if pair == ("base", "ddil") else f"-{pair[1]}-vs-{pair[0]}"
+            text = report(suite, args.method, work, results[pair], teachers, seeds, arms, pair)
+            texts.append(text)
+            heatmap = args.heatmap or work / f"{name}.png"
+            if args.heatmap and args.suite == "all":
+                heatmap = args.heatmap.with_name(f"{args.heatmap.stem}-{name}{args.heatmap.suffix}")
+            heatmap = heatmap.with_name(f"{heatmap.stem}{suffix}{heatmap.suffix}")
+            heat_map(results[pair], heatmap, f"{pair[1]} vs {pair[0]}, {args.method.upper()}, {name} "
+                                             f"({seeds} paired seeds)")
+            print(text)
+            print(f"wrote {heatmap}")
         markdown = args.markdown or work / f"{name}.md"
         if args.markdown and args.suite == "all":
             markdown = args.markdown.with_name(f"{args.markdown.stem}-{name}{args.markdown.suffix}")
-        heatmap = args.heatmap or work / f"{name}.png"
-        if args.heatmap and args.suite == "all":
-            heatmap = args.heatmap.with_name(f"{args.heatmap.stem}-{name}{args.heatmap.suffix}")
-        command = "python bench/ddil_effect.py " + " ".join(argv if argv is not None else sys.argv[1:])
         markdown.parent.mkdir(parents=True, exist_ok=True)
-        markdown.write_text(text + f"\nCommand: `{command}`\n")
-        heat_map(results, heatmap, f"{args.method.upper()} + DDIL vs {args.method.upper()}, {name} "
-                                   f"({seeds} paired seeds)")
-        (work / f"{name}.json").write_text(json.dumps({"results": results, "teachers": teachers}, indent=1))
-        print(text)
-        print(f"wrote {markdown} and {heatmap}")
+        markdown.write_text("\n\n".join(texts) + f"\nCommand: `{command}`\n")
+        (work / f"{name}.json").write_text(json.dumps(
+            {"results": {f"{b} vs {a}": r for (a, b), r in results.items()}, "teachers": teachers}, indent=1))
+        print(f"wrote {markdown}")
 
 
 if __name__ == "__main__":

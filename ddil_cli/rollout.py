@@ -205,7 +205,7 @@ def seeded_renoise(seeds: list[int], shape: tuple[int, ...], num_transitions: in
 def rollout_seeds(seeds: list[int], prompts: list[str], grid: Grid, *, teacher: Denoiser,
                   student: Denoiser | None, teacher_prob: float = 1.0, switch: tuple[str, int] | None = None,
                   guidance=1.0, threshold: Threshold | None = None, record: bool = False,
-                  device="cpu") -> RolloutResult:
+                  stop_at: int | None = None, device="cpu") -> RolloutResult:
     """One trajectory per seed and prompt, everything random drawn from the seed: the start
     noise, which model takes each transition, and a consistency student's re-noising noise."""
     shape = tuple(teacher.state_shape)
@@ -220,4 +220,4 @@ def rollout_seeds(seeds: list[int], prompts: list[str], grid: Grid, *, teacher: 
             renoise = seeded_renoise(seeds, shape, grid.num_transitions, device)
     return rollout(x_T, cond, grid, mask, teacher=teacher, student=student if uses_student else None,
                    guidance=guidance, threshold=threshold, student_cond=student_cond, record=record,
-                   renoise=renoise)
+                   renoise=renoise, stop_at=stop_at)

@@ -118,13 +118,16 @@ def rollout_records(teacher: Denoiser, student: Denoiser | None, grid: Grid, pro
     (state, t, t_index, source, row): the row indexes `prompts`/`seeds`; the source is 'teacher'
     for a trajectory the teacher drove throughout, else 'student'. Used by `collect` and by
     distill's DAgger hook, so both store the same thing."""
+    # the last transition's landing point is clean and never stored: stopping before it saves
+    # 1/S of the rollout (a quarter at 4 steps); the result's `final` is then the last stored state
     result = rollout_seeds(seeds, prompts, grid, teacher=teacher, student=student if teacher_prob < 1 else None,
                            teacher_prob=teacher_prob, guidance=guidance, threshold=threshold, record=True,
-                           device=device)
-    states_cpu = [s.float().cpu() for s in result.states]  # one transfer per grid point, not per row
+                           stop_at=grid.num_transitions - 1, device=device)
+    # one transfer per grid point, not per row
+    states_cpu = [s.float().cpu() for s in [*result.states, result.final]]
     records = []
     for row in range(len(seeds)):
         source = "teacher" if bool(result.teacher_mask[row].all()) else "student"
-        for t_index, (t, states) in enumerate(zip(result.timesteps, states_cpu)):
+        for t_index, (t, states) in enumerate(zip(grid.student, states_cpu)):
             records.append((states[row], t, t_index, source, row))
     return records
