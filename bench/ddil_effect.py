@@ -98,6 +98,8 @@ DIGITS_BASE = {"teacher": "embedded:digits", "teacher_steps": 32, "steps": 4, "m
 DIGITS_REGIMES = {
     "main job (32->4, 360 upd)": {},
     "short (120 upd, 32->4)": {"max_updates": 120},
+    # a harder setting: four halvings on a small budget, where the student's states may drift
+    "2 steps, short (160 upd, 32->2)": {"steps": 2, "max_updates": 160},
 }
 QUICK = {"lab": ({**LAB_BASE, "max_updates": 300},
                  {"base": {}, "2 steps": {"steps": 2, "max_updates": 200}}),
@@ -168,7 +170,7 @@ def _sample_and_evaluate(suite: Suite, work: Path, folder: Path, teacher: str, s
 def run_arm(suite: Suite, work: Path, method: str, regime: str, settings: dict, arm: str, overrides: dict,
             seed: int, tag: str = "") -> dict:
     """One arm of one seed; `tag` names the user's overrides of this arm, so they get their own folder."""
-    folder = work / suite.name / _slug(regime) / f"seed{seed}" / (f"{arm}-{tag}" if tag else arm)
+    folder = arm_folder(work, suite, regime, seed, arm, tag)
     done = folder / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -196,6 +198,67 @@ def run_arm(suite: Suite, work: Path, method: str, regime: str, settings: dict, 
     for heavy in ("samples", "run/checkpoints", "run/buffer"):  # keep metrics.jsonl, stages and the student
         shutil.rmtree(folder / heavy, ignore_errors=True)
     return record
+
+
+def takeover(suite: Suite, work: Path, record: dict, folder: Path) -> dict[str, dict[str, float]]:
+    """Who makes the error: the student alone (beta-0), the exact teacher taking over from the
+    student's own state at its last timestep (s2t), and the student's last step from the teacher's
+    own state there (t2s), each scored like the run. s2t near the teacher alone says the student's
+    states are where the teacher's are (no covariate shift to correct); t2s near the student alone
+    says its error is made in the last step, on the teacher's distribution."""
+    out = folder / "takeover"
+    table = out / "table.csv"
+    if not table.is_file():
+        cfg = record["config"]
+        from ddil_cli.rollout import Grid
+
+        last = Grid.make(cfg["steps"], cfg["teacher_steps"]).student[-1]
+        run_shift(ShiftConfig(teacher=cfg["teacher"], student=str(folder / "run" / "student"), steps=cfg["steps"],
+                              teacher_steps=cfg["teacher_steps"], settings=["beta-1", "beta-0", f"s2t-{last}", f"t2s-{last}"],
+                              betas="0", switch_at=str(last), metrics=",".join(suite.metrics or []) or None,
+                              reference=suite.reference, features=suite.features, data=suite.data,
+                              num_per_prompt=suite.per_prompt, seed=record["seed"], quiet=True, out=str(out),
+                              prompts=str(work / "digit-prompts.txt") if suite.name == "digits" else None))
+        import shutil
+
+        shutil.rmtree(out / "settings", ignore_errors=True)
+    import csv
+
+    rows = {}
+    with open(table) as handle:
+        for row in csv.DictReader(handle):
+            name = row["setting"].split("-")[0] if row["kind"] != "beta" else row["setting"]
+            rows[name] = {k: float(v) for k, v in row.items() if k not in ("setting", "kind", "description")
+                          and v not in ("", None)}
+    return rows
+
+
+def takeover_table(suite: Suite, work: Path, method: str, regimes: dict[str, dict], seeds: int,
+                   records_by_regime: dict[str, dict[str, list[dict]]], tags: dict[str, str]) -> str:
+    """Mean over seeds of each metric for: the teacher alone, the student alone, s2t, t2s, per arm."""
+    lines = ["\n#### Who makes the error (`--takeover`)\n",
+             "At the student's last timestep t: `s2t` = the student drives to t, the exact teacher (its own "
+             "fine steps) from there; `t2s` = the teacher drives to t, the student takes the last step. "
+             f"Means over {seeds} seeds.\n"]
+    header = None
+    for regime in regimes:
+        for arm, tag in tags.items():
+            tables = [takeover(suite, work, r, arm_folder(work, suite, regime, r["seed"], arm, tag))
+                      for r in records_by_regime[regime][arm]]
+            metrics = [m for m in tables[0]["beta-0"] if m not in ("value", "teacher_share", "nfe_per_sample")]
+            if header is None:
+                header = ["regime", "arm", *(f"{m}: teacher / student / s2t / t2s" for m in metrics)]
+                lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            cells = [regime, arm]
+            for m in metrics:
+                cells.append(" / ".join(_fmt(statistics.fmean(t[k][m] for t in tables))
+                                        for k in ("beta-1", "beta-0", "s2t", "t2s")))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def arm_folder(work: Path, suite: Suite, regime: str, seed: int, arm: str, tag: str = "") -> Path:
+    return work / suite.name / _slug(regime) / f"seed{seed}" / (f"{arm}-{tag}" if tag else arm)
 
 
 def teacher_row(suite: Suite, work: Path, settings: dict) -> dict:
@@ -386,6 +449,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ddil-arg", action="append", default=[], help="KEY=VALUE distill override, DDIL arm")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE distill override, both arms")
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
+    parser.add_argument("--takeover", action="store_true",
+                        help="also score teacher/student hand-overs at the last student timestep (who makes "
+                             "the error: covariate shift or the last step itself)")
     parser.add_argument("--reflected", action="store_true",
                         help="four arms: base and DDIL, each with distill's default thresholding (reflected) and "
                              "with --threshold none (plain); reports DDIL vs base in each, reflected vs plain, "
@@ -416,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
         seeds = args.seeds or (2 if args.quick else (5 if name == "lab" else 3))
         regimes = {r: s for r, s in suite.regimes.items()
                    if not args.regimes or any(p.strip() in r for p in args.regimes.split(","))}
-        results, teachers = {pair: {} for pair in comparisons}, {}
+        results, teachers, all_records = {pair: {} for pair in comparisons}, {}, {}
         for regime, override in regimes.items():
             settings = {**suite.base, **override, **shared}
             teachers[regime] = teacher_row(suite, work, settings)
@@ -428,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{name} | {regime} | seed {seed} | {arm}: " + ", ".join(
                         f"{k}={v[0]:.4g}" for k, v in record["metrics"].items()) +
                         f", wall {record['wall_seconds']:.1f}s", flush=True)
+            all_records[regime] = records
             for pair in comparisons:
                 results[pair][regime] = compare_regime({"base": records[pair[0]], "ddil": records[pair[1]]})
                 results[pair][regime]["higher"] = {k: v[1] for k, v in records["base"][0]["metrics"].items()}
@@ -445,6 +512,9 @@ def main(argv: list[str] | None = None) -> None:
                                              f"({seeds} paired seeds)")
             print(text)
             print(f"wrote {heatmap}")
+        if args.takeover:
+            texts.append(takeover_table(suite, work, args.method, regimes, seeds, all_records, tags))
+            print(texts[-1])
         markdown = args.markdown or work / f"{name}.md"
         if args.markdown and args.suite == "all":
             markdown = args.markdown.with_name(f"{args.markdown.stem}-{name}{args.markdown.suffix}")

@@ -127,6 +127,11 @@ class PriorSchedule(PhaseSchedule):
     def at(self, update: int, total_updates: int | None = None) -> dict[str, float]:
         return dict(super().at(update, total_updates))
 
+    def draws_later(self, source: str, update: int, total_updates: int | None = None) -> bool:
+        """True when the prior in force at `update`, or a later phase's, gives `source` weight."""
+        current = max(i for i in range(len(self.starts)) if i == 0 or update >= self.start_update(i, total_updates))
+        return any(prior.get(source, 0.0) > 0 for prior in self.priors[current:])
+
     def describe(self) -> list[dict]:
         return [{"start": s, "prior": dict(p)} for s, p in zip(self.starts, self.priors)]
 

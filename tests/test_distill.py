@@ -243,3 +243,24 @@ def test_teacher_states_are_rolled_at_every_collection(tmp_path):
     assert summary["phases"][0]["buffer_states"] == collections * LAB["rollouts_per_collect"] * per_rollout
     manifest = json.loads((tmp_path / "run/buffer/pd-4/manifest.json").read_text())
     assert manifest["counts"]["total"] == summary["phases"][0]["buffer_states"]
+
+
+def test_no_collection_once_no_later_prior_draws_buffer_states(tmp_path):
+    # a schedule that ends on data only: rollouts after the switch would never be drawn
+    cfg = DistillConfig(**{**LAB, "teacher_steps": 8}, stage_updates="7",
+                        prior_schedule="0:data=0.5,student=0.5;4:data=1", out=str(tmp_path / "run"))
+    summary = run_distill(cfg)
+    collections = 2  # updates 0 and 3; the one at update 6 falls in the data-only phase
+    assert summary["phases"][0]["buffer_states"] == collections * LAB["rollouts_per_collect"] * cfg.steps
+    versions = {json.loads(line)["student_version"] for line in _buffer_metas(tmp_path / "run/buffer/pd-4")}
+    assert versions == {0, 3}
+
+
+def _buffer_metas(folder):
+    import tarfile
+
+    for shard in sorted(folder.glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".meta.json"):
+                    yield tar.extractfile(member).read()

@@ -300,13 +300,19 @@ class DaggerCollector:
                               world_size=self.acc.num_processes,
                               run_info={"command": "distill (DAgger)", "student_version": update, "phase": self.phase},
                               on_commit=self.fifo)
+        # states no prior from here on draws are not collected (a schedule ending on data only)
+        roll_student = self.plan.schedule.draws_later("student", update, self.total_updates)
+        roll_teacher = self.needs_teacher_states and self.plan.schedule.draws_later("teacher", update,
+                                                                                   self.total_updates)
+        if not (roll_student or roll_teacher):
+            return time.perf_counter() - start
         with writer.open():
-            if any(prior["student"] > 0 for prior in self.plan.schedule.priors):  # else never drawn
+            if roll_student:
                 self._roll(writer, grid, update, 1.0 - student_prob, 0)
             # fresh teacher trajectories at every collection, as for the student: rolled once, the
             # `teacher` share of every batch came from --rollouts-per-collect trajectories for a
             # whole stage, and the lab student overfitted them (16 -> 4 quality 0.06 vs 0.23 fresh)
-            if self.needs_teacher_states:
+            if roll_teacher:
                 self._roll(writer, grid, update, 1.0, 1)
         return time.perf_counter() - start
 
