@@ -94,7 +94,7 @@ LAB_REGIMES = {  # one factor at a time from the base
     "long (2400 upd)": {"max_updates": 2400},
 }
 DIGITS_BASE = {"teacher": "embedded:digits", "teacher_steps": 32, "steps": 4, "max_updates": 360, "batch_size": 32,
-               "lr": 1e-4, "collect_every": 20, "rollouts_per_collect": 16}
+               "lr": 1e-4, "collect_every": 30, "rollouts_per_collect": 16}
 DIGITS_REGIMES = {
     "main job (32->4, 360 upd)": {},
     "short (120 upd, 32->4)": {"max_updates": 120},

@@ -43,7 +43,7 @@ HELDOUT="$OUT/data/heldout-000000.tar"
 
 # 2. Distil: PD + DDIL (default prior schedule), then plain teacher-forced PD at equal updates.
 COMMON=(--method pd --teacher embedded:digits --data "$TRAIN" --teacher-steps 32 --steps 4
-        --max-updates "$UPDATES" --batch-size 32 --lr 1e-4 --collect-every 20 --rollouts-per-collect 16 $QUIET)
+        --max-updates "$UPDATES" --batch-size 32 --lr 1e-4 --collect-every 30 --rollouts-per-collect 16 $QUIET)
 # The two students train at once, one torch thread each (ddil's default on 2 cores): plain PD in
 # the background (its log in $OUT/pd-distill.log), PD + DDIL in the foreground with its bars.
 stage "distill: PD + DDIL (shown) and plain teacher-forced PD (background), 32 -> 4 steps, $UPDATES updates each"

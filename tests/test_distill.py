@@ -32,7 +32,8 @@ def test_lab_run_with_and_without_ddil(tmp_path):
     student = json.loads((tmp_path / "ddil/student/ddil_mlp.json").read_text())
     assert student["timesteps"] == [999, 749, 499, 249]
     rows = [json.loads(line) for line in open(tmp_path / "ddil/metrics.jsonl")]
-    assert {"loss/data", "loss/student", "loss/t0", "lr", "grad_norm", "updates_per_s"} <= set(rows[-1])
+    assert {"loss/data", "loss/t0", "lr", "grad_norm", "updates_per_s"} <= set(rows[-1])
+    assert any("loss/student" in row for row in rows)  # the default schedule ends on data alone
     manifest = json.loads((tmp_path / "ddil/buffer/pd-4/manifest.json").read_text())
     assert manifest["counts"]["total"] > 0 and manifest["header"]["grid"]["timesteps"] == [999, 749, 499, 249]
 
