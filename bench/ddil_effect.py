@@ -108,7 +108,7 @@ QUICK = {"lab": ({**LAB_BASE, "max_updates": 300},
 # the arms per method: DistillConfig overrides; a method not named here gets the PD ones
 ARMS = {"pd": {"base": {"prior": "data=1"}, "ddil": {}},
         # LCM: teacher-forced vs the paper's half batches from the student's own LCM rollouts
-        "lcm": {"base": {"prior": "data=1"}, "ddil": {"prior": "data=0.5,student=0.5", "student_prob": "1"}},
+        "lcm": {"base": {"prior": "data=1"}, "ddil": {"prior": "data=0.5,student=0.5", "student_prob": "1"}},  # = lcm's defaults
         # DMD2: its own backward simulation vs DDIL's student and teacher states (DMD2's default here)
         "dmd2": {"base": {"prior": "student=1", "student_prob": "1"}, "ddil": {}}}
 

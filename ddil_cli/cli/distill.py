@@ -107,7 +107,8 @@ def distill_command(
     prior_schedule: Optional[str] = typer.Option(None, help=f"Phases START:PRIOR;... (default {DEFAULT_PRIOR_SCHEDULE})."),
     collect_every: int = typer.Option(D.collect_every, help="DAgger: roll out the current student every K updates."),
     rollouts_per_collect: int = typer.Option(D.rollouts_per_collect, help="Trajectories per collection (per process)."),
-    student_prob: str = typer.Option(D.student_prob, help="P or START:P;START:P: how often the student takes a transition."),
+    student_prob: Optional[str] = typer.Option(None, help="P or START:P;START:P: how often the student takes a "
+                                               f"transition (default {DEFAULT_STUDENT_PROB}; LCM: 1)."),
     replay: str = typer.Option(D.replay, help="fifo or prioritised (by the last loss on each state)."),
     buffer_size: int = typer.Option(D.buffer_size, help="Most states kept in the replay buffer (FIFO bound)."),
     priority_alpha: float = typer.Option(D.priority_alpha, help="Prioritised replay exponent."),

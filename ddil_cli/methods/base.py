@@ -133,6 +133,7 @@ class DistillMethod:
     - `extra_state()` / `load_extra_state()`: tensors and JSON-able values to checkpoint besides
       the trained networks and their optimisers (an EMA target network, a step counter).
     - `default_prior_schedule`: the prior schedule when the user gives none (None: the stage's).
+    - `default_student_prob`: the same for --student-prob.
     - `needs_data(options)` (classmethod): the loss draws real data itself (DMD2's GAN head), so
       the stage opens the data source whatever the prior and passes it as `self.data`.
     """
@@ -143,6 +144,7 @@ class DistillMethod:
     needs_guidance_embedding: ClassVar[bool] = False  # the student always takes w as an input
     # the prior schedule when the user gives neither --prior nor --prior-schedule (None: the stage's)
     default_prior_schedule: ClassVar[str | None] = None
+    default_student_prob: ClassVar[str | None] = None  # None: the stage's default
 
     def __init__(self, *, teacher: Denoiser, student: Denoiser, phase: Phase, options: MethodOptions,
                  threshold: Threshold | None = None, original_teacher: Denoiser | None = None,

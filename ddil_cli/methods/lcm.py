@@ -103,6 +103,10 @@ class LCMMethod(DistillMethod):
     Options = LCMOptions
     student_scheduler = "lcm"
     needs_guidance_embedding = True
+    # the paper's LCM + DDIL: half the inputs from the student's own multistep rollouts all run
+    # long (docs/results.md, "LCM: four variants": ahead on digits recall, behind on the lab)
+    default_prior_schedule = "data=0.5,student=0.5"
+    default_student_prob = "1"
 
     @classmethod
     def plan(cls, request: PlanRequest, teacher: Denoiser, options: LCMOptions) -> list[Phase]:

@@ -71,7 +71,7 @@ class DistillConfig:
     prior_schedule: str | None = None
     collect_every: int = 50
     rollouts_per_collect: int = 64
-    student_prob: str = DEFAULT_STUDENT_PROB
+    student_prob: str | None = None  # None: the method's default, else DEFAULT_STUDENT_PROB
     replay: str = "fifo"
     buffer_size: int = 20000
     priority_alpha: float = 0.6
@@ -171,7 +171,7 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
     if uses & {"student", "teacher"} and cfg.collect_every < 1 and not cfg.buffer:
         raise UserError("the prior draws buffer states but --collect-every is 0 and no --buffer is given; "
                         "collect during training (--collect-every K) or pass --buffer DIR")
-    student_prob = _parse_student_prob(cfg.student_prob)
+    student_prob = _parse_student_prob(cfg.student_prob or method.default_student_prob or DEFAULT_STUDENT_PROB)
     default_w = cfg.guidance if cfg.guidance is not None else getattr(teacher, "default_guidance", 1.0)
     method_range = method.guidance_range(options)
     if cfg.guidance_range:
