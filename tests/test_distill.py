@@ -195,8 +195,10 @@ def test_tensorboard_tracker_logs_through_accelerate(tmp_path):
     assert list((tmp_path / "run/logs").rglob("events.out.tfevents*"))
 
 
-@pytest.mark.parametrize("prior", [None, "data=1"])
+@pytest.mark.parametrize("prior", [None, "data=1", "student=1"])
 def test_pixel_diffusers_teacher_with_real_data_with_and_without_ddil(tmp_path, prior):
+    # student=1: no input is forward-diffused data, yet the rollouts take the data's captions
+    # (this crashed DMD2's default prior on an image teacher given --data and no --prompts)
     from ddil_cli.data.digits import build_digits_shards
     from tiny_models import build_tiny_pixel
 
@@ -208,9 +210,18 @@ def test_pixel_diffusers_teacher_with_real_data_with_and_without_ddil(tmp_path, 
                                         collect_every=2, rollouts_per_collect=2, quiet=True,
                                         out=str(tmp_path / "run")))
     (phase,) = summary["phases"]
-    assert phase["updates"] == 3 and (phase["buffer_states"] > 0) == (prior is None)
+    assert phase["updates"] == 3 and (phase["buffer_states"] > 0) == (prior != "data=1")
     rows = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
-    assert "loss/data" in rows[-1] and all(r["nonfinite_skipped"] == 0 for r in rows)
+    assert ("loss/data" in rows[-1]) == (prior != "student=1") and all(r["nonfinite_skipped"] == 0 for r in rows)
+    if prior == "student=1":
+        import tarfile
+
+        captions = set()
+        for shard in (tmp_path / "digits").glob("train-*.tar"):
+            with tarfile.open(shard) as tar:
+                captions |= {tar.extractfile(m).read().decode() for m in tar if m.name.endswith(".txt")}
+        prompts = set(json.loads((tmp_path / "run/buffer/pd-4/prompts.json").read_text()).values())
+        assert prompts and prompts <= captions
 
 
 def test_two_processes_under_torchrun_share_one_run(tmp_path):

@@ -431,6 +431,9 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
     plan = make_plan(cfg, teacher)
     resume_from = check_resume(cfg, run)
     uses_data = any(p["data"] > 0 for p in plan.schedule.priors) or plan.method.needs_data(plan.options)
+    # with --data and no --prompts, rollouts take their prompts from the data's captions even when
+    # no input is forward-diffused data (a student- or teacher-only prior: DMD2's default)
+    uses_data = uses_data or bool(cfg.data and plan.prompts is None)
     if uses_data and cfg.data:
         DataStates(teacher, data=cfg.data).captions(1)  # fail now, not after the run folder exists
     data = DataStates(teacher, data=cfg.data, prompts=plan.prompts,
