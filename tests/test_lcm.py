@@ -190,6 +190,9 @@ def test_lab_runs_with_and_without_ddil(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "ddil/metrics.jsonl")]
     assert "loss/student" in rows[-1] and "loss/data" in rows[-1]
     assert all(np.isfinite(r["loss"]) for r in rows)
+    manifest = json.loads((tmp_path / "ddil/manifest.json").read_text())  # the resolved LCM defaults
+    assert manifest["prior_schedule"] == [{"start": 0, "prior": {"data": 0.5, "student": 0.5, "teacher": 0.0}}]
+    assert manifest["student_prob"] == [{"start": 0, "prob": 1.0}]
     student = load_denoiser(str(tmp_path / "ddil/student"))
     assert student.sampler == "consistency" and student.student_timesteps == [999, 759, 499, 259]
     assert student.guidance_conditioned

@@ -456,7 +456,11 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
         write_json_atomic(run / "manifest.json", build_manifest(
             "distill", cfg, inputs={"teacher": cfg.teacher, "data": cfg.data, "prompts": cfg.prompts},
             extra={"phases": [p.describe() for p in plan.phases], "method_options": asdict(plan.options),
-                   "teacher_model": teacher.describe()}))
+                   "teacher_model": teacher.describe(),
+                   # resolved: the method's or the stage's defaults when the flags were not given
+                   "prior_schedule": plan.schedule.describe(),
+                   "student_prob": [{"start": s, "prob": v} for s, v in zip(plan.student_prob.starts,
+                                                                           plan.student_prob.values)]}))
     if cfg.tracker != "none":
         accelerator.init_trackers("ddil-distill", config={k: v for k, v in asdict(cfg).items()
                                                           if isinstance(v, (int, float, str, bool))})
