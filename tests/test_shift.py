@@ -177,7 +177,7 @@ def test_image_teacher_end_to_end_with_digits_features_and_data(tmp_path, capsys
     build_digits_shards(tmp_path / "digits")
     args = ["covariate-shift", "--teacher", teacher, "--student", teacher, "--student-label", "same",
             "--teacher-steps", "4", "--steps", "2", "--prompt", "a handwritten digit three", "--num-per-prompt", "6",
-            "--betas", "0", "--settings", "beta-*,direct-*", "--features", "embedded:digits", "--metrics", "fid",
+            "--betas", "0", "--settings", "beta-*,direct-*", "--features", "embedded:digits", "--metrics", "fid,pr",
             "--reference", str(tmp_path / "digits" / "heldout-000000.tar"),
             "--data", split_source(tmp_path / "digits", "train"), "--shift-samples", "16", "--quiet",
             "--out", str(tmp_path / "s")]
@@ -185,6 +185,10 @@ def test_image_teacher_end_to_end_with_digits_features_and_data(tmp_path, capsys
     out = tmp_path / "s"
     rows = {r["setting"]: r for r in csv.DictReader(open(out / "table.csv"))}
     assert set(rows) == {"beta-1", "beta-0"} and all(float(r["fid"]) > 0 for r in rows.values())
+    # a metric with several numbers (pr) gets a column per number, equal to its metrics.json
+    scored = json.loads((out / "settings/beta-0/metrics.json").read_text())["metrics"]["pr"]
+    assert float(rows["beta-0"]["pr.precision"]) == scored["precision"]
+    assert float(rows["beta-0"]["pr.recall"]) == scored["recall"]
     assert len(list((out / "settings/beta-0/images").glob("*.png"))) == 6
     direct = list(csv.DictReader(open(out / "direct.csv")))
     assert [int(r["timestep"]) for r in direct] == [999, 499, -1]

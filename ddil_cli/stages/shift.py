@@ -232,8 +232,10 @@ def compute_setting(cfg: ShiftConfig, inputs: Inputs, setting: Setting, key: str
         record = {"key": key, "name": setting.name, "kind": setting.kind, "value": setting.value,
                   "description": setting.describe(), "teacher_share": share,
                   "nfe_per_sample": summary["nfe_per_sample"], "samples": summary["samples"],
-                  "metrics": {name: (m["value"] if m.get("available") else None)
-                              for name, m in result["metrics"].items()},
+                  # one number per headline ('pr.precision', 'pr.recall', ...): pr and dc have no
+                  # single value, and reading one crashed every multi-valued metric
+                  "metrics": {**{name: None for name, m in result["metrics"].items() if not m.get("available")},
+                              **{name: value for name, (value, _) in report.headline_numbers(result).items()}},
                   "unavailable": result["unavailable"]}
         write_json_atomic(work / "setting.json", record)
     return record
