@@ -102,13 +102,13 @@ class PhaseSchedule:
             raise ValueError("a schedule with fractional starts needs total_updates")
         return int(round(start * total_updates))
 
+    def index_at(self, update: int, total_updates: int | None = None) -> int:
+        """The phase in force at `update` (0-based): the last one whose start it has reached."""
+        return max(i for i in range(len(self.starts)) if i == 0 or update >= self.start_update(i, total_updates))
+
     def at(self, update: int, total_updates: int | None = None):
         """The value in force at `update` (0-based)."""
-        current = self.values[0]
-        for i in range(len(self.starts)):
-            if update >= self.start_update(i, total_updates):
-                current = self.values[i]
-        return current
+        return self.values[self.index_at(update, total_updates)]
 
 
 @dataclass(frozen=True)
@@ -129,8 +129,7 @@ class PriorSchedule(PhaseSchedule):
 
     def draws_later(self, source: str, update: int, total_updates: int | None = None) -> bool:
         """True when the prior in force at `update`, or a later phase's, gives `source` weight."""
-        current = max(i for i in range(len(self.starts)) if i == 0 or update >= self.start_update(i, total_updates))
-        return any(prior.get(source, 0.0) > 0 for prior in self.priors[current:])
+        return any(prior.get(source, 0.0) > 0 for prior in self.priors[self.index_at(update, total_updates):])
 
     def describe(self) -> list[dict]:
         return [{"start": s, "prior": dict(p)} for s, p in zip(self.starts, self.priors)]

@@ -293,6 +293,12 @@ class DaggerCollector:
 
     def __call__(self, update: int) -> float:
         start = time.perf_counter()
+        # states no prior from here on draws are not collected (a schedule ending on data only)
+        roll_student = self.plan.schedule.draws_later("student", update, self.total_updates)
+        roll_teacher = self.needs_teacher_states and self.plan.schedule.draws_later("teacher", update,
+                                                                                   self.total_updates)
+        if not (roll_student or roll_teacher):
+            return time.perf_counter() - start
         student_prob = self.plan.student_prob.at(update, self.total_updates)
         # several grids (LCM's 3-5 step samplers): one per collection, in turn, each in its own buffer
         which = (update // self.collect_every) % len(self.grids)
@@ -302,12 +308,6 @@ class DaggerCollector:
                               world_size=self.acc.num_processes,
                               run_info={"command": "distill (DAgger)", "student_version": update, "phase": self.phase},
                               on_commit=self.fifo)
-        # states no prior from here on draws are not collected (a schedule ending on data only)
-        roll_student = self.plan.schedule.draws_later("student", update, self.total_updates)
-        roll_teacher = self.needs_teacher_states and self.plan.schedule.draws_later("teacher", update,
-                                                                                   self.total_updates)
-        if not (roll_student or roll_teacher):
-            return time.perf_counter() - start
         with writer.open():
             if roll_student:
                 self._roll(writer, grid, update, 1.0 - student_prob, 0)
@@ -430,10 +430,10 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
     teacher = load_denoiser(cfg.teacher, device=str(accelerator.device))
     plan = make_plan(cfg, teacher)
     resume_from = check_resume(cfg, run)
-    uses_data = any(p["data"] > 0 for p in plan.schedule.priors) or plan.method.needs_data(plan.options)
-    # with --data and no --prompts, rollouts take their prompts from the data's captions even when
-    # no input is forward-diffused data (a student- or teacher-only prior: DMD2's default)
-    uses_data = uses_data or bool(cfg.data and plan.prompts is None)
+    # the data source opens for forward-diffused inputs, for a loss that draws data, and, with
+    # --data and no --prompts, as the rollouts' captions (a student- or teacher-only prior: DMD2's)
+    uses_data = (any(p["data"] > 0 for p in plan.schedule.priors) or plan.method.needs_data(plan.options)
+                 or bool(cfg.data and plan.prompts is None))
     if uses_data and cfg.data:
         DataStates(teacher, data=cfg.data).captions(1)  # fail now, not after the run folder exists
     data = DataStates(teacher, data=cfg.data, prompts=plan.prompts,
