@@ -112,15 +112,18 @@ def buffer_consistent(root: Path, *, settled: bool = True) -> bool:
     a later collect has opened the buffer): no partial file either, and no shard the manifest
     lacks (right after a kill both may exist: the next writer removes the one, adopts the other)."""
     from ddil_cli.buffer import load_manifest
+    from ddil_cli.buffer.writer import shard_counts
 
     manifest = load_manifest(root)
     for shard in manifest["shards"]:
         path = root / shard["name"]
         if not path.is_file() or digest(path) != shard["sha256"]:
             return False
-        with tarfile.open(path) as tar:
-            if len(tar.getnames()) != 2 * shard["samples"]:
+        try:  # reads every record's metadata: a truncated tar raises
+            if shard_counts(root, shard["name"])[0] != shard["samples"]:
                 return False
+        except (tarfile.TarError, OSError, ValueError):
+            return False
     return not settled or (not list(root.glob(".*.partial")) and
                            sorted(p.name for p in root.glob("shard-*.tar")) == sorted(s["name"] for s in manifest["shards"]))
 

@@ -345,7 +345,8 @@ def report(suite: Suite, method: str, work: Path, results: dict[str, dict], teac
                          f"{_fmt(own['mean_treated'])} / {_fmt(ref['mean_treated'])} | "
                          f"{_fmt(own['diff'])} [{_fmt(own['lo'])}, {_fmt(own['hi'])}] | {own['verdict']} |")
         o = comparison["overhead"]
-        lines.append(f"\nDistill wall-clock: base {o['mean_base']:.1f} +- {o['std_base']:.1f} s, + DDIL "
+        lines.append(f"\nDistill wall-clock of the map's runs (each ran when its cache was cold, under that "
+                     f"moment's load: `--timing` measures the overhead): base {o['mean_base']:.1f} +- {o['std_base']:.1f} s, + DDIL "
                      f"{o['mean_treated']:.1f} +- {o['std_treated']:.1f} s, overhead {100 * o['rel_diff']:+.1f}% "
                      f"[{100 * o['lo'] / o['mean_base']:+.1f}%, {100 * o['hi'] / o['mean_base']:+.1f}%]; "
                      f"DAgger collection {100 * comparison['collect_share']:.1f}% of DDIL's training time.\n")
@@ -358,7 +359,8 @@ def map_table(results: dict[str, dict], teachers: dict[str, dict]) -> str:
     metrics = [m for m in dict.fromkeys(m for r in results.values() for m in r["metrics"])
                if any(r["metrics"][m]["std_base"] or r["metrics"][m]["std_treated"] or r["metrics"][m]["diff"]
                       for r in results.values() if m in r["metrics"])]  # constant metrics say nothing
-    header = ["regime", *metrics, "last-step err_own/err_ref (base, DDIL)", "collect share", "wall overhead"]
+    header = ["regime", *metrics, "last-step err_own/err_ref (base, DDIL)", "collect share",
+              "wall overhead (map runs)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for regime, r in results.items():
         steps = sorted(teachers[regime])
@@ -423,6 +425,51 @@ def heat_map(results: dict[str, dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# ---- timing -------------------------------------------------------------------------------------
+
+
+def timing(suite: Suite, method: str, regimes: dict[str, dict], arms: dict[str, dict], shared: dict,
+           repeats: int, work: Path) -> str:
+    """Wall-clock overhead of the DDIL arm at equal updates, measured apart from the map.
+
+    The map's arms run whenever their cache is cold, under whatever else the machine runs, so their
+    wall-clock ratio mixes DDIL's cost with the load. Here each repeat runs both arms back to back
+    with the same seed, in alternating order (base first on even repeats), distill only, fresh
+    folders: the paired difference then cancels slow drifts of the machine's load.
+    """
+    import tempfile
+
+    lines = [f"\n### Wall-clock overhead, {suite.name} ({repeats} paired repeats, alternating order)\n",
+             "| regime | base s | + DDIL s | overhead [95% CI] | collect share |", "|---|---|---|---|---|"]
+    def run(settings: dict, arm: str, seed: int) -> tuple[float, dict]:
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            cfg = DistillConfig(**{"method": method, "data": suite.data, "seed": seed, "quiet": True,
+                                   "out": str(Path(tmp) / "run"), **settings, **arms[arm]})
+            start = time.perf_counter()
+            summary = run_distill(cfg)
+            return time.perf_counter() - start, summary
+
+    # one discarded run of each arm: the first pays for imports and lazily built kernels
+    for arm in ("base", "ddil"):
+        run({**suite.base, **next(iter(regimes.values())), **shared}, arm, 0)
+    for regime, override in regimes.items():
+        settings = {**suite.base, **override, **shared}
+        walls: dict[str, list[float]] = {"base": [], "ddil": []}
+        shares = []
+        for repeat in range(repeats):
+            for arm in (("base", "ddil") if repeat % 2 == 0 else ("ddil", "base")):
+                wall, summary = run(settings, arm, repeat)
+                walls[arm].append(wall)
+                if arm == "ddil":
+                    shares.append(summary["collect_share"])
+                print(f"timing | {suite.name} | {regime} | repeat {repeat} | {arm}: {walls[arm][-1]:.2f}s", flush=True)
+        o = paired_comparison(walls["base"], walls["ddil"], higher_is_better=False)
+        lines.append(f"| {regime} | {o['mean_base']:.2f} +- {o['std_base']:.2f} | {o['mean_treated']:.2f} +- "
+                     f"{o['std_treated']:.2f} | {100 * o['rel_diff']:+.1f}% [{100 * o['lo'] / o['mean_base']:+.1f}%, "
+                     f"{100 * o['hi'] / o['mean_base']:+.1f}%] | {100 * statistics.fmean(shares):.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
 # ---- main -------------------------------------------------------------------------------------
 
 
@@ -456,6 +503,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="four arms: base and DDIL, each with distill's default thresholding (reflected) and "
                              "with --threshold none (plain); reports DDIL vs base in each, reflected vs plain, "
                              "and reflected + DDIL vs plain base")
+    parser.add_argument("--timing", type=int, default=0, metavar="K",
+                        help="instead of the map: K paired repeats per regime of base and DDIL distill, back to "
+                             "back in alternating order, reporting the wall-clock overhead (run it on a quiet machine)")
     parser.add_argument("--work", type=Path, default=Path("runs/ddil-effect"))
     parser.add_argument("--markdown", type=Path, default=None, help="write the report here (default WORK/SUITE.md)")
     parser.add_argument("--heatmap", type=Path, default=None, help="PNG (default WORK/SUITE.png)")
@@ -482,6 +532,15 @@ def main(argv: list[str] | None = None) -> None:
         seeds = args.seeds or (2 if args.quick else (5 if name == "lab" else 3))
         regimes = {r: s for r, s in suite.regimes.items()
                    if not args.regimes or any(p.strip() in r for p in args.regimes.split(","))}
+        if args.timing:
+            text = timing(suite, args.method, regimes, arms, shared, args.timing, work)
+            command = "python bench/ddil_effect.py " + " ".join(argv if argv is not None else sys.argv[1:])
+            markdown = args.markdown or work / f"{name}-timing.md"
+            markdown.parent.mkdir(parents=True, exist_ok=True)
+            markdown.write_text(text + f"\nCommand: `{command}`\n")
+            print(text)
+            print(f"wrote {markdown}")
+            continue
         results, teachers, all_records = {pair: {} for pair in comparisons}, {}, {}
         for regime, override in regimes.items():
             settings = {**suite.base, **override, **shared}

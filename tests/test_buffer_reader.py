@@ -127,3 +127,22 @@ def test_mix_streams_follows_the_prior(buffer):
     assert counts["teacher"] == 0
     with pytest.raises(ValueError, match="no stream for source"):
         next(mix_streams({"data": iter([1])}, {"data": 0.5, "student": 0.5}, gen))
+
+
+def test_states_of_one_record_are_shuffled_apart(tmp_path):
+    from ddil_cli.buffer import BufferWriter
+    from tests.test_buffer_writer import HEADER, _trajectory
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    writer = BufferWriter(tmp_path, HEADER, run_info={}, shard_samples=100).open()
+    for rollout in range(6):
+        writer.write_group(*_trajectory(rng, 8, rollout))
+    writer.close()
+    plain = [s.meta["rollout_id"] for s in BufferReader(tmp_path, shuffle=0)]
+    assert plain == sorted(plain)  # one record after the other, as written
+    shuffled = [s.meta["rollout_id"] for s in BufferReader(tmp_path, shuffle=48, seed=1)]
+    assert sorted(shuffled) == plain
+    runs = 1 + sum(a != b for a, b in zip(shuffled, shuffled[1:]))
+    assert runs > 24  # a record-level shuffle would give 6 runs of 8

@@ -12,6 +12,7 @@ import pytest
 
 from ddil_cli.buffer import BufferReader, BufferWriter, FIFOPolicy, load_manifest
 from ddil_cli.buffer import manifest as mf
+from ddil_cli.buffer.replay import shard_of_key
 from ddil_cli.buffer.writer import prompt_id, sha256_file
 from ddil_cli.errors import UserError
 
@@ -57,6 +58,92 @@ def test_round_trip_gives_identical_states_and_metadata(tmp_path):
     assert json.loads((tmp_path / mf.PROMPTS_NAME).read_text()) == {prompt_id(p): p for p in
                                                                       ("class 0", "class 1", "class 2")}
     assert not list(tmp_path.glob(".*.partial"))
+
+
+def _trajectory(rng, length, rollout_id):
+    states = rng.standard_normal((length, 3)).astype(np.float16)
+    metas = [{"t": 999 - 500 * (i % 2), "t_index": i % 2, "source": "student", "rollout_id": rollout_id,
+              "prompt": "class 1", "prompt_id": prompt_id("class 1"), "student_version": 7} for i in range(length)]
+    return states, metas
+
+
+def test_a_group_is_one_record_split_only_where_a_shard_fills(tmp_path):
+    rng = np.random.default_rng(0)
+    writer = BufferWriter(tmp_path, HEADER, run_info={}, shard_samples=5).open()
+    written = {}
+    for rollout in range(3):  # 3 trajectories of 4 states: 12 states in shards of 5, 5, 2
+        states, metas = _trajectory(rng, 4, rollout)
+        keys = writer.write_group(states, metas)
+        assert len(keys) == 4 == len(set(keys))
+        written.update({k: (st, m) for k, st, m in zip(keys, states, metas)})
+    writer.close()
+    manifest = load_manifest(tmp_path)
+    assert manifest["version"] == mf.VERSION == 2
+    assert [s["samples"] for s in manifest["shards"]] == [5, 5, 2]  # never more than shard_samples
+    members = []
+    for shard in manifest["shards"]:
+        with tarfile.open(tmp_path / shard["name"]) as tar:
+            members.append(len(tar.getnames()))
+    # records: [4 + first 1 of the 2nd trajectory], [its other 3 + 2 of the 3rd], [its last 2]
+    assert members == [4, 4, 2]
+    samples = list(BufferReader(tmp_path, shuffle=0))
+    assert sorted(s.key for s in samples) == sorted(written)
+    for sample in samples:
+        state, meta = written[sample.key]
+        assert np.array_equal(sample.state.numpy(), state.astype(np.float32))
+        assert {k: sample.meta[k] for k in meta} == meta
+        assert sample.url == str(tmp_path / shard_of_key(sample.key))  # priorities find a state's shard
+
+
+def test_an_orphaned_shard_of_group_records_is_adopted_with_its_state_counts(tmp_path):
+    rng = np.random.default_rng(2)
+    writer = BufferWriter(tmp_path, HEADER, run_info={}, shard_samples=6).open()
+    for rollout in range(3):
+        writer.write_group(*_trajectory(rng, 4, rollout))
+    writer.close()
+    manifest = load_manifest(tmp_path)
+    orphan = manifest["shards"].pop()  # killed between the rename and the manifest write
+    manifest["counts"] = mf.recount(manifest["shards"])
+    (tmp_path / mf.MANIFEST_NAME).write_text(json.dumps(manifest))
+    BufferWriter(tmp_path, HEADER, run_info={}).open().close()
+    adopted = next(s for s in load_manifest(tmp_path)["shards"] if s["name"] == orphan["name"])
+    assert (adopted["samples"], adopted["counts"]) == (orphan["samples"], orphan["counts"]) == \
+        (6, {"student": {"999": 3, "499": 3}})
+
+
+def test_version_1_buffers_are_read_and_upgraded_by_an_append(tmp_path):
+    import webdataset as wds
+
+    from ddil_cli.buffer.writer import encode_state
+
+    rng = np.random.default_rng(1)
+    old = {}
+    with wds.TarWriter(str(tmp_path / mf.shard_name(0, 0, 0)), mtime=0) as sink:  # one state per record
+        for i in range(3):
+            state = rng.standard_normal(3).astype(np.float16)
+            meta = {"t": 999, "t_index": 0, "source": "teacher", "rollout_id": i, "prompt": "class 0",
+                    "prompt_id": prompt_id("class 0"), "collect_run": 0, "rank": 0}
+            key = f"0000-000-000000-{i:06d}"
+            sink.write({"__key__": key, "state.npy": encode_state(state), "meta.json": json.dumps(meta).encode()})
+            old[key] = state
+    manifest = mf.new_manifest(HEADER)
+    manifest["version"] = 1
+    manifest["next_run"] = 1
+    name = mf.shard_name(0, 0, 0)
+    mf.add_shard(manifest, {"name": name, "samples": 3, "bytes": (tmp_path / name).stat().st_size,
+                            "sha256": sha256_file(tmp_path / name), "run": 0, "rank": 0,
+                            "counts": {"teacher": {"999": 3}}})
+    (tmp_path / mf.MANIFEST_NAME).write_text(json.dumps(manifest))
+    read = {s.key: s.state.numpy() for s in BufferReader(tmp_path, shuffle=0)}
+    assert set(read) == set(old) and all(np.array_equal(read[k], old[k].astype(np.float32)) for k in old)
+    written, _ = write_samples(tmp_path, 2)
+    assert load_manifest(tmp_path)["version"] == 2
+    assert {s.key for s in BufferReader(tmp_path, shuffle=0)} == set(old) | set(written)
+    manifest = json.loads((tmp_path / mf.MANIFEST_NAME).read_text())
+    manifest["version"] = 3
+    (tmp_path / mf.MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="version 3"):
+        load_manifest(tmp_path)
 
 
 def test_rerun_appends_a_new_run_and_continues_numbering(tmp_path):

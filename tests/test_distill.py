@@ -255,6 +255,21 @@ def test_teacher_states_are_rolled_at_every_collection(tmp_path):
     assert summary["phases"][0]["buffer_states"] == collections * LAB["rollouts_per_collect"] * per_rollout
     manifest = json.loads((tmp_path / "run/buffer/pd-4/manifest.json").read_text())
     assert manifest["counts"]["total"] == summary["phases"][0]["buffer_states"]
+    # one buffer record (two tar members) per trajectory, holding that trajectory's states
+    import tarfile
+
+    from ddil_cli.buffer.reader import BufferReader
+
+    members = 0
+    for shard in manifest["shards"]:
+        with tarfile.open(tmp_path / "run/buffer/pd-4" / shard["name"]) as tar:
+            members += len(tar.getnames())
+    assert members == 2 * collections * LAB["rollouts_per_collect"]  # teacher rollouts only
+    by_record: dict[str, set] = {}
+    for sample in BufferReader(str(tmp_path / "run/buffer/pd-4"), shuffle=0, split_by_node=False,
+                               split_by_worker=False):
+        by_record.setdefault(sample.key.rsplit("-", 1)[0], set()).add((sample.meta["rollout_id"], sample.t))
+    assert all(len({rid for rid, _ in states}) == 1 and len(states) == per_rollout for states in by_record.values())
 
 
 def test_no_collection_once_no_later_prior_draws_buffer_states(tmp_path):

@@ -1,6 +1,8 @@
 """The buffer manifest (`manifest.json`): what a replay buffer holds and who added it.
 
-Schema (format "ddil-buffer", version 1; docs/buffer.md has the prose):
+Schema (format "ddil-buffer", version 2; docs/buffer.md has the prose). Version 2 stores a record
+of several states per webdataset sample (version 1: one state per sample); the manifest itself
+is the same, so version 1 buffers are read as they are and become version 2 on the next append.
     format, version
     header:  state {shape, dtype, encoding}, teacher {spec, fingerprint, model}, grid {steps,
              teacher_steps, timesteps, num_train_timesteps}: fixed when the buffer is created;
@@ -29,7 +31,8 @@ if TYPE_CHECKING:
     from ddil_cli.rollout import Grid
 
 FORMAT = "ddil-buffer"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: one state per record; a writer appending to it upgrades it to 2
 MANIFEST_NAME = "manifest.json"
 PROMPTS_NAME = "prompts.json"
 PRIORITIES_NAME = "priorities.npz"
@@ -80,9 +83,10 @@ def recount(shards: list[dict[str, Any]]) -> dict[str, Any]:
 def check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path} is not a ddil buffer manifest; point --out at a buffer folder or a new folder")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise UserError(f"{path} is buffer format version {manifest.get('version')}, this ddil-cli reads "
-                        f"version {VERSION}; collect into a new folder")
+                        f"versions {', '.join(map(str, READABLE_VERSIONS))}; upgrade ddil-cli or collect "
+                        "into a new folder")
     return manifest
 
 

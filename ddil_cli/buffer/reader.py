@@ -9,8 +9,10 @@ worker (`wds.split_by_worker`) before anything is read, so every process reads d
 Damage: a shard that cannot be opened or whose tar stream breaks (truncated, corrupt) is skipped
 from that point with a warning and counted in `stats.corrupt_shards`; the samples read before the
 damage are kept. A shard that ends early without a tar error (cut at a member boundary) is caught
-by the manifest's sample count. A sample missing its state or meta, or whose bytes do not decode,
-is skipped and counted in `stats.bad_samples`. Counts are per process (and per worker).
+by the manifest's sample count. A record missing its states or meta, or whose bytes do not
+decode, is skipped and counted in `stats.bad_samples`. Counts are per process (and per worker).
+Records (several states each, or one in version 1 buffers) are split into states before the
+shuffle, so a trajectory's states do not arrive together.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import torch
 
 from ddil_cli.buffer import manifest as mf
 from ddil_cli.buffer.sources import SOURCES, sources_for_batch
-from ddil_cli.buffer.writer import META_KEY, STATE_KEY, decode_state, load_manifest
+from ddil_cli.buffer.writer import META_KEY, STATE_KEY, STATES_KEY, decode_state, load_manifest, record_metas, \
+    state_key
 from ddil_cli.errors import UserError
 
 
@@ -91,15 +94,23 @@ def resolve_buffer(source, url_template: str | None = None) -> tuple[list[str], 
     return urls, {}, None
 
 
-def decode_sample(raw: dict[str, Any], prompts: dict[str, str] | None = None) -> BufferSample:
-    """A raw webdataset sample (bytes per key) to a BufferSample; KeyError/ValueError if broken."""
-    meta = json.loads(raw[META_KEY])
-    state = torch.from_numpy(decode_state(raw[STATE_KEY]).astype("float32"))
-    prompt = meta.get("prompt")
-    if prompt is None and prompts and meta.get("prompt_id") is not None:
-        prompt = prompts.get(meta["prompt_id"])
-    return BufferSample(raw["__key__"], state, int(meta["t"]), int(meta["t_index"]), meta["source"], prompt,
-                        meta.get("prompt_id"), meta, raw.get("__url__", ""))
+def decode_record(raw: dict[str, Any], prompts: dict[str, str] | None = None) -> list[BufferSample]:
+    """A raw webdataset record (bytes per key) to its BufferSamples; KeyError/ValueError if broken."""
+    metas = record_metas(json.loads(raw[META_KEY]))
+    if STATES_KEY in raw:
+        states, keys = decode_state(raw[STATES_KEY]), [state_key(raw["__key__"], i) for i in range(len(metas))]
+    else:  # format version 1: one state, keyed like its record
+        states, keys = decode_state(raw[STATE_KEY])[None], [raw["__key__"]]
+    if len(states) != len(metas):
+        raise ValueError(f"{len(states)} states but {len(metas)} metadata entries")
+    samples = []
+    for key, state, meta in zip(keys, torch.from_numpy(states.astype("float32")), metas):
+        prompt = meta.get("prompt")
+        if prompt is None and prompts and meta.get("prompt_id") is not None:
+            prompt = prompts.get(meta["prompt_id"])
+        samples.append(BufferSample(key, state, int(meta["t"]), int(meta["t_index"]), meta["source"], prompt,
+                                    meta.get("prompt_id"), meta, raw.get("__url__", "")))
+    return samples
 
 
 class BufferReader(torch.utils.data.IterableDataset):
@@ -136,15 +147,15 @@ class BufferReader(torch.utils.data.IterableDataset):
         self.stats.corrupt.append(url)
         warnings.warn(f"buffer shard {url} is damaged ({reason}); skipping the rest of it", stacklevel=2)
 
-    def _shard_samples(self, urls: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Raw samples of each shard, grouped by key; damage ends only the shard it is in."""
+    def _shard_samples(self, urls: Iterable[dict[str, Any]]) -> Iterator[BufferSample]:
+        """The states of each shard, record by record; damage ends only the shard it is in."""
         import webdataset as wds
         from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
         for item in urls:
             url = item["url"]
             self.stats.shards += 1
-            seen = 0
+            seen = 0  # states, to compare with the manifest's count
             current: dict[str, Any] | None = None
             try:
                 stream = wds.gopen(url)
@@ -154,8 +165,9 @@ class BufferReader(torch.utils.data.IterableDataset):
                         if prefix is None:
                             continue
                         if current is not None and current["__key__"] != prefix:
-                            seen += 1
-                            yield current
+                            samples = self._decode(current)
+                            seen += max(len(samples), 1)
+                            yield from samples
                             current = None
                         if current is None:
                             current = {"__key__": prefix, "__url__": url}
@@ -167,26 +179,30 @@ class BufferReader(torch.utils.data.IterableDataset):
                         pass
             except Exception as exc:  # any tar or I/O failure: skip the shard, never the stream
                 if current is not None:
-                    self.stats.bad_samples += 1  # the sample the damage cut through
+                    self.stats.bad_samples += 1  # the record the damage cut through
                 self._damaged(url, f"{type(exc).__name__}: {exc}")
                 continue
             if current is not None:
-                seen += 1
-                yield current
+                samples = self._decode(current)
+                seen += max(len(samples), 1)
+                yield from samples
             expected = self.expected.get(url)
             if expected is not None and seen < expected:
                 self._damaged(url, f"{seen} of {expected} samples")
 
-    def _decoded(self, raws: Iterable[dict[str, Any]]) -> Iterator[BufferSample]:
+    def _decode(self, raw: dict[str, Any]) -> list[BufferSample]:
+        """A record's states, or none (counted, with a warning) when it does not decode."""
+        try:
+            return decode_record(raw, self.prompts)
+        except (KeyError, ValueError, TypeError) as exc:
+            self.stats.bad_samples += 1
+            warnings.warn(f"skipping unreadable buffer sample {raw.get('__key__')} in "
+                          f"{raw.get('__url__')} ({type(exc).__name__}: {exc})", stacklevel=3)
+            return []
+
+    def _selected(self, samples: Iterable[BufferSample]) -> Iterator[BufferSample]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        for raw in raws:
-            try:
-                sample = decode_sample(raw, self.prompts)
-            except (KeyError, ValueError, TypeError) as exc:
-                self.stats.bad_samples += 1
-                warnings.warn(f"skipping unreadable buffer sample {raw.get('__key__')} in "
-                              f"{raw.get('__url__')} ({type(exc).__name__}: {exc})", stacklevel=2)
-                continue
+        for sample in samples:
             if self.sources is not None and sample.source not in self.sources:
                 continue
             if self.policy is not None and not bool(self.policy.accept([sample.key], gen)[0]):
@@ -215,7 +231,7 @@ class BufferReader(torch.utils.data.IterableDataset):
         if self.shuffle:
             stages.append(wds.detshuffle(bufsize=self.shuffle, initial=self.shuffle, seed=self.seed + 1,
                                          epoch=self.epoch - 1))
-        stages.append(self._decoded)
+        stages.append(self._selected)
         self.epoch += 1
         yield from wds.DataPipeline(*stages)
 

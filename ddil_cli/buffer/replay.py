@@ -28,8 +28,10 @@ from ddil_cli.atomic import atomic_file, write_json_atomic
 
 
 def shard_of_key(key: str) -> str:
-    """The shard a sample key lives in ('0003-000-000012-000042' -> 'shard-0003-000-000012.tar')."""
-    return f"shard-{key.rsplit('-', 1)[0]}.tar"
+    """The shard a state key lives in: its first three fields are run, rank and shard
+    ('0003-000-000012-000042-002', or '0003-000-000012-000042' in version 1 buffers, ->
+    'shard-0003-000-000012.tar')."""
+    return f"shard-{'-'.join(key.split('-')[:3])}.tar"
 
 
 class FIFOPolicy:

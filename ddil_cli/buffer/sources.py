@@ -131,3 +131,14 @@ def rollout_records(teacher: Denoiser, student: Denoiser | None, grid: Grid, pro
         for t_index, (t, states) in enumerate(zip(grid.student, states_cpu)):
             records.append((states[row], t, t_index, source, row))
     return records
+
+
+def trajectory_spans(rows: list) -> list[tuple[int, int]]:
+    """(begin, end) of each run of equal consecutive `rows` (records are listed trajectory by
+    trajectory): the states a buffer stores as one record."""
+    spans, begin = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[begin]:
+            spans.append((begin, i))
+            begin = i
+    return spans

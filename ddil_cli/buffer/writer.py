@@ -7,8 +7,13 @@ Layout of a buffer folder:
     prompts.json                prompt table {prompt_id: text}
     .lock                       the lock every manifest update holds (fcntl.flock)
 
-Each sample is `KEY.state.npy` (float16 .npy bytes) and `KEY.meta.json` (t, t_index, source,
-rollout_id, prompt_id, prompt, student_version, collect_run, ...). A crash at any point leaves
+Each webdataset sample is a *record* of states written together (one rollout's trajectory, or
+one batch of data states): `KEY.states.npy` (float16 .npy bytes, shape (n, *state)) and
+`KEY.meta.json` ({"states": [one dict per state: t, t_index, source, rollout_id, prompt_id,
+prompt, student_version, collect_run, ...]}). State i of record KEY has the key `KEY-III`.
+Two tar members per record instead of per state: tar headers were most of the cost of storing
+a lab state. Buffers of format version 1 hold one state per record (`KEY.state.npy` and a
+`KEY.meta.json` dict); readers take both. A crash at any point leaves
 only complete shards visible: a shard is renamed from its hidden partial name under the lock,
 together with the manifest update; a partial file whose writer died (its flock is free) is
 removed by the next writer, and a complete shard the manifest missed (a kill between rename and
@@ -36,7 +41,8 @@ from ddil_cli.buffer import manifest as mf
 from ddil_cli.errors import UserError
 from ddil_cli.atomic import write_json_atomic
 
-STATE_KEY = "state.npy"
+STATE_KEY = "state.npy"  # format version 1: one state per record
+STATES_KEY = "states.npy"
 META_KEY = "meta.json"
 STATE_DTYPE = np.float16
 DEFAULT_SHARD_SAMPLES = 10_000
@@ -56,6 +62,11 @@ def encode_state(state) -> bytes:
 
 def decode_state(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def state_key(record_key: str, index: int) -> str:
+    """The key of state `index` of a record: 'RRRR-KKK-NNNNNN-IIIIII' -> 'RRRR-KKK-NNNNNN-IIIIII-SSS'."""
+    return f"{record_key}-{index:03d}"
 
 
 def sha256_file(path: Path) -> str:
@@ -110,16 +121,21 @@ def check_writable(root: Path) -> None:
                         "or an existing buffer")
 
 
+def record_metas(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-state metadata of a record's meta.json (format 2: a list; format 1: one dict)."""
+    return meta["states"] if "states" in meta else [meta]
+
+
 def shard_counts(root: Path, name: str) -> tuple[int, dict[str, dict[str, int]]]:
-    """Samples and per-source/timestep counts of a complete shard, read from its meta.json files."""
+    """States and per-source/timestep counts of a complete shard, read from its meta.json files."""
     counts: dict[str, Counter] = {}
     samples = 0
     with tarfile.open(Path(root) / name) as tar:
         for member in tar:
             if member.name.endswith("." + META_KEY):
-                meta = json.loads(tar.extractfile(member).read())
-                counts.setdefault(meta["source"], Counter())[str(meta["t"])] += 1
-                samples += 1
+                for meta in record_metas(json.loads(tar.extractfile(member).read())):
+                    counts.setdefault(meta["source"], Counter())[str(meta["t"])] += 1
+                    samples += 1
     return samples, {s: dict(c) for s, c in counts.items()}
 
 
@@ -162,7 +178,9 @@ class BufferWriter:
     (shared by every rank of one multi-process launch, through `launch_key`), and recovers from
     earlier crashes. `write()` adds a sample; a shard is committed when it holds `shard_samples`
     samples or `shard_bytes` bytes, and by `close()`. `on_commit(manifest, root)` runs under the
-    lock after each commit (the FIFO bound).
+    lock after each commit (the FIFO bound). `write_group()` stores several states as one record,
+    which is what makes writing cheap; a group is split where a shard fills, so no shard holds
+    more than `shard_samples` states.
     """
 
     def __init__(self, root: str | Path, header: dict[str, Any], *, run_info: dict[str, Any],
@@ -184,7 +202,8 @@ class BufferWriter:
         self._tar = None
         self._handle = None
         self._partial: Path | None = None
-        self._count = 0
+        self._count = 0  # states in the shard in progress
+        self._records = 0  # records in the shard in progress (names the next record)
         self._counts: dict[str, Counter] = {}
         self._prompts: dict[str, str] = {}
 
@@ -197,6 +216,7 @@ class BufferWriter:
                 manifest = mf.new_manifest(self.header)
             else:
                 mf.check_compatible(manifest, self.header, self.root)
+                manifest["version"] = mf.VERSION  # this writer's records are multi-state ones
             _remove_dead_partials(self.root)
             _adopt_orphans(self.root, manifest)
             self.run = self._allocate_run(manifest)
@@ -224,24 +244,42 @@ class BufferWriter:
         return run
 
     def write(self, state, meta: dict[str, Any]) -> str:
-        """Add one sample (the state is stored as float16). Returns its key."""
+        """Add one state (stored as float16). Returns its key."""
+        return self.write_group([state], [meta])[0]
+
+    def write_group(self, states, metas: list[dict[str, Any]]) -> list[str]:
+        """Add states that belong together (a trajectory) as one record; returns their keys."""
         if self.run is None:
             raise RuntimeError("BufferWriter.open() first")
-        if self._tar is None:
-            self._start_shard()
+        states = np.asarray(states, dtype=STATE_DTYPE)
+        if len(states) != len(metas):
+            raise ValueError(f"{len(states)} states but {len(metas)} metadata dicts")
+        keys: list[str] = []
+        begin = 0
+        while begin < len(metas):
+            if self._tar is None:
+                self._start_shard()
+            end = min(len(metas), begin + self.shard_samples - self._count)
+            keys += self._write_record(states[begin:end], metas[begin:end])
+            begin = end
+            if self._count >= self.shard_samples or self._handle.tell() >= self.shard_bytes:
+                self._commit()
+        return keys
+
+    def _write_record(self, states: np.ndarray, metas: list[dict[str, Any]]) -> list[str]:
         stem = Path(mf.shard_name(self.run, self.rank, self._next_index)).stem
-        key = f"{stem.removeprefix('shard-')}-{self._count:06d}"
-        meta = {**meta, "collect_run": self.run, "rank": self.rank}
-        if meta.get("prompt") is not None:
-            self._prompts[meta["prompt_id"]] = meta["prompt"]
-        self._tar.write({"__key__": key, STATE_KEY: encode_state(state),
-                         META_KEY: json.dumps(meta, sort_keys=True).encode("utf-8")})
-        self._count += 1
-        self.written += 1
-        self._counts.setdefault(meta["source"], Counter())[str(meta["t"])] += 1
-        if self._count >= self.shard_samples or self._handle.tell() >= self.shard_bytes:
-            self._commit()
-        return key
+        key = f"{stem.removeprefix('shard-')}-{self._records:06d}"
+        metas = [{**meta, "collect_run": self.run, "rank": self.rank} for meta in metas]
+        for meta in metas:
+            if meta.get("prompt") is not None:
+                self._prompts[meta["prompt_id"]] = meta["prompt"]
+            self._counts.setdefault(meta["source"], Counter())[str(meta["t"])] += 1
+        self._tar.write({"__key__": key, STATES_KEY: encode_state(states),
+                         META_KEY: json.dumps({"states": metas}, sort_keys=True).encode("utf-8")})
+        self._records += 1
+        self._count += len(metas)
+        self.written += len(metas)
+        return [state_key(key, i) for i in range(len(metas))]
 
     def close(self, *, finished: bool = True) -> list[str]:
         """Commit the last shard and mark this rank finished. Returns the committed shard names."""
@@ -285,7 +323,7 @@ class BufferWriter:
         fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX)
         # a fixed mtime: the same seed gives byte-identical shards
         self._tar = wds.TarWriter(self._handle, mtime=0)
-        self._count = 0
+        self._count = self._records = 0
         self._counts = {}
 
     def _discard(self) -> None:

@@ -29,7 +29,7 @@ from ddil_cli.atomic import remove_path, save_tensors_atomic
 from ddil_cli.buffer import manifest as mf
 from ddil_cli.buffer.manifest import buffer_header
 from ddil_cli.buffer.replay import FIFOPolicy
-from ddil_cli.buffer.sources import DataStates, forward_diffuse, is_lab, rollout_records
+from ddil_cli.buffer.sources import DataStates, forward_diffuse, is_lab, rollout_records, trajectory_spans
 from ddil_cli.buffer.writer import (DEFAULT_SHARD_SAMPLES, BufferWriter, check_writable, load_manifest,
                                     prompt_id)
 from ddil_cli.diffusion.threshold import parse_threshold
@@ -238,15 +238,19 @@ def run_collect(cfg: CollectConfig, *, models: tuple[Denoiser, Denoiser | None] 
                            else data.captions(len(block.ids)))
                 rows = _rollout_block(plan, block, teacher, student, prompts, threshold, cfg.device,
                                       cfg.seed, writer.run)
-            for state, t, t_index, source, rid, prompt in rows:
+            rows = list(rows)
+            metas = []
+            for _, t, t_index, source, rid, prompt in rows:
                 pid = prompt_id(prompt)
                 used_prompts[pid] = prompt
-                writer.write(state.numpy(),
-                             {"t": t, "t_index": t_index, "source": source, "rollout_id": rid,
-                              "prompt": prompt, "prompt_id": pid, "guidance": plan.guidance,
+                metas.append({"t": t, "t_index": t_index, "source": source, "rollout_id": rid, "prompt": prompt,
+                              "prompt_id": pid, "guidance": plan.guidance,
                               "student_version": version if source == "student" else None})
+            # one record per trajectory (a data block, whose rollout id is None, is one record)
+            for begin, end in trajectory_spans([row[4] for row in rows]):
+                writer.write_group(torch.stack([row[0] for row in rows[begin:end]]).numpy(), metas[begin:end])
                 if task is not None:
-                    progress.advance(task, 1)
+                    progress.advance(task, end - begin)
     except BaseException:
         writer.abort()  # the shard in progress is dropped; committed shards and the manifest stay valid
         if new_folder and not writer.committed:

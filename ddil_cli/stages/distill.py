@@ -23,7 +23,8 @@ import torch
 from ddil_cli.buffer.pool import ReplayPool
 from ddil_cli.buffer.replay import FIFOPolicy, PrioritizedPolicy
 from ddil_cli.buffer.manifest import buffer_header
-from ddil_cli.buffer.sources import DataStates, forward_diffuse, is_lab, rollout_records, sources_for_batch
+from ddil_cli.buffer.sources import (DataStates, forward_diffuse, is_lab, rollout_records, sources_for_batch,
+                                     trajectory_spans)
 from ddil_cli.buffer.writer import BufferWriter, prompt_id
 from ddil_cli.diffusion.threshold import Threshold, parse_threshold
 from ddil_cli.errors import UserError
@@ -282,12 +283,15 @@ class DaggerCollector:
                                   guidance=guidance.to(self.acc.device), threshold=self.plan.threshold,
                                   device=self.acc.device)
         self.student.network.train(was_training)
-        keys = [writer.write(state.numpy(), {
-            "t": t, "t_index": t_index, "source": source, "rollout_id": seeds[row], "prompt": prompts[row],
-            "prompt_id": prompt_id(prompts[row]), "guidance": float(guidance[row]), "student_version": update,
-            "phase": self.phase, "teacher_prob": teacher_prob}) for state, t, t_index, source, row in records]
+        metas = [{"t": t, "t_index": t_index, "source": source, "rollout_id": seeds[row], "prompt": prompts[row],
+                  "prompt_id": prompt_id(prompts[row]), "guidance": float(guidance[row]), "student_version": update,
+                  "phase": self.phase, "teacher_prob": teacher_prob} for _, t, t_index, source, row in records]
+        states = torch.stack([r[0] for r in records])
         rows = [r[4] for r in records]
-        self.pool.add(torch.stack([r[0] for r in records]), [r[1] for r in records], guidance[rows],
+        keys = []
+        for begin, end in trajectory_spans(rows):  # one buffer record per trajectory
+            keys += writer.write_group(states[begin:end].numpy(), metas[begin:end])
+        self.pool.add(states, [r[1] for r in records], guidance[rows],
                       [prompts[r] for r in rows], [r[3] for r in records], keys)
         return len(keys)
 
