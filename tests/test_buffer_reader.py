@@ -130,16 +130,9 @@ def test_mix_streams_follows_the_prior(buffer):
 
 
 def test_states_of_one_record_are_shuffled_apart(tmp_path):
-    from ddil_cli.buffer import BufferWriter
-    from tests.test_buffer_writer import HEADER, _trajectory
+    from tests.test_buffer_writer import write_trajectories
 
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    writer = BufferWriter(tmp_path, HEADER, run_info={}, shard_samples=100).open()
-    for rollout in range(6):
-        writer.write_group(*_trajectory(rng, 8, rollout))
-    writer.close()
+    write_trajectories(tmp_path, 6, 8, shard_samples=100)
     plain = [s.meta["rollout_id"] for s in BufferReader(tmp_path, shuffle=0)]
     assert plain == sorted(plain)  # one record after the other, as written
     shuffled = [s.meta["rollout_id"] for s in BufferReader(tmp_path, shuffle=48, seed=1)]

@@ -39,12 +39,8 @@ def write_samples(root, n, *, seed=0, shard_samples=4, **kwargs):
 
 def test_round_trip_gives_identical_states_and_metadata(tmp_path):
     written, writer = write_samples(tmp_path, 10)
-    samples = list(BufferReader(tmp_path, shuffle=0))
-    assert sorted(s.key for s in samples) == sorted(written)
-    for sample in samples:
+    for sample in assert_reads_back(tmp_path, written):
         state, meta = written[sample.key]
-        assert np.array_equal(sample.state.numpy(), state.astype(np.float32))
-        assert {k: sample.meta[k] for k in meta} == meta
         assert (sample.t, sample.t_index, sample.source, sample.prompt) == \
             (meta["t"], meta["t_index"], meta["source"], meta["prompt"])
         assert sample.meta["collect_run"] == writer.run == 0
@@ -67,16 +63,33 @@ def _trajectory(rng, length, rollout_id):
     return states, metas
 
 
-def test_a_group_is_one_record_split_only_where_a_shard_fills(tmp_path):
-    rng = np.random.default_rng(0)
-    writer = BufferWriter(tmp_path, HEADER, run_info={}, shard_samples=5).open()
+def write_trajectories(root, count, length, *, shard_samples, seed=0):
+    """`count` trajectories of `length` states, one write_group each; returns {key: (state, meta)}."""
+    rng = np.random.default_rng(seed)
+    writer = BufferWriter(root, HEADER, run_info={}, shard_samples=shard_samples).open()
     written = {}
-    for rollout in range(3):  # 3 trajectories of 4 states: 12 states in shards of 5, 5, 2
-        states, metas = _trajectory(rng, 4, rollout)
+    for rollout in range(count):
+        states, metas = _trajectory(rng, length, rollout)
         keys = writer.write_group(states, metas)
-        assert len(keys) == 4 == len(set(keys))
+        assert len(keys) == length == len(set(keys))
         written.update({k: (st, m) for k, st, m in zip(keys, states, metas)})
     writer.close()
+    return written
+
+
+def assert_reads_back(root, written):
+    samples = list(BufferReader(root, shuffle=0))
+    assert sorted(s.key for s in samples) == sorted(written)
+    for sample in samples:
+        state, meta = written[sample.key]
+        assert np.array_equal(sample.state.numpy(), state.astype(np.float32))
+        assert {k: sample.meta[k] for k in meta} == meta
+    return samples
+
+
+def test_a_group_is_one_record_split_only_where_a_shard_fills(tmp_path):
+    # 3 trajectories of 4 states: 12 states in shards of 5, 5, 2
+    written = write_trajectories(tmp_path, 3, 4, shard_samples=5)
     manifest = load_manifest(tmp_path)
     assert manifest["version"] == mf.VERSION == 2
     assert [s["samples"] for s in manifest["shards"]] == [5, 5, 2]  # never more than shard_samples
@@ -86,21 +99,12 @@ def test_a_group_is_one_record_split_only_where_a_shard_fills(tmp_path):
             members.append(len(tar.getnames()))
     # records: [4 + first 1 of the 2nd trajectory], [its other 3 + 2 of the 3rd], [its last 2]
     assert members == [4, 4, 2]
-    samples = list(BufferReader(tmp_path, shuffle=0))
-    assert sorted(s.key for s in samples) == sorted(written)
-    for sample in samples:
-        state, meta = written[sample.key]
-        assert np.array_equal(sample.state.numpy(), state.astype(np.float32))
-        assert {k: sample.meta[k] for k in meta} == meta
+    for sample in assert_reads_back(tmp_path, written):
         assert sample.url == str(tmp_path / shard_of_key(sample.key))  # priorities find a state's shard
 
 
 def test_an_orphaned_shard_of_group_records_is_adopted_with_its_state_counts(tmp_path):
-    rng = np.random.default_rng(2)
-    writer = BufferWriter(tmp_path, HEADER, run_info={}, shard_samples=6).open()
-    for rollout in range(3):
-        writer.write_group(*_trajectory(rng, 4, rollout))
-    writer.close()
+    write_trajectories(tmp_path, 3, 4, shard_samples=6, seed=2)
     manifest = load_manifest(tmp_path)
     orphan = manifest["shards"].pop()  # killed between the rename and the manifest write
     manifest["counts"] = mf.recount(manifest["shards"])
