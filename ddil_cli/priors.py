@@ -127,10 +127,9 @@ class PriorSchedule(PhaseSchedule):
     def at(self, update: int, total_updates: int | None = None) -> dict[str, float]:
         return dict(super().at(update, total_updates))
 
-    def draws_between(self, source: str, start: int, end: int, total_updates: int | None = None) -> bool:
-        """True when the prior gives `source` weight at some update in [start, end)."""
-        first, last = self.index_at(start, total_updates), self.index_at(max(start, end - 1), total_updates)
-        return any(prior.get(source, 0.0) > 0 for prior in self.priors[first:last + 1])
+    def draws_later(self, source: str, update: int, total_updates: int | None = None) -> bool:
+        """True when the prior in force at `update`, or a later phase's, gives `source` weight."""
+        return any(prior.get(source, 0.0) > 0 for prior in self.priors[self.index_at(update, total_updates):])
 
     def describe(self) -> list[dict]:
         return [{"start": s, "prior": dict(p)} for s, p in zip(self.starts, self.priors)]

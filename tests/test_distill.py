@@ -284,16 +284,3 @@ def test_no_collection_once_no_later_prior_draws_buffer_states(tmp_path):
     reader = BufferReader(str(tmp_path / "run/buffer/pd-4"), shuffle=0, split_by_node=False, split_by_worker=False)
     assert {sample.meta["student_version"] for sample in reader} == {0, 3}
 
-
-def test_no_collection_during_a_data_only_warm_up_except_right_before_it_ends(tmp_path):
-    # a fresh student's states, collected at update 0 while the warm-up draws data only, stayed in
-    # the pool and were drawn once the warm-up ended; now the first collection is the last one
-    # before the first update that draws student states (5 here, collections every 3)
-    cfg = DistillConfig(**{**LAB, "teacher_steps": 8}, stage_updates="10",
-                        prior_schedule="0:data=1;0.5:data=0.5,student=0.5", out=str(tmp_path / "run"))
-    summary = run_distill(cfg)
-    from ddil_cli.buffer.reader import BufferReader
-
-    reader = BufferReader(str(tmp_path / "run/buffer/pd-4"), shuffle=0, split_by_node=False, split_by_worker=False)
-    assert {sample.meta["student_version"] for sample in reader} == {3, 6, 9}
-    assert summary["phases"][0]["buffer_states"] == 3 * LAB["rollouts_per_collect"] * cfg.steps

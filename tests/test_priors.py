@@ -72,11 +72,10 @@ def test_sources_for_batch_follows_the_prior_and_the_generator():
     assert set(sources_for_batch(500, parse_prior("student=1"), torch.Generator().manual_seed(1))) == {"student"}
 
 
-def test_draws_between_looks_at_every_phase_the_window_touches():
-    schedule = PriorSchedule.parse("0:data=1;0.3:data=0.5,student=0.5;0.6:data=1")  # student in [30, 60)
-    assert not schedule.draws_between("student", 0, 25, 100)  # inside the data-only warm-up
-    assert schedule.draws_between("student", 25, 50, 100)  # the warm-up ends inside the window
-    assert schedule.draws_between("student", 50, 75, 100)
-    assert not schedule.draws_between("student", 60, 85, 100)  # back to data only
-    assert not schedule.draws_between("teacher", 0, 100, 100)
-    assert PriorSchedule.parse("data=0.5,teacher=0.5").draws_between("teacher", 10 ** 6, 10 ** 6 + 1, 100)
+def test_draws_later_looks_at_the_phase_in_force_and_the_ones_after():
+    schedule = PriorSchedule.parse("0:data=1;0.3:data=0.5,student=0.5;0.6:data=1")
+    assert schedule.draws_later("student", 0, 100)  # a later phase draws student states
+    assert schedule.draws_later("student", 59, 100)
+    assert not schedule.draws_later("student", 60, 100)
+    assert not schedule.draws_later("teacher", 0, 100)
+    assert PriorSchedule.parse("data=0.5,teacher=0.5").draws_later("teacher", 10 ** 6, 100)
