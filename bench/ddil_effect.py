@@ -20,6 +20,11 @@ the paired relative difference, regimes x metrics.
     python bench/ddil_effect.py --method pd --suite lab --seeds 5 --work runs/effect-pd
     python bench/ddil_effect.py --method pd --suite digits --seeds 3 --work runs/effect-pd
     python bench/ddil_effect.py --method pd --quick          # a smoke run of both suites
+    python bench/ddil_effect.py --method pd --suite lab --timing 3   # wall-clock overhead only
+
+The map's wall-clock column compares runs that may have run at different times (a rerun reuses
+finished arms); `--timing K` measures the overhead apart: K paired repeats per regime, both
+arms back to back in alternating order, distill only.
 """
 
 from __future__ import annotations
@@ -449,9 +454,10 @@ def timing(suite: Suite, method: str, regimes: dict[str, dict], arms: dict[str, 
             summary = run_distill(cfg)
             return time.perf_counter() - start, summary
 
-    # one discarded run of each arm: the first pays for imports and lazily built kernels
+    # a short discarded run of each arm: the first pays for imports and lazily built kernels
+    first = {**suite.base, **next(iter(regimes.values())), **shared}
     for arm in ("base", "ddil"):
-        run({**suite.base, **next(iter(regimes.values())), **shared}, arm, 0)
+        run({**first, "max_updates": max(1, first["max_updates"] // 10)}, arm, 0)
     for regime, override in regimes.items():
         settings = {**suite.base, **override, **shared}
         walls: dict[str, list[float]] = {"base": [], "ddil": []}
