@@ -116,7 +116,7 @@ def distill_command(
     guidance_range: Optional[str] = typer.Option(None, help="MIN,MAX: w ~ U[MIN, MAX] per example, student takes w as input."),
     threshold: Optional[str] = typer.Option(None, help="none, static:C or dynamic:P on the teacher's x0 "
                                             "(default static:1 for pixel and lab models)."),
-    student_prediction: Optional[str] = typer.Option(None, help="Lab MLP student's output: epsilon, v_prediction, sample."),
+    student_prediction: Optional[str] = typer.Option(None, help="Lab MLP student's output: epsilon, v_prediction, sample. Default: v_prediction (dmd2: sample)."),
     generator_timesteps: Optional[str] = typer.Option(None, help="DMD2: the generator's timesteps, e.g. "
                                                       "999,749,499,249 (default: trailing spacing of --steps)."),
     real_guidance: Optional[float] = typer.Option(None, help="DMD2: CFG of the real score (default: --guidance "
