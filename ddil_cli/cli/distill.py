@@ -116,7 +116,7 @@ def distill_command(
     guidance_range: Optional[str] = typer.Option(None, help="MIN,MAX: w ~ U[MIN, MAX] per example, student takes w as input."),
     threshold: Optional[str] = typer.Option(None, help="none, static:C or dynamic:P on the teacher's x0 "
                                             "(default static:1 for pixel and lab models)."),
-    student_prediction: Optional[str] = typer.Option(None, help="Lab MLP student's output: epsilon, v_prediction, sample. Default: v_prediction (dmd2: sample)."),
+    student_prediction: Optional[str] = typer.Option(None, help="Lab MLP student's output: epsilon, v_prediction, sample. Default: v_prediction."),
     generator_timesteps: Optional[str] = typer.Option(None, help="DMD2: the generator's timesteps, e.g. "
                                                       "999,749,499,249 (default: trailing spacing of --steps)."),
     real_guidance: Optional[float] = typer.Option(None, help="DMD2: CFG of the real score (default: --guidance "
@@ -129,6 +129,9 @@ def distill_command(
     critic_gan_weight: Optional[float] = typer.Option(None, help="DMD2: weight of the critic-side GAN term (1e-2)."),
     tau_min: Optional[float] = typer.Option(None, help="DMD2: the DM timestep tau ~ U[MIN T, MAX T], MIN (0.02)."),
     tau_max: Optional[float] = typer.Option(None, help="DMD2: ... MAX (0.98)."),
+    lab_init_steps: Optional[int] = typer.Option(None, help="DMD2 on the lab: steps fitting the fresh MLP "
+                                                 "generator and critic to the analytic teacher first, as DMD2 "
+                                                 "starts both from the teacher (default 2000; 0: fresh MLPs)."),
     checkpoint_every: int = typer.Option(D.checkpoint_every, help="Checkpoint every N updates (0: at stage ends)."),
     keep_checkpoints: int = typer.Option(D.keep_checkpoints, help="How many checkpoints to keep."),
     log_every: int = typer.Option(D.log_every, help="metrics.jsonl row every N updates."),

@@ -134,8 +134,6 @@ class DistillMethod:
       the trained networks and their optimisers (an EMA target network, a step counter).
     - `default_prior_schedule`: the prior schedule when the user gives none (None: the stage's).
     - `default_student_prob`: the same for --student-prob.
-    - `default_student_prediction`: the output of a lab MLP student built from scratch when the
-      user gives no --student-prediction (None: the MLP's own default, v_prediction).
     - `needs_data(options)` (classmethod): the loss draws real data itself (DMD2's GAN head), so
       the stage opens the data source whatever the prior and passes it as `self.data`.
     """
@@ -147,7 +145,6 @@ class DistillMethod:
     # the prior schedule when the user gives neither --prior nor --prior-schedule (None: the stage's)
     default_prior_schedule: ClassVar[str | None] = None
     default_student_prob: ClassVar[str | None] = None  # None: the stage's default
-    default_student_prediction: ClassVar[str | None] = None
 
     def __init__(self, *, teacher: Denoiser, student: Denoiser, phase: Phase, options: MethodOptions,
                  threshold: Threshold | None = None, original_teacher: Denoiser | None = None,

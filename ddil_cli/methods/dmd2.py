@@ -51,6 +51,9 @@ class DMD2Options(MethodOptions):
     tau_min: float = 0.02  # the DM timestep tau ~ U[tau_min T, tau_max T]
     tau_max: float = 0.98
     timestep_scaling: float = 10.0  # the LCMScheduler boundary the generator is saved with
+    # lab only: steps fitting the fresh MLP generator and critic to the analytic teacher first (an
+    # analytic teacher has no weights to copy; DMD2 starts both from the teacher's); 0: fresh MLPs
+    lab_init_steps: int = 2000
 
     def validate(self) -> None:
         if self.critic_updates < 1:
@@ -64,6 +67,8 @@ class DMD2Options(MethodOptions):
             raise UserError(f"--real-guidance must be >= 1 (1: no CFG), got {self.real_guidance}")
         if self.critic_lr is not None and not self.critic_lr > 0:
             raise UserError(f"--critic-lr must be > 0, got {self.critic_lr}")
+        if self.lab_init_steps < 0:
+            raise UserError(f"--lab-init-steps must be >= 0, got {self.lab_init_steps}")
         if not self.timestep_scaling > 0:
             raise UserError(f"--timestep-scaling must be > 0, got {self.timestep_scaling}")
         if self.generator_timesteps is not None:
@@ -142,10 +147,6 @@ class DMD2Method(DistillMethod):
     Options = DMD2Options
     student_scheduler = "lcm"
     default_prior_schedule = "student=0.5,teacher=0.5"  # DMD2 + DDIL: backward simulation and teacher states
-    # a generator trained from scratch (the lab's) predicts its sample: with v_prediction its
-    # outputs at t < 999 carry a * x_t, noise it must learn to cancel from the DM gradient alone,
-    # and on gmm:ring:8 the 4-step generator stayed at quality 0.09 (x0: 1.0, same 600 updates)
-    default_student_prediction = "sample"
 
     @classmethod
     def plan(cls, request: PlanRequest, teacher: Denoiser, options: DMD2Options) -> list[Phase]:
@@ -158,6 +159,18 @@ class DMD2Method(DistillMethod):
         grid = Grid.from_timesteps(timesteps, request.teacher_steps, num_train)
         return [Phase(f"dmd2-{len(timesteps)}", request.max_updates, timesteps, timesteps, [grid],
                       teacher="original")]
+
+    @classmethod
+    def make_student(cls, phase_teacher: Denoiser, phase: Phase, options: DMD2Options, *,
+                     guidance_embedding: bool, **kwargs) -> Denoiser:
+        """The teacher's copy; on the lab, a fresh MLP fitted to the analytic teacher first."""
+        student = super().make_student(phase_teacher, phase, options, guidance_embedding=guidance_embedding,
+                                       **kwargs)
+        if phase_teacher.kind == "gmm" and options.lab_init_steps:
+            from ddil_cli.models.mlp import fit_to_teacher
+
+            fit_to_teacher(student, phase_teacher, steps=options.lab_init_steps)
+        return student
 
     @classmethod
     def guidance_range(cls, options: DMD2Options) -> tuple[float, float] | None:
@@ -174,7 +187,18 @@ class DMD2Method(DistillMethod):
         from ddil_cli.models import make_student
 
         options: DMD2Options = self.options
-        self.critic = make_student(self.teacher, guidance_embedding=False).to(self.student.device)
+        if self.teacher.kind == "gmm" and options.lab_init_steps and not self.student.guidance_conditioned:
+            import copy
+
+            # both start from the teacher, as in DMD2: here from the generator's teacher-fitted MLP
+            self.critic = copy.deepcopy(self.student)
+            self.critic.scheduler_config = dict(self.teacher.scheduler_config)
+        else:
+            self.critic = make_student(self.teacher, guidance_embedding=False).to(self.student.device)
+            if self.teacher.kind == "gmm" and options.lab_init_steps:
+                from ddil_cli.models.mlp import fit_to_teacher
+
+                fit_to_teacher(self.critic, self.teacher, steps=options.lab_init_steps)
         if getattr(self.student.network, "is_gradient_checkpointing", False):
             self.critic.network.enable_gradient_checkpointing()
         self.critic_shares_cond = self.critic.shares_conditioning(self.teacher)

@@ -145,3 +145,39 @@ def mlp_student_for(teacher: Denoiser, *, guidance_conditioned: bool = False,
                        scheduler_config=dict(teacher.scheduler_config),
                        source=getattr(teacher, "spec", "") and str(teacher.spec))
     return MLPDenoiser(config)
+
+
+def fit_to_teacher(student: MLPDenoiser, teacher: Denoiser, *, steps: int = 2000, batch_size: int = 256,
+                   lr: float = 1e-3, uncond_share: float = 0.1) -> float:
+    """Train a fresh lab MLP to reproduce an analytic teacher's denoiser: a regression of its
+    output on the teacher's (converted to the MLP's prediction type) at exact mixture samples
+    forward-diffused to t ~ U[0, T), a share of them unconditional so that CFG works. The lab's
+    stand-in for "a copy of the teacher's weights", which methods that start from the teacher
+    (DMD2's generator and critic) need. Draws from torch's global stream (seeded by the caller).
+    Returns the last step's loss."""
+    from ddil_cli.diffusion.parameterization import from_x0
+    from ddil_cli.diffusion.schedule import bcast
+
+    net, mixture, schedule = student.network, teacher.mixture, teacher.schedule
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    device = next(net.parameters()).device
+    loss = torch.zeros(())
+    for _ in range(steps):
+        classes = torch.randint(mixture.num_classes, (batch_size,))
+        x0, _ = mixture.sample(batch_size, None, classes)
+        classes = torch.where(torch.rand(batch_size) < uncond_share, torch.full_like(classes, -1), classes)
+        t = torch.randint(schedule.num_train_timesteps, (batch_size,))
+        x_t = schedule.add_noise(x0.float(), torch.randn(x0.shape), t).to(device)
+        t, classes = t.to(device), classes.to(device)
+        cond = {"class": classes}
+        with torch.no_grad():
+            target_x0 = teacher.x0_from_output(teacher.forward(x_t, t, cond), x_t, t)
+            a, s = schedule.alpha_sigma(t, dtype=torch.float32)
+            target = from_x0(target_x0, x_t, bcast(a, x_t), bcast(s, x_t), student.prediction_type)
+        loss = torch.nn.functional.mse_loss(student.forward(x_t, t, cond).float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    return float(loss.detach())

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -436,10 +436,6 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
                               log_with=None if cfg.tracker == "none" else cfg.tracker, project_dir=str(run / "logs"))
     teacher = load_denoiser(cfg.teacher, device=str(accelerator.device))
     plan = make_plan(cfg, teacher)
-    if teacher.kind == "gmm" and cfg.student_prediction is None and plan.method.default_student_prediction:
-        # resolved before the resume check and the manifest: a run checkpointed with another
-        # parameterisation is refused, not loaded into a network that reads its outputs differently
-        cfg = replace(cfg, student_prediction=plan.method.default_student_prediction)
     resume_from = check_resume(cfg, run)
     # the data source opens for forward-diffused inputs, for a loss that draws data, and, with
     # --data and no --prompts, as the rollouts' captions (a student- or teacher-only prior: DMD2's)
