@@ -21,7 +21,7 @@ from resume import crash_and_resume
 HERE = Path(__file__).parent
 LAB = dict(method="dmd2", teacher="gmm:ring:8", teacher_steps=8, batch_size=8, lr=1e-3, collect_every=2,
            rollouts_per_collect=4, log_every=2, quiet=True)
-FIT = {"lab_init_steps": 20}  # a short fit of the lab MLPs to the teacher: these tests check wiring
+FIT = {"lab_init_steps": 20}  # a short fit of the lab MLPs to the teacher (wiring, not quality)
 
 
 def test_dm_gradient_and_loss_against_hand_arithmetic():
@@ -179,9 +179,8 @@ def test_default_prior_is_student_and_teacher(tmp_path):
 
 
 def test_lab_generator_and_critic_start_from_the_teacher_fitted_mlp():
-    # DMD2 starts generator and critic from the teacher's weights; the lab's analytic teacher has
-    # none, so both start from one MLP fitted to it (fresh MLPs left the 4-step generator at quality
-    # 0.13 on gmm:ring:8, where the fitted start gives 0.29 and sliced W 0.185 vs 0.25)
+    # --lab-init-steps: DMD2 starts generator and critic from the teacher's weights; the lab's
+    # analytic teacher has none, so both start from one MLP fitted to it
     from ddil_cli.models import load_denoiser
 
     teacher = load_denoiser("gmm:ring:8")
