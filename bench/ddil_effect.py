@@ -488,6 +488,9 @@ def _parse_overrides(items: list[str]) -> dict:
         if not eq or key not in fields:
             raise SystemExit(f"error: bad override {item!r}; write KEY=VALUE with KEY a distill option")
         kind = type(getattr(DistillConfig(), key))
+        if kind is dict:  # method options as JSON: options={"critic_updates": 5}
+            out[key] = json.loads(value)
+            continue
         out[key] = value if kind in (str, type(None)) else kind(value) if kind is not bool else value in ("1", "true")
     return out
 
