@@ -446,6 +446,7 @@ def timing(suite: Suite, method: str, regimes: dict[str, dict], arms: dict[str, 
 
     lines = [f"\n### Wall-clock overhead, {suite.name} ({repeats} paired repeats, alternating order)\n",
              "| regime | base s | + DDIL s | overhead [95% CI] | collect share |", "|---|---|---|---|---|"]
+
     def run(settings: dict, arm: str, seed: int) -> tuple[float, dict]:
         with tempfile.TemporaryDirectory(dir=work) as tmp:
             cfg = DistillConfig(**{"method": method, "data": suite.data, "seed": seed, "quiet": True,
