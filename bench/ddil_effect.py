@@ -455,6 +455,8 @@ def timing(suite: Suite, method: str, regimes: dict[str, dict], arms: dict[str, 
             summary = run_distill(cfg)
             return time.perf_counter() - start, summary
 
+    if not regimes:
+        return "\nNo regime matched --regimes.\n"
     # a short discarded run of each arm: the first pays for imports and lazily built kernels
     first = {**suite.base, **next(iter(regimes.values())), **shared}
     for arm in ("base", "ddil"):

@@ -283,4 +283,3 @@ def test_no_collection_once_no_later_prior_draws_buffer_states(tmp_path):
 
     reader = BufferReader(str(tmp_path / "run/buffer/pd-4"), shuffle=0, split_by_node=False, split_by_worker=False)
     assert {sample.meta["student_version"] for sample in reader} == {0, 3}
-

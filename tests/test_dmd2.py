@@ -21,7 +21,7 @@ from resume import crash_and_resume
 HERE = Path(__file__).parent
 LAB = dict(method="dmd2", teacher="gmm:ring:8", teacher_steps=8, batch_size=8, lr=1e-3, collect_every=2,
            rollouts_per_collect=4, log_every=2, quiet=True)
-FIT = {"lab_init_steps": 20}  # a short fit of the lab MLPs to the teacher (wiring, not quality)
+FIT = {"lab_init_steps": 20}  # --lab-init-steps, short: a fitted start's wiring, not its quality
 
 
 def test_dm_gradient_and_loss_against_hand_arithmetic():
@@ -44,7 +44,7 @@ def _method(teacher, **options):
     from ddil_cli.methods.base import PlanRequest
     from ddil_cli.methods.dmd2 import DMD2Options
 
-    opts = DMD2Options(**{**FIT, **options})
+    opts = DMD2Options(**options)
     phase = DMD2Method.plan(PlanRequest(steps=4, teacher_steps=8, max_updates=1), teacher, opts)[0]
     student = DMD2Method.make_student(teacher, phase, opts, guidance_embedding=False)
     data = DataStates(teacher, prompts=teacher.default_prompts()) if opts.gan_weight > 0 else None
@@ -128,7 +128,7 @@ def test_critic_takes_critic_updates_steps_per_generator_update(tmp_path, monkey
         calls.append(group)
         return loss(self, group, nets, batch)
     monkeypatch.setattr(DMD2Method, "loss", record)
-    run_distill(DistillConfig(**LAB, max_updates=4, options={**FIT, "critic_updates": 3}, prior="data=1",
+    run_distill(DistillConfig(**LAB, max_updates=4, options={"critic_updates": 3}, prior="data=1",
                               out=str(tmp_path / "run")))
     assert calls == (["critic"] * 3 + ["student"]) * 4
     final = tmp_path / "run/checkpoints/checkpoint-00000004"
@@ -138,9 +138,10 @@ def test_critic_takes_critic_updates_steps_per_generator_update(tmp_path, monkey
     assert state["schedulers"]["critic"]["last_epoch"] == 12 and state["groups"] == ["student", "critic"]
 
 
-def test_exact_resume_with_critic_and_gan_head(tmp_path, monkeypatch):
+@pytest.mark.parametrize("start", [{}, FIT], ids=["fresh", "fitted"])
+def test_exact_resume_with_critic_and_gan_head(tmp_path, monkeypatch, start):
     cfg = DistillConfig(**LAB, max_updates=6, checkpoint_every=3,
-                        options={**FIT, "critic_updates": 2, "gan_weight": 0.1}, out=str(tmp_path / "full"))
+                        options={**start, "critic_updates": 2, "gan_weight": 0.1}, out=str(tmp_path / "full"))
     run_distill(cfg)
     crash_and_resume(cfg, tmp_path / "broken", monkeypatch, 3)
     for name in ("student", "critic", "gan_head"):
@@ -159,7 +160,7 @@ def test_exact_resume_with_critic_and_gan_head(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("prior", ["data=1", "student=1", "teacher=1"])
 def test_lab_runs_with_each_prior(tmp_path, prior):
-    summary = run_distill(DistillConfig(**LAB, max_updates=3, prior=prior, options={**FIT, "critic_updates": 2},
+    summary = run_distill(DistillConfig(**LAB, max_updates=3, prior=prior, options={"critic_updates": 2},
                                         out=str(tmp_path / "run")))
     sources = {k[5:] for row in map(json.loads, open(tmp_path / "run/metrics.jsonl")) for k in row
                if k in ("loss/data", "loss/student", "loss/teacher")}
@@ -171,7 +172,7 @@ def test_lab_runs_with_each_prior(tmp_path, prior):
 
 
 def test_default_prior_is_student_and_teacher(tmp_path):
-    run_distill(DistillConfig(**LAB, max_updates=2, options={**FIT, "critic_updates": 1}, out=str(tmp_path / "run")))
+    run_distill(DistillConfig(**LAB, max_updates=2, options={"critic_updates": 1}, out=str(tmp_path / "run")))
     manifest = json.loads((tmp_path / "run/manifest.json").read_text())
     assert manifest["config"]["prior"] is None
     rows = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]

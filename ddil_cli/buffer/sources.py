@@ -136,9 +136,7 @@ def rollout_records(teacher: Denoiser, student: Denoiser | None, grid: Grid, pro
 def trajectory_spans(rows: list) -> list[tuple[int, int]]:
     """(begin, end) of each run of equal consecutive `rows` (records are listed trajectory by
     trajectory): the states a buffer stores as one record."""
-    spans, begin = [], 0
-    for i in range(1, len(rows) + 1):
-        if i == len(rows) or rows[i] != rows[begin]:
-            spans.append((begin, i))
-            begin = i
-    return spans
+    from itertools import accumulate, groupby
+
+    ends = list(accumulate(len(list(group)) for _, group in groupby(rows)))
+    return list(zip([0, *ends[:-1]], ends))
