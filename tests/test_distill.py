@@ -38,8 +38,9 @@ def test_lab_run_with_and_without_ddil(tmp_path):
     assert manifest["counts"]["total"] > 0 and manifest["header"]["grid"]["timesteps"] == [999, 749, 499, 249]
 
 
-def test_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
-    cfg = DistillConfig(**LAB, stage_updates="8", checkpoint_every=4, out=str(tmp_path / "full"))
+@pytest.mark.parametrize("options", [None, {"lab_init_steps": 20}], ids=["fresh", "fitted"])
+def test_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch, options):
+    cfg = DistillConfig(**LAB, stage_updates="8", checkpoint_every=4, options=options, out=str(tmp_path / "full"))
     run_distill(cfg)
     crash_and_resume(cfg, tmp_path / "broken", monkeypatch, 12)
     full = load_file(str(tmp_path / "full/student/model.safetensors"))
@@ -47,6 +48,33 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
     assert full.keys() == resumed.keys()
     for key in full:
         assert torch.equal(full[key], resumed[key]), key
+
+
+def test_lab_init_fits_the_first_stage_student_to_the_analytic_teacher():
+    # --lab-init-steps: a real student starts as a copy of its teacher; the lab's analytic teacher
+    # has no weights, so the first stage's MLP is fitted to it. Later stages copy their MLP teacher.
+    from ddil_cli.methods.base import PlanRequest
+    from ddil_cli.models import load_denoiser
+
+    teacher = load_denoiser("gmm:ring:8")
+    fitted_opts, fresh_opts = MethodOptions(lab_init_steps=300), MethodOptions()
+    phases = PDMethod.plan(PlanRequest(steps=4, teacher_steps=16, max_updates=8), teacher, fresh_opts)
+    torch.manual_seed(0)
+    fitted = PDMethod.make_student(teacher, phases[0], fitted_opts, guidance_embedding=False)
+    torch.manual_seed(0)
+    fresh = PDMethod.make_student(teacher, phases[0], fresh_opts, guidance_embedding=False)
+    x0, _ = teacher.mixture.sample(512, torch.Generator().manual_seed(1))
+    t = torch.full((512,), 499)
+    x_t = teacher.schedule.add_noise(x0.float(), torch.randn(x0.shape, generator=torch.Generator().manual_seed(2)), t)
+    cond = teacher.encode([f"class {i % teacher.num_classes}" for i in range(512)])
+    with torch.no_grad():
+        exact = teacher.predict_x0(x_t, t, cond)
+        error = {name: float(((m.predict_x0(x_t, t, cond) - exact) ** 2).mean())
+                 for name, m in (("fitted", fitted), ("fresh", fresh))}
+    assert error["fitted"] < 0.2 * error["fresh"], error
+    second = PDMethod.make_student(fitted, phases[1], fitted_opts, guidance_embedding=False)
+    for a, b in zip(second.network.parameters(), fitted.network.parameters()):
+        assert torch.equal(a, b)  # a copy of its MLP teacher, not fitted again
 
 
 def test_ema_is_published_and_the_checkpoint_keeps_the_online_weights(tmp_path):
@@ -146,7 +174,16 @@ def test_bad_input_is_one_line_and_creates_nothing(tmp_path, capsys, extra, need
     out = tmp_path / "run"
     code, err = cli(["distill", "--quiet", "--out", str(out), *extra], capsys)
     assert code == 2 and needle in err, err
-    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    assert len(err.strip().splitlines()) == 1 and not out.exists(), err
+
+
+def test_lab_init_on_a_teacher_with_weights_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = cli(["distill", "--quiet", "--out", str(out), "--teacher", "embedded:digits", "--lab-init-steps",
+                     "100"], capsys)
+    # the last line: transformers' weight-loading bar may precede it in-process (the CLI hides it)
+    assert code == 2 and "embedded:digits is not one (its student starts from its weights)" in err
+    assert err.strip().splitlines()[-1].startswith("error:") and not out.exists()
 
 
 def test_resume_with_other_settings_is_refused_and_leaves_run(tmp_path, capsys):

@@ -39,14 +39,14 @@ def test_dm_gradient_and_loss_against_hand_arithmetic():
     assert torch.allclose(x0_g.grad, grad / 2)  # d loss / d x0_g = grad / D per element
 
 
-def _method(teacher, **options):
+def _method(teacher, guidance_embedding=False, **options):
     from ddil_cli.buffer.sources import DataStates
     from ddil_cli.methods.base import PlanRequest
     from ddil_cli.methods.dmd2 import DMD2Options
 
     opts = DMD2Options(**options)
     phase = DMD2Method.plan(PlanRequest(steps=4, teacher_steps=8, max_updates=1), teacher, opts)[0]
-    student = DMD2Method.make_student(teacher, phase, opts, guidance_embedding=False)
+    student = DMD2Method.make_student(teacher, phase, opts, guidance_embedding=guidance_embedding)
     data = DataStates(teacher, prompts=teacher.default_prompts()) if opts.gan_weight > 0 else None
     method = DMD2Method(teacher=teacher, student=student, phase=phase, options=opts, data=data)
     nets = {name: module for group in method.groups() for name, module in group.modules.items()}
@@ -200,6 +200,30 @@ def test_lab_generator_and_critic_start_from_the_teacher_fitted_mlp():
         fitted = method.student.predict_x0(x_t, t, cond)
         unfitted = fresh.student.predict_x0(x_t, t, cond)
     assert ((fitted - exact) ** 2).mean() < 0.2 * ((unfitted - exact) ** 2).mean()
+
+
+def test_lab_guidance_conditioned_generator_gets_its_own_fitted_critic():
+    # a w-conditioned generator (--real-guidance != 1) cannot be the critic's copy: the critic
+    # scores at guidance 1 without a w input, so it is fitted to the teacher on its own
+    from ddil_cli.models import load_denoiser
+
+    teacher = load_denoiser("gmm:ring:8")
+    torch.manual_seed(0)
+    method, _ = _method(teacher, guidance_embedding=True, lab_init_steps=300)
+    assert method.student.guidance_conditioned and not method.critic.guidance_conditioned
+    torch.manual_seed(0)
+    fresh, _ = _method(teacher, guidance_embedding=True, lab_init_steps=0)
+    x0, _ = teacher.mixture.sample(512, torch.Generator().manual_seed(1))
+    t = torch.full((512,), 499)
+    x_t = teacher.schedule.add_noise(x0.float(), torch.randn(x0.shape, generator=torch.Generator().manual_seed(2)), t)
+    cond = teacher.encode([f"class {i % teacher.num_classes}" for i in range(512)])
+    with torch.no_grad():
+        exact = teacher.predict_x0(x_t, t, cond)
+        errors = {name: ((model.predict_x0(x_t, t, cond) - exact) ** 2).mean()
+                  for name, model in (("generator", method.student), ("critic", method.critic),
+                                      ("fresh critic", fresh.critic))}
+    assert errors["generator"] < 0.2 * errors["fresh critic"]
+    assert errors["critic"] < 0.2 * errors["fresh critic"]
 
 
 @pytest.fixture(scope="module")

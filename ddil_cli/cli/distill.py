@@ -129,9 +129,10 @@ def distill_command(
     critic_gan_weight: Optional[float] = typer.Option(None, help="DMD2: weight of the critic-side GAN term (1e-2)."),
     tau_min: Optional[float] = typer.Option(None, help="DMD2: the DM timestep tau ~ U[MIN T, MAX T], MIN (0.02)."),
     tau_max: Optional[float] = typer.Option(None, help="DMD2: ... MAX (0.98)."),
-    lab_init_steps: Optional[int] = typer.Option(None, help="DMD2 on the lab: steps fitting the MLP generator "
-                                                 "and critic to the analytic teacher first, as DMD2 starts both "
-                                                 "from the teacher (e.g. 2000; default 0: fresh MLPs)."),
+    lab_init_steps: Optional[int] = typer.Option(None, help="Lab teachers: steps fitting the first student MLP "
+                                                 "(DMD2: and its critic) to the analytic teacher first, as real "
+                                                 "students start from their teacher's weights (e.g. 2000; default "
+                                                 "0: a fresh MLP)."),
     checkpoint_every: int = typer.Option(D.checkpoint_every, help="Checkpoint every N updates (0: at stage ends)."),
     keep_checkpoints: int = typer.Option(D.keep_checkpoints, help="How many checkpoints to keep."),
     log_every: int = typer.Option(D.log_every, help="metrics.jsonl row every N updates."),

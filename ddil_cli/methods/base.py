@@ -93,6 +93,11 @@ class TrainedGroup:
 class MethodOptions:
     """Base of each method's own settings (flags such as --solver-steps). Subclasses add fields."""
 
+    # lab only: steps fitting the first stage's MLP student to the analytic teacher before it trains
+    # (models.mlp.fit_to_teacher). Real students start as copies of their teacher's weights; an
+    # analytic teacher has none, so 0 starts from a fresh MLP
+    lab_init_steps: int = 0
+
     @classmethod
     def from_dict(cls, method: str, given: dict[str, Any]) -> "MethodOptions":
         names = {f.name for f in fields(cls)}
@@ -108,6 +113,8 @@ class MethodOptions:
         # `solver_steps = "fifty"` is one line, not a TypeError later)
         values = check_values(cls, {k: v for k, v in given.items() if k in names and v is not None}, {})
         options = cls(**values)
+        if options.lab_init_steps < 0:
+            raise UserError(f"--lab-init-steps must be >= 0, got {options.lab_init_steps}")
         options.validate()
         return options
 
@@ -177,10 +184,16 @@ class DistillMethod:
     def make_student(cls, phase_teacher: Denoiser, phase: Phase, options: MethodOptions, *,
                      guidance_embedding: bool, **kwargs) -> Denoiser:
         """A copy of the phase teacher that samples as it will once saved: a consistency student
-        (student_scheduler 'lcm') rolls out with the re-noising sampler during DDIL collection too."""
+        (student_scheduler 'lcm') rolls out with the re-noising sampler during DDIL collection too.
+        On the lab (an analytic teacher, no weights to copy) a fresh MLP, fitted to the teacher
+        first when `lab_init_steps` is given."""
         from ddil_cli.models import make_student
 
         student = make_student(phase_teacher, guidance_embedding=guidance_embedding, **kwargs)
+        if phase_teacher.kind == "gmm" and options.lab_init_steps:
+            from ddil_cli.models.mlp import fit_to_teacher
+
+            fit_to_teacher(student, phase_teacher, steps=options.lab_init_steps)
         if cls.student_scheduler == "lcm":
             student.scheduler_config = {**student.scheduler_config, "_class_name": "LCMScheduler",
                                         "timestep_scaling": float(getattr(options, "timestep_scaling", 10.0))}

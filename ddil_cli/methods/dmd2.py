@@ -51,10 +51,9 @@ class DMD2Options(MethodOptions):
     tau_min: float = 0.02  # the DM timestep tau ~ U[tau_min T, tau_max T]
     tau_max: float = 0.98
     timestep_scaling: float = 10.0  # the LCMScheduler boundary the generator is saved with
-    # lab only: steps fitting the MLP generator and critic to the analytic teacher first (an analytic
-    # teacher has no weights to copy; DMD2 starts both from the teacher's). 0, fresh MLPs, stays the
-    # default: on the lab the fitted start was not better (docs/distill.md, "DMD2")
-    lab_init_steps: int = 0
+    # lab_init_steps (every method's option) fits the critic too: DMD2 starts generator and critic
+    # from the teacher. 0, fresh MLPs, stays the default: on the lab the fitted start was not better
+    # (docs/distill.md, "DMD2")
 
     def validate(self) -> None:
         if self.critic_updates < 1:
@@ -68,8 +67,6 @@ class DMD2Options(MethodOptions):
             raise UserError(f"--real-guidance must be >= 1 (1: no CFG), got {self.real_guidance}")
         if self.critic_lr is not None and not self.critic_lr > 0:
             raise UserError(f"--critic-lr must be > 0, got {self.critic_lr}")
-        if self.lab_init_steps < 0:
-            raise UserError(f"--lab-init-steps must be >= 0, got {self.lab_init_steps}")
         if not self.timestep_scaling > 0:
             raise UserError(f"--timestep-scaling must be > 0, got {self.timestep_scaling}")
         if self.generator_timesteps is not None:
@@ -160,18 +157,6 @@ class DMD2Method(DistillMethod):
         grid = Grid.from_timesteps(timesteps, request.teacher_steps, num_train)
         return [Phase(f"dmd2-{len(timesteps)}", request.max_updates, timesteps, timesteps, [grid],
                       teacher="original")]
-
-    @classmethod
-    def make_student(cls, phase_teacher: Denoiser, phase: Phase, options: DMD2Options, *,
-                     guidance_embedding: bool, **kwargs) -> Denoiser:
-        """The teacher's copy; on the lab, a fresh MLP fitted to the analytic teacher first."""
-        student = super().make_student(phase_teacher, phase, options, guidance_embedding=guidance_embedding,
-                                       **kwargs)
-        if phase_teacher.kind == "gmm" and options.lab_init_steps:
-            from ddil_cli.models.mlp import fit_to_teacher
-
-            fit_to_teacher(student, phase_teacher, steps=options.lab_init_steps)
-        return student
 
     @classmethod
     def guidance_range(cls, options: DMD2Options) -> tuple[float, float] | None:

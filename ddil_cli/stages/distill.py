@@ -151,6 +151,9 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
             raise UserError(f"--tracker {cfg.tracker} needs the {module} package; pip install {module}, "
                             "or use --tracker none")
     options = method.Options.from_dict(cfg.method, dict(cfg.options or {}))
+    if options.lab_init_steps and teacher.kind != "gmm":
+        raise UserError(f"--lab-init-steps fits a lab MLP to an analytic lab teacher; {cfg.teacher} is not one "
+                        "(its student starts from its weights): drop the flag")
     options.resolve(teacher)
     phases = method.plan(PlanRequest(steps=cfg.steps, teacher_steps=cfg.teacher_steps, max_updates=cfg.max_updates,
                                      stage_updates=cfg.stage_updates, guided_updates=cfg.guided_updates,
