@@ -14,8 +14,8 @@ Per metric: mean +- std per arm, the paired difference (DDIL - base) with a 95% 
 interval from the paired t distribution, and a verdict: better / worse when the interval
 excludes 0 (in the metric's good direction), tie otherwise. Also the DDIL arm's collect share
 and its wall-clock overhead over the base arm (paired). Results are kept per run under
---work (a rerun reuses finished runs), and the report is a markdown file plus a PNG heat map of
-the paired relative difference, regimes x metrics.
+--work (a rerun reuses finished runs whose recorded settings match), and the report is a
+markdown file plus a PNG heat map of the paired relative difference, regimes x metrics.
 
     python bench/ddil_effect.py --method pd --suite lab --seeds 5 --work runs/effect-pd
     python bench/ddil_effect.py --method pd --suite digits --seeds 3 --work runs/effect-pd
@@ -99,7 +99,7 @@ LAB_REGIMES = {  # one factor at a time from the base
     "long (2400 upd)": {"max_updates": 2400},
 }
 DIGITS_BASE = {"teacher": "embedded:digits", "teacher_steps": 32, "steps": 4, "max_updates": 360, "batch_size": 32,
-               "lr": 1e-4, "collect_every": 30, "rollouts_per_collect": 16}
+               "lr": 1e-4, "collect_every": 40, "rollouts_per_collect": 16}
 DIGITS_REGIMES = {
     "main job (32->4, 360 upd)": {},
     "short (120 upd, 32->4)": {"max_updates": 120},
@@ -172,15 +172,35 @@ def _sample_and_evaluate(suite: Suite, work: Path, folder: Path, teacher: str, s
     return {"metrics": _numbers(result), "seconds_per_sample": summary.get("seconds_per_sample")}
 
 
+# settings a run that collected nothing (teacher-forced, data=1) does not depend on
+COLLECTION_KEYS = {"collect_every", "rollouts_per_collect", "buffer_size", "student_prob", "prompts"}
+
+
+def cache_matches(record: dict, cfg: DistillConfig) -> bool:
+    """A cached arm counts only if it ran with these settings: a changed regime definition (the
+    digits suite's collection settings, say) must not reuse runs made under the old one."""
+    defaults = {f.name: getattr(DistillConfig(), f.name) for f in dataclasses.fields(DistillConfig)}
+    # through JSON, as the record was stored; a field the cached run predates had its default
+    # (not `data`: the suite builds it inside the work folder, so a copied cache names another path)
+    wanted = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
+                                    if k not in ("out", "overwrite", "data")}))
+    cached = {k: record.get("config", {}).get(k, json.loads(json.dumps(defaults[k]))) for k in wanted}
+    differ = {k for k in wanted if wanted[k] != cached[k]}
+    return not differ or (differ <= COLLECTION_KEYS and record.get("collect_seconds", 1) == 0)
+
+
 def run_arm(suite: Suite, work: Path, method: str, regime: str, settings: dict, arm: str, overrides: dict,
             seed: int, tag: str = "") -> dict:
     """One arm of one seed; `tag` names the user's overrides of this arm, so they get their own folder."""
     folder = arm_folder(work, suite, regime, seed, arm, tag)
     done = folder / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
     cfg = DistillConfig(**{"method": method, "data": suite.data, "seed": seed, "quiet": True,
                            "out": str(folder / "run"), "overwrite": True, **settings, **overrides})
+    if done.is_file():
+        record = json.loads(done.read_text())
+        if cache_matches(record, cfg):
+            return record
+        print(f"{suite.name} | {regime} | seed {seed} | {arm}: cached under other settings, run again", flush=True)
     start = time.perf_counter()
     summary = run_distill(cfg)
     wall = time.perf_counter() - start

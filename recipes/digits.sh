@@ -42,8 +42,11 @@ TRAIN="$OUT/data/train-{000000..000001}.tar"
 HELDOUT="$OUT/data/heldout-000000.tar"
 
 # 2. Distil: PD + DDIL (default prior schedule), then plain teacher-forced PD at equal updates.
+# 16 rollouts every 40 updates: two collections per 120-update stage (the default schedule stops
+# collecting at 60% of a stage), 3.1% of training time; every 30 made three (4.6%) and tied PD
+# on every metric just the same (5 paired seeds each, docs/results.md, "Overhead").
 COMMON=(--method pd --teacher embedded:digits --data "$TRAIN" --teacher-steps 32 --steps 4
-        --max-updates "$UPDATES" --batch-size 32 --lr 1e-4 --collect-every 30 --rollouts-per-collect 16 $QUIET)
+        --max-updates "$UPDATES" --batch-size 32 --lr 1e-4 --collect-every 40 --rollouts-per-collect 16 $QUIET)
 # The two students train at once, one torch thread each (ddil's default on 2 cores): plain PD in
 # the background (its log in $OUT/pd-distill.log), PD + DDIL in the foreground with its bars.
 stage "distill: PD + DDIL (shown) and plain teacher-forced PD (background), 32 -> 4 steps, $UPDATES updates each"

@@ -57,3 +57,28 @@ def test_degenerate_inputs():
     assert constant["verdict"] == "better" and constant["rel_diff"] == pytest.approx(0.25)
     with pytest.raises(ValueError):
         paired_comparison([1.0, 2.0], [1.0], higher_is_better=True)
+
+
+def test_a_cached_arm_counts_only_under_the_settings_it_ran_with():
+    import dataclasses
+    import json
+
+    from ddil_cli.stages.distill import DistillConfig
+
+    def record(cfg, collect_seconds):
+        return json.loads(json.dumps({"config": dataclasses.asdict(cfg), "collect_seconds": collect_seconds}))
+
+    ddil = DistillConfig(teacher="gmm:ring:8", collect_every=30, out="/a/run", data="/a/data")
+    matches = ddil_effect.cache_matches
+    # another work folder (out, data) is the same run; a changed setting is not
+    assert matches(record(ddil, 1.0), dataclasses.replace(ddil, out="/b/run", data="/b/data"))
+    assert not matches(record(ddil, 1.0), dataclasses.replace(ddil, collect_every=40))
+    assert not matches(record(ddil, 1.0), dataclasses.replace(ddil, lr=1e-3))
+    # a teacher-forced arm collected nothing: collection settings cannot have changed it
+    plain = dataclasses.replace(ddil, prior="data=1")
+    assert matches(record(plain, 0.0), dataclasses.replace(plain, collect_every=40))
+    assert not matches(record(plain, 0.0), dataclasses.replace(plain, max_updates=7))
+    # a record from before a field existed had that field's default
+    old = record(ddil, 1.0)
+    del old["config"]["guided_updates"]
+    assert matches(old, ddil)
