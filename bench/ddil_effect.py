@@ -97,6 +97,8 @@ LAB_REGIMES = {  # one factor at a time from the base
     "batch 64": {"batch_size": 64},
     "2 steps (32->2)": {"steps": 2},
     "long (2400 upd)": {"max_updates": 2400},
+    # a harder mode structure: 25 narrow modes on a grid, 5 classes of 5, in 32 dimensions
+    "grid 25, d32": {"teacher": "gmm:grid:25:d32:std0.03"},
 }
 DIGITS_BASE = {"teacher": "embedded:digits", "teacher_steps": 32, "steps": 4, "max_updates": 360, "batch_size": 32,
                "lr": 1e-4, "collect_every": 40, "rollouts_per_collect": 16}
