@@ -17,6 +17,7 @@ from ddil_cli.models.mlp import mlp_student_for
 from ddil_cli.priors import PhaseSchedule, PriorSchedule
 from ddil_cli.stages.distill import DistillConfig, InputAssembler, Plan, run_distill
 from cli_runner import run_cli as cli
+from lab_fit import x0_error_to_teacher
 from resume import crash_and_resume
 
 LAB = dict(method="pd", teacher="gmm:ring:8", steps=4, teacher_steps=16, batch_size=16, lr=1e-3,
@@ -63,15 +64,7 @@ def test_lab_init_fits_the_first_stage_student_to_the_analytic_teacher():
     fitted = PDMethod.make_student(teacher, phases[0], fitted_opts, guidance_embedding=False)
     torch.manual_seed(0)
     fresh = PDMethod.make_student(teacher, phases[0], fresh_opts, guidance_embedding=False)
-    x0, _ = teacher.mixture.sample(512, torch.Generator().manual_seed(1))
-    t = torch.full((512,), 499)
-    x_t = teacher.schedule.add_noise(x0.float(), torch.randn(x0.shape, generator=torch.Generator().manual_seed(2)), t)
-    cond = teacher.encode([f"class {i % teacher.num_classes}" for i in range(512)])
-    with torch.no_grad():
-        exact = teacher.predict_x0(x_t, t, cond)
-        error = {name: float(((m.predict_x0(x_t, t, cond) - exact) ** 2).mean())
-                 for name, m in (("fitted", fitted), ("fresh", fresh))}
-    assert error["fitted"] < 0.2 * error["fresh"], error
+    assert x0_error_to_teacher(fitted, teacher) < 0.2 * x0_error_to_teacher(fresh, teacher)
     second = PDMethod.make_student(fitted, phases[1], fitted_opts, guidance_embedding=False)
     for a, b in zip(second.network.parameters(), fitted.network.parameters()):
         assert torch.equal(a, b)  # a copy of its MLP teacher, not fitted again

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from ddil_cli.methods.dmd2 import DMD2Method, dm_gradient, dm_loss
 from ddil_cli.stages.distill import DistillConfig, run_distill
 from cli_runner import run_cli as cli
+from lab_fit import x0_error_to_teacher
 from resume import crash_and_resume
 
 HERE = Path(__file__).parent
@@ -191,15 +192,7 @@ def test_lab_generator_and_critic_start_from_the_teacher_fitted_mlp():
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()  # equal copies, trained apart
     torch.manual_seed(0)
     fresh, _ = _method(teacher, lab_init_steps=0)
-    x0, _ = teacher.mixture.sample(512, torch.Generator().manual_seed(1))
-    t = torch.full((512,), 499)
-    x_t = teacher.schedule.add_noise(x0.float(), torch.randn(x0.shape, generator=torch.Generator().manual_seed(2)), t)
-    cond = teacher.encode([f"class {i % teacher.num_classes}" for i in range(512)])
-    with torch.no_grad():
-        exact = teacher.predict_x0(x_t, t, cond)
-        fitted = method.student.predict_x0(x_t, t, cond)
-        unfitted = fresh.student.predict_x0(x_t, t, cond)
-    assert ((fitted - exact) ** 2).mean() < 0.2 * ((unfitted - exact) ** 2).mean()
+    assert x0_error_to_teacher(method.student, teacher) < 0.2 * x0_error_to_teacher(fresh.student, teacher)
 
 
 def test_lab_guidance_conditioned_generator_gets_its_own_fitted_critic():
@@ -213,17 +206,9 @@ def test_lab_guidance_conditioned_generator_gets_its_own_fitted_critic():
     assert method.student.guidance_conditioned and not method.critic.guidance_conditioned
     torch.manual_seed(0)
     fresh, _ = _method(teacher, guidance_embedding=True, lab_init_steps=0)
-    x0, _ = teacher.mixture.sample(512, torch.Generator().manual_seed(1))
-    t = torch.full((512,), 499)
-    x_t = teacher.schedule.add_noise(x0.float(), torch.randn(x0.shape, generator=torch.Generator().manual_seed(2)), t)
-    cond = teacher.encode([f"class {i % teacher.num_classes}" for i in range(512)])
-    with torch.no_grad():
-        exact = teacher.predict_x0(x_t, t, cond)
-        errors = {name: ((model.predict_x0(x_t, t, cond) - exact) ** 2).mean()
-                  for name, model in (("generator", method.student), ("critic", method.critic),
-                                      ("fresh critic", fresh.critic))}
-    assert errors["generator"] < 0.2 * errors["fresh critic"]
-    assert errors["critic"] < 0.2 * errors["fresh critic"]
+    unfitted = x0_error_to_teacher(fresh.critic, teacher)
+    assert x0_error_to_teacher(method.student, teacher) < 0.2 * unfitted
+    assert x0_error_to_teacher(method.critic, teacher) < 0.2 * unfitted
 
 
 @pytest.fixture(scope="module")
