@@ -181,12 +181,12 @@ COLLECTION_KEYS = {"collect_every", "rollouts_per_collect", "buffer_size", "stud
 def cache_matches(record: dict, cfg: DistillConfig) -> bool:
     """A cached arm counts only if it ran with these settings: a changed regime definition (the
     digits suite's collection settings, say) must not reuse runs made under the old one."""
-    defaults = {f.name: getattr(DistillConfig(), f.name) for f in dataclasses.fields(DistillConfig)}
     # through JSON, as the record was stored; a field the cached run predates had its default
     # (not `data`: the suite builds it inside the work folder, so a copied cache names another path)
+    defaults = json.loads(json.dumps(dataclasses.asdict(DistillConfig())))
     wanted = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
                                     if k not in ("out", "overwrite", "data")}))
-    cached = {k: record.get("config", {}).get(k, json.loads(json.dumps(defaults[k]))) for k in wanted}
+    cached = {k: record.get("config", {}).get(k, defaults[k]) for k in wanted}
     differ = {k for k in wanted if wanted[k] != cached[k]}
     return not differ or (differ <= COLLECTION_KEYS and record.get("collect_seconds", 1) == 0)
 
