@@ -251,3 +251,20 @@ def test_sigkill_mid_collect_leaves_complete_shards_and_a_rerun_appends(tmp_path
     run1 = [s for s in after["shards"] if s["run"] == 1]
     assert sum(s["samples"] for s in run1) == 8 * 2 * 2  # 8 teacher rollouts x 2 steps, as many data states
     assert after["counts"]["total"] >= killed["counts"]["total"] + 32
+
+
+def test_commit_makes_the_states_so_far_a_visible_shard_and_the_writer_goes_on(tmp_path):
+    rng = np.random.default_rng(0)
+    writer = BufferWriter(tmp_path, HEADER, run_info={}, shard_samples=100).open()
+    first = writer.write_group(*_trajectory(rng, 3, 0))
+    writer.commit()
+    writer.commit()  # nothing in progress: no empty shard
+    manifest = load_manifest(tmp_path)
+    assert [s["samples"] for s in manifest["shards"]] == [3]
+    assert not manifest["runs"][0]["ranks"]["0"]["finished"] and not list(tmp_path.glob(".*.partial"))
+    second = writer.write_group(*_trajectory(rng, 2, 1))
+    writer.close()
+    manifest = load_manifest(tmp_path)
+    assert [s["samples"] for s in manifest["shards"]] == [3, 2] and manifest["runs"][0]["ranks"]["0"]["finished"]
+    assert {s.key for s in BufferReader(str(tmp_path), shuffle=0, split_by_node=False,
+                                        split_by_worker=False)} == set(first + second)

@@ -285,7 +285,7 @@ def test_teacher_states_are_rolled_at_every_collection(tmp_path):
     assert summary["phases"][0]["buffer_states"] == collections * LAB["rollouts_per_collect"] * per_rollout
     manifest = json.loads((tmp_path / "run/buffer/pd-4/manifest.json").read_text())
     assert manifest["counts"]["total"] == summary["phases"][0]["buffer_states"]
-    # one buffer record (two tar members) per trajectory, holding that trajectory's states
+    # one buffer record (two tar members) per collection, holding its trajectories' states whole
     import tarfile
 
     from ddil_cli.buffer.reader import BufferReader
@@ -294,12 +294,15 @@ def test_teacher_states_are_rolled_at_every_collection(tmp_path):
     for shard in manifest["shards"]:
         with tarfile.open(tmp_path / "run/buffer/pd-4" / shard["name"]) as tar:
             members += len(tar.getnames())
-    assert members == 2 * collections * LAB["rollouts_per_collect"]  # teacher rollouts only
-    by_record: dict[str, set] = {}
+    assert members == 2 * collections  # teacher rollouts only: one roll per collection
+    by_record: dict[str, list] = {}
     for sample in BufferReader(str(tmp_path / "run/buffer/pd-4"), shuffle=0, split_by_node=False,
                                split_by_worker=False):
-        by_record.setdefault(sample.key.rsplit("-", 1)[0], set()).add((sample.meta["rollout_id"], sample.t))
-    assert all(len({rid for rid, _ in states}) == 1 and len(states) == per_rollout for states in by_record.values())
+        by_record.setdefault(sample.key.rsplit("-", 1)[0], []).append((sample.meta["rollout_id"], sample.t))
+    for states in by_record.values():
+        rollout_ids = [rid for rid, _ in states]
+        assert len(set(rollout_ids)) == LAB["rollouts_per_collect"]
+        assert all(rollout_ids.count(rid) == per_rollout for rid in rollout_ids)  # every trajectory whole
 
 
 def test_no_collection_once_no_later_prior_draws_buffer_states(tmp_path):
@@ -313,3 +316,8 @@ def test_no_collection_once_no_later_prior_draws_buffer_states(tmp_path):
 
     reader = BufferReader(str(tmp_path / "run/buffer/pd-4"), shuffle=0, split_by_node=False, split_by_worker=False)
     assert {sample.meta["student_version"] for sample in reader} == {0, 3}
+    # one writer for the phase: one collect run, finished, and one shard committed per collection
+    manifest = json.loads((tmp_path / "run/buffer/pd-4/manifest.json").read_text())
+    assert [(r["run"], r["ranks"]["0"]["finished"], r["ranks"]["0"]["shards"]) for r in manifest["runs"]] == \
+        [(0, True, collections)]
+    assert not list((tmp_path / "run/buffer/pd-4").glob(".*.partial"))

@@ -26,3 +26,25 @@ def test_records_are_the_states_of_the_full_rollout(steps, teacher_prob):
         assert torch.equal(state, full.states[t_index][row])
         driven_by_teacher = bool(full.teacher_mask[row].all())
         assert source == ("teacher" if driven_by_teacher else "student")
+
+
+def test_record_spans_hold_whole_trajectories_up_to_the_byte_cap():
+    from ddil_cli.buffer.sources import record_spans
+    from ddil_cli.buffer.writer import STATE_DTYPE
+
+    rows = [0] * 4 + [1] * 4 + [2] * 4 + [None] * 3  # three 4-state trajectories, then a data block
+    state_size = 8
+    per_state = state_size * STATE_DTYPE().itemsize
+    assert record_spans(rows, state_size) == [(0, 15)]  # far under the default cap: one record
+    spans = record_spans(rows, state_size, max_bytes=9 * per_state)  # room for two trajectories
+    assert spans == [(0, 8), (8, 15)]
+    # a trajectory larger than the cap is still one record, never cut
+    assert record_spans(rows, state_size, max_bytes=per_state) == [(0, 4), (4, 8), (8, 12), (12, 15)]
+    # the spans tile the list, and no record mixes part of a trajectory with another
+    for cap in range(1, 20):
+        spans = record_spans(rows, state_size, max_bytes=cap * per_state)
+        assert [b for b, _ in spans] == [0, *[e for _, e in spans[:-1]]] and spans[-1][1] == len(rows)
+        for begin, end in spans:
+            assert (begin == 0 or rows[begin] != rows[begin - 1]) and (end == len(rows) or rows[end] != rows[end - 1])
+            assert end - begin <= max(cap, 4)
+    assert record_spans([], state_size) == []

@@ -133,10 +133,25 @@ def rollout_records(teacher: Denoiser, student: Denoiser | None, grid: Grid, pro
     return records
 
 
-def trajectory_spans(rows: list) -> list[tuple[int, int]]:
-    """(begin, end) of each run of equal consecutive `rows` (records are listed trajectory by
-    trajectory): the states a buffer stores as one record."""
-    from itertools import accumulate, groupby
+def record_spans(rows: list, state_size: int, max_bytes: int | None = None) -> list[tuple[int, int]]:
+    """(begin, end) of the states stored as one buffer record: whole trajectories (runs of equal
+    consecutive `rows`; records are listed trajectory by trajectory), as many as fit in
+    `max_bytes` (default RECORD_BYTES) of stored states of `state_size` elements, at least one. A record is one tar member pair however many
+    states it holds, and those members were most of the cost of storing a lab collection."""
+    from itertools import groupby
 
-    ends = list(accumulate(len(list(group)) for _, group in groupby(rows)))
-    return list(zip([0, *ends[:-1]], ends))
+    from ddil_cli.buffer.writer import RECORD_BYTES, STATE_DTYPE
+
+    state_bytes = max(1, state_size * STATE_DTYPE().itemsize)
+    limit = max(1, (RECORD_BYTES if max_bytes is None else max_bytes) // state_bytes)
+    spans: list[tuple[int, int]] = []
+    begin = end = 0
+    for _, group in groupby(rows):
+        length = len(list(group))
+        if end > begin and end + length - begin > limit:
+            spans.append((begin, end))
+            begin = end
+        end += length
+    if end > begin:
+        spans.append((begin, end))
+    return spans

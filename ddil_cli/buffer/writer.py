@@ -7,8 +7,8 @@ Layout of a buffer folder:
     prompts.json                prompt table {prompt_id: text}
     .lock                       the lock every manifest update holds (fcntl.flock)
 
-Each webdataset sample is a *record* of states written together (one rollout's trajectory, or
-one batch of data states): `KEY.states.npy` (float16 .npy bytes, shape (n, *state)) and
+Each webdataset sample is a *record* of states written together (whole rollout trajectories
+up to RECORD_BYTES of states, or one batch of data states): `KEY.states.npy` (float16 .npy bytes, shape (n, *state)) and
 `KEY.meta.json` ({"states": [one dict per state: t, t_index, source, rollout_id, prompt_id,
 prompt, student_version, collect_run, ...]}). State i of record KEY has the key `KEY-III`.
 Two tar members per record instead of per state: tar headers were most of the cost of storing
@@ -47,6 +47,9 @@ META_KEY = "meta.json"
 STATE_DTYPE = np.float16
 DEFAULT_SHARD_SAMPLES = 10_000
 DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB: webdataset's usual ceiling for streaming shards
+# the most stored-state bytes one record gathers (whole trajectories; `sources.record_spans`):
+# a lab collection is one record, an SD-latent one a few trajectories per record
+RECORD_BYTES = 4 << 20
 
 
 def prompt_id(text: str) -> str:
@@ -177,7 +180,7 @@ class BufferWriter:
     `open()` (under the lock) creates or checks the manifest, allocates this collect run's number
     (shared by every rank of one multi-process launch, through `launch_key`), and recovers from
     earlier crashes. `write()` adds a sample; a shard is committed when it holds `shard_samples`
-    samples or `shard_bytes` bytes, and by `close()`. `on_commit(manifest, root)` runs under the
+    samples or `shard_bytes` bytes, by `commit()` and by `close()`. `on_commit(manifest, root)` runs under the
     lock after each commit (the FIFO bound). `write_group()` stores several states as one record,
     which is what makes writing cheap; a group is split where a shard fills, so no shard holds
     more than `shard_samples` states.
@@ -248,7 +251,7 @@ class BufferWriter:
         return self.write_group([state], [meta])[0]
 
     def write_group(self, states, metas: list[dict[str, Any]]) -> list[str]:
-        """Add states that belong together (a trajectory) as one record; returns their keys."""
+        """Add states that belong together (whole trajectories) as one record; returns their keys."""
         if self.run is None:
             raise RuntimeError("BufferWriter.open() first")
         states = np.asarray(states, dtype=STATE_DTYPE)
@@ -280,6 +283,12 @@ class BufferWriter:
         self._count += len(metas)
         self.written += len(metas)
         return [state_key(key, i) for i in range(len(metas))]
+
+    def commit(self) -> None:
+        """Commit the shard in progress now, however full (a DAgger collection is durable before
+        training goes on; the writer stays open for the next one)."""
+        if self._tar is not None and self._count:
+            self._commit()
 
     def close(self, *, finished: bool = True) -> list[str]:
         """Commit the last shard and mark this rank finished. Returns the committed shard names."""

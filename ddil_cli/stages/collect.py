@@ -29,7 +29,7 @@ from ddil_cli.atomic import remove_path, save_tensors_atomic
 from ddil_cli.buffer import manifest as mf
 from ddil_cli.buffer.manifest import buffer_header
 from ddil_cli.buffer.replay import FIFOPolicy
-from ddil_cli.buffer.sources import DataStates, forward_diffuse, is_lab, rollout_records, trajectory_spans
+from ddil_cli.buffer.sources import DataStates, forward_diffuse, is_lab, record_spans, rollout_records
 from ddil_cli.buffer.writer import (DEFAULT_SHARD_SAMPLES, BufferWriter, check_writable, load_manifest,
                                     prompt_id)
 from ddil_cli.diffusion.threshold import parse_threshold
@@ -246,8 +246,8 @@ def run_collect(cfg: CollectConfig, *, models: tuple[Denoiser, Denoiser | None] 
                 metas.append({"t": t, "t_index": t_index, "source": source, "rollout_id": rid, "prompt": prompt,
                               "prompt_id": pid, "guidance": plan.guidance,
                               "student_version": version if source == "student" else None})
-            # one record per trajectory (a data block, whose rollout id is None, is one record)
-            for begin, end in trajectory_spans([row[4] for row in rows]):
+            # whole trajectories per record (a data block, whose rollout id is None, is one record)
+            for begin, end in record_spans([row[4] for row in rows], rows[0][0].numel() if rows else 1):
                 writer.write_group(torch.stack([row[0] for row in rows[begin:end]]).numpy(), metas[begin:end])
                 if task is not None:
                     progress.advance(task, end - begin)

@@ -24,7 +24,7 @@ from ddil_cli.buffer.pool import ReplayPool
 from ddil_cli.buffer.replay import FIFOPolicy, PrioritizedPolicy
 from ddil_cli.buffer.manifest import buffer_header
 from ddil_cli.buffer.sources import (DataStates, forward_diffuse, is_lab, rollout_records, sources_for_batch,
-                                     trajectory_spans)
+                                     record_spans)
 from ddil_cli.buffer.writer import BufferWriter, prompt_id
 from ddil_cli.diffusion.threshold import Threshold, parse_threshold
 from ddil_cli.errors import UserError
@@ -241,9 +241,10 @@ class InputAssembler:
             n = sources.count(source)
             if n:
                 rows = self.pool.draw(n, source, self.generator)
+                picked = rows.tolist()  # iterating the tensor itself cost ~0.1 ms a draw (lab profile)
                 parts.append((self.pool.states[rows].float(), self.pool.t[rows], self.pool.guidance[rows],
-                              [self.pool.prompts[i] for i in rows], [source] * n,
-                              [self.pool.keys[i] for i in rows]))
+                              [self.pool.prompts[i] for i in picked], [source] * n,
+                              [self.pool.keys[i] for i in picked]))
         x_t = torch.cat([p[0] for p in parts]).to(self.device)
         t = torch.cat([p[1] for p in parts])
         t_index = torch.tensor([self._position.get(int(v), -1) for v in t.tolist()], dtype=torch.long)
@@ -271,6 +272,24 @@ class DaggerCollector:
         self.buffer_dir, self.rollouts, self.prompts_for, self.seed = buffer_dir, rollouts, prompts_for, seed
         self.total_updates, self.acc, self.phase, self.fifo = total_updates, accelerator, phase, fifo
         self.needs_teacher_states = needs_teacher_states
+        # one writer per buffer folder for the whole phase, committing after each collection:
+        # opening and closing one per collection (two more locked manifest rewrites, a scan for
+        # crashed writers' files) cost as much as writing the states
+        self._writers: dict[int, BufferWriter] = {}
+
+    def _writer(self, which: int) -> BufferWriter:
+        if which not in self._writers:
+            grid = self.grids[which]
+            folder = self.buffer_dir if len(self.grids) == 1 else self.buffer_dir / f"steps-{grid.num_transitions}"
+            self._writers[which] = BufferWriter(
+                folder, self.headers[which], rank=self.acc.process_index, world_size=self.acc.num_processes,
+                run_info={"command": "distill (DAgger)", "phase": self.phase}, on_commit=self.fifo).open()
+        return self._writers[which]
+
+    def close(self) -> None:
+        """Mark this phase's collect runs finished (every collection is committed already)."""
+        for writer in self._writers.values():
+            writer.close()
 
     def _roll(self, writer: BufferWriter, grid: Grid, update: int, teacher_prob: float, salt: int) -> int:
         rank, world = self.acc.process_index, self.acc.num_processes
@@ -292,8 +311,9 @@ class DaggerCollector:
         states = torch.stack([r[0] for r in records])
         rows = [r[4] for r in records]
         keys = []
-        for begin, end in trajectory_spans(rows):  # one buffer record per trajectory
-            keys += writer.write_group(states[begin:end].numpy(), metas[begin:end])
+        stored = states.numpy()
+        for begin, end in record_spans(rows, stored[0].size):
+            keys += writer.write_group(stored[begin:end], metas[begin:end])
         self.pool.add(states, [r[1] for r in records], guidance[rows],
                       [prompts[r] for r in rows], [r[3] for r in records], keys)
         return len(keys)
@@ -312,13 +332,8 @@ class DaggerCollector:
         student_prob = self.plan.student_prob.at(update, self.total_updates)
         # several grids (LCM's 3-5 step samplers): one per collection, in turn, each in its own buffer
         which = (update // self.collect_every) % len(self.grids)
-        grid = self.grids[which]
-        folder = self.buffer_dir if len(self.grids) == 1 else self.buffer_dir / f"steps-{grid.num_transitions}"
-        writer = BufferWriter(folder, self.headers[which], rank=self.acc.process_index,
-                              world_size=self.acc.num_processes,
-                              run_info={"command": "distill (DAgger)", "student_version": update, "phase": self.phase},
-                              on_commit=self.fifo)
-        with writer.open():
+        grid, writer = self.grids[which], self._writer(which)
+        try:
             if roll_student:
                 self._roll(writer, grid, update, 1.0 - student_prob, 0)
             # fresh teacher trajectories at every collection, as for the student: rolled once, the
@@ -326,6 +341,10 @@ class DaggerCollector:
             # whole stage, and the lab student overfitted them (16 -> 4 quality 0.06 vs 0.23 fresh)
             if roll_teacher:
                 self._roll(writer, grid, update, 1.0, 1)
+        except BaseException:
+            writer.abort()  # the collection's shard is dropped; committed ones stay
+            raise
+        writer.commit()
         return time.perf_counter() - start
 
 
@@ -539,7 +558,7 @@ def _run_phase(cfg, plan, phase: Phase, index, phase_teacher, original_teacher, 
     if external is not None:
         external.load_into(pool, phase, plan.guidance_range[0])
     uses = {s for p in plan.schedule.priors for s, w in p.items() if w > 0}
-    hooks = []
+    hooks, collector = [], None
     if uses & {"student", "teacher"}:
         prompt_source = (lambda n: [plan.prompts[i % len(plan.prompts)] for i in
                                     torch.randint(len(plan.prompts), (n,), generator=generator).tolist()]) \
@@ -562,6 +581,8 @@ def _run_phase(cfg, plan, phase: Phase, index, phase_teacher, original_teacher, 
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
     state = trainer.run()
+    if collector is not None:
+        collector.close()
     trainer.save_checkpoint()  # the online weights (and the EMA's state), before the EMA is published
     stage_dir = run / "stages" / phase.name
     summary = {"phase": phase.name, "steps": phase.steps, "updates": state.update,
