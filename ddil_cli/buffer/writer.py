@@ -12,7 +12,7 @@ up to RECORD_BYTES of states, or one batch of data states): `KEY.states.npy` (fl
 `KEY.meta.json` ({"states": [one dict per state: t, t_index, source, rollout_id, prompt_id,
 prompt, student_version, collect_run, ...]}). State i of record KEY has the key `KEY-III`.
 Two tar members per record instead of per state: tar headers were most of the cost of storing
-a lab state. Buffers of format version 1 hold one state per record (`KEY.state.npy` and a
+a lab state, and a lab collection (64 trajectories) is one record. Buffers of format version 1 hold one state per record (`KEY.state.npy` and a
 `KEY.meta.json` dict); readers take both. A crash at any point leaves
 only complete shards visible: a shard is renamed from its hidden partial name under the lock,
 together with the manifest update; a partial file whose writer died (its flock is free) is
