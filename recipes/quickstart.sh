@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 SECONDS=0
+source recipes/disk-check.sh
 if [ -x .venv/bin/python ]; then
   echo "[install] reusing ./.venv"
 else
