@@ -136,8 +136,9 @@ def rollout_records(teacher: Denoiser, student: Denoiser | None, grid: Grid, pro
 def record_spans(rows: list, state_size: int, max_bytes: int | None = None) -> list[tuple[int, int]]:
     """(begin, end) of the states stored as one buffer record: whole trajectories (runs of equal
     consecutive `rows`; records are listed trajectory by trajectory), as many as fit in
-    `max_bytes` (default RECORD_BYTES) of stored states of `state_size` elements, at least one. A record is one tar member pair however many
-    states it holds, and those members were most of the cost of storing a lab collection."""
+    `max_bytes` (default RECORD_BYTES) of stored states of `state_size` elements, at least one.
+    A record is one tar member pair however many states it holds, and those members were most
+    of the cost of storing a lab collection."""
     from itertools import groupby
 
     from ddil_cli.buffer.writer import RECORD_BYTES, STATE_DTYPE

@@ -8,12 +8,13 @@ Layout of a buffer folder:
     .lock                       the lock every manifest update holds (fcntl.flock)
 
 Each webdataset sample is a *record* of states written together (whole rollout trajectories
-up to RECORD_BYTES of states, or one batch of data states): `KEY.states.npy` (float16 .npy bytes, shape (n, *state)) and
-`KEY.meta.json` ({"states": [one dict per state: t, t_index, source, rollout_id, prompt_id,
-prompt, student_version, collect_run, ...]}). State i of record KEY has the key `KEY-III`.
-Two tar members per record instead of per state: tar headers were most of the cost of storing
-a lab state, and a lab collection (64 trajectories) is one record. Buffers of format version 1 hold one state per record (`KEY.state.npy` and a
-`KEY.meta.json` dict); readers take both. A crash at any point leaves
+up to RECORD_BYTES of states, or one batch of data states): `KEY.states.npy` (float16 .npy
+bytes, shape (n, *state)) and `KEY.meta.json` ({"states": [one dict per state: t, t_index,
+source, rollout_id, prompt_id, prompt, student_version, collect_run, ...]}). State i of record
+KEY has the key `KEY-III`. Two tar members per record instead of per state: tar headers were
+most of the cost of storing a lab state, and a lab collection (64 trajectories) is one record.
+Buffers of format version 1 hold one state per record (`KEY.state.npy` and a `KEY.meta.json`
+dict); readers take both. A crash at any point leaves
 only complete shards visible: a shard is renamed from its hidden partial name under the lock,
 together with the manifest update; a partial file whose writer died (its flock is free) is
 removed by the next writer, and a complete shard the manifest missed (a kill between rename and
@@ -180,8 +181,8 @@ class BufferWriter:
     `open()` (under the lock) creates or checks the manifest, allocates this collect run's number
     (shared by every rank of one multi-process launch, through `launch_key`), and recovers from
     earlier crashes. `write()` adds a sample; a shard is committed when it holds `shard_samples`
-    samples or `shard_bytes` bytes, by `commit()` and by `close()`. `on_commit(manifest, root)` runs under the
-    lock after each commit (the FIFO bound). `write_group()` stores several states as one record,
+    samples or `shard_bytes` bytes, by `commit()` and by `close()`. `on_commit(manifest, root)`
+    runs under the lock after each commit (the FIFO bound). `write_group()` stores several states as one record,
     which is what makes writing cheap; a group is split where a shard fills, so no shard holds
     more than `shard_samples` states.
     """
