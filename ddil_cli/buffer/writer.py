@@ -182,9 +182,9 @@ class BufferWriter:
     (shared by every rank of one multi-process launch, through `launch_key`), and recovers from
     earlier crashes. `write()` adds a sample; a shard is committed when it holds `shard_samples`
     samples or `shard_bytes` bytes, by `commit()` and by `close()`. `on_commit(manifest, root)`
-    runs under the lock after each commit (the FIFO bound). `write_group()` stores several states as one record,
-    which is what makes writing cheap; a group is split where a shard fills, so no shard holds
-    more than `shard_samples` states.
+    runs under the lock after each commit (the FIFO bound). `write_group()` stores several
+    states as one record, which is what makes writing cheap; a group is split where a shard
+    fills, so no shard holds more than `shard_samples` states.
     """
 
     def __init__(self, root: str | Path, header: dict[str, Any], *, run_info: dict[str, Any],
