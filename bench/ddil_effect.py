@@ -157,7 +157,8 @@ def _numbers(result: dict) -> dict[str, list]:
 
 
 def _sample_and_evaluate(suite: Suite, work: Path, folder: Path, teacher: str, student: str | None, steps: int,
-                         teacher_steps: int) -> dict:
+                         teacher_steps: int, guidance: float | None = None) -> dict:
+    """`guidance` None: a student samples at the w it was distilled at, the teacher at its default."""
     samples = folder / "samples"
     if samples.exists():
         import shutil
@@ -166,7 +167,7 @@ def _sample_and_evaluate(suite: Suite, work: Path, folder: Path, teacher: str, s
     samples.mkdir(parents=True)
     prompts = str(work / "digit-prompts.txt") if suite.name == "digits" else None
     summary = run_sample(SampleConfig(teacher=teacher, student=student, steps=steps, teacher_steps=teacher_steps,
-                                      prompts=prompts, num_per_prompt=suite.per_prompt, batch_size=512, quiet=True,
+                                      guidance=guidance, prompts=prompts, num_per_prompt=suite.per_prompt, batch_size=512, quiet=True,
                                       out=str(samples)), samples)
     result = score(EvaluateConfig(samples=str(samples), reference=suite.reference or teacher,
                                      features=suite.features, metrics=suite.metrics, quiet=True,
@@ -291,11 +292,13 @@ def arm_folder(work: Path, suite: Suite, regime: str, seed: int, arm: str, tag: 
 def teacher_row(suite: Suite, work: Path, settings: dict) -> dict:
     """The teacher's own numbers at the student's and at its own step count (cached per spec)."""
     out = {}
+    guidance = settings.get("guidance")  # `--set guidance=W`: the teacher at the students' w
     for steps in (settings["steps"], settings["teacher_steps"]):
-        folder = work / suite.name / "teacher" / f"{_slug(settings['teacher'])}-{steps}"
+        name = f"{_slug(settings['teacher'])}-{steps}" + ("" if guidance is None else f"-w{guidance:g}")
+        folder = work / suite.name / "teacher" / name
         done = folder / "result.json"
         if not done.is_file():
-            record = _sample_and_evaluate(suite, work, folder, settings["teacher"], None, steps, steps)
+            record = _sample_and_evaluate(suite, work, folder, settings["teacher"], None, steps, steps, guidance)
             done.write_text(json.dumps(record))
             import shutil
 

@@ -86,7 +86,11 @@ def plan_sampling(cfg: SampleConfig, teacher: Denoiser, student: Denoiser | None
     except ValueError as exc:
         raise UserError(f"{exc}; choose --steps that divides --teacher-steps (e.g. 4 and 32)") from None
     prompts = read_prompts(cfg.prompt, cfg.prompts, getattr(teacher, "default_prompts", lambda: None)())
-    guidance = cfg.guidance if cfg.guidance is not None else getattr(teacher, "default_guidance", 1.0)
+    # a distilled student's folder records the w it was distilled at (ddil_defaults.json); else
+    # the teacher's default
+    student_w = getattr(student, "sampling_defaults", {}).get("guidance")
+    guidance = cfg.guidance if cfg.guidance is not None else \
+        float(student_w) if student_w is not None else getattr(teacher, "default_guidance", 1.0)
     return SamplePlan(teacher, student, grid, prompts, float(guidance), teacher_prob, switch, sampler)
 
 

@@ -152,6 +152,26 @@ def test_diffusers_student_loads_in_plain_diffusers(tmp_path):
     assert scheduler.timesteps.tolist() == [999, 749, 499, 249]
     pipe = StableDiffusionPipeline.from_pretrained(student, safety_checker=None, requires_safety_checker=False)
     assert pipe.unet.config.time_cond_proj_dim == unet.config.time_cond_proj_dim
+    # it samples at the w it was distilled at unless told otherwise (it used to get the teacher's)
+    from ddil_cli.models import load_denoiser
+    from ddil_cli.sampling import SampleConfig, plan_sampling
+    from ddil_cli.stages.distill import make_plan
+
+    assert json.loads((student / "ddil_defaults.json").read_text())["guidance"] == 2.0
+    teacher_model, student_model = load_denoiser(str(teacher)), load_denoiser(str(student))
+    assert teacher_model.default_guidance != 2.0
+    plan = lambda **kw: plan_sampling(SampleConfig(teacher=str(teacher), prompt=["a cat"], **kw), teacher_model,
+                                      student_model if "student" in kw else None)
+    assert plan(student=str(student)).guidance == 2.0
+    assert plan(student=str(student), guidance=5.0).guidance == 5.0
+    assert plan().guidance == teacher_model.default_guidance
+    # a trained range keeps the teacher's default w inside it
+    ranged = lambda text: make_plan(DistillConfig(method="pd", teacher=str(teacher), prior="student=1",
+                                                  prompts=str(tmp_path / "prompts.txt"), guidance_range=text),
+                                    teacher_model).sampling_guidance
+    low, high = teacher_model.default_guidance - 1, teacher_model.default_guidance + 1
+    assert ranged(f"{low},{high}") == teacher_model.default_guidance
+    assert ranged(f"{high},{high + 1}") == high and ranged(f"1,{low}") == low
 
 
 @pytest.mark.parametrize("extra,needle", [

@@ -48,7 +48,8 @@ def sample_command(
     teacher_prob: Optional[float] = typer.Option(None, help="Per-transition probability the teacher takes it "
                                                  "(default 0 with a student, 1 without)."),
     switch: Optional[str] = typer.Option(None, help="t2s:T (teacher above timestep T, then student) or s2t:T."),
-    guidance: Optional[float] = typer.Option(None, help="CFG scale w (1 = conditional only); default: the model's."),
+    guidance: Optional[float] = typer.Option(None, help="CFG scale w (1 = conditional only); default: the "
+                                                   "w the student was distilled at, else the teacher's."),
     prompt: Optional[list[str]] = typer.Option(None, help="A prompt (repeatable). Lab prompts: 'class 0', ..."),
     prompts: Optional[Path] = typer.Option(None, help="Text file, one prompt per line."),
     num_per_prompt: int = typer.Option(D.num_per_prompt, help="Samples per prompt (seeds)."),

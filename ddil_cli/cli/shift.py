@@ -75,7 +75,8 @@ def covariate_shift_command(
     shift_samples: int = typer.Option(D.shift_samples, help="States per set for the direct measure."),
     shift_dims: int = typer.Option(D.shift_dims, help="Larger states are average-pooled (or projected) to at most "
                                    "this many numbers before the Frechet distance."),
-    guidance: Optional[float] = typer.Option(None, help="CFG scale w (1 = conditional only); default: the model's."),
+    guidance: Optional[float] = typer.Option(None, help="CFG scale w (1 = conditional only); default: the "
+                                                   "w the student was distilled at, else the teacher's."),
     prompt: Optional[list[str]] = typer.Option(None, help="A prompt (repeatable). Lab prompts: 'class 0', ..."),
     prompts: Optional[Path] = typer.Option(None, help="Text file, one prompt per line."),
     num_per_prompt: int = typer.Option(D.num_per_prompt, help="Samples per prompt in each setting."),

@@ -106,6 +106,9 @@ class Plan:
     guidance_embedding: bool
     threshold: Threshold
     prompts: list[str] | None
+    # the w a distilled student samples at by default (written into its folder): the distilled w,
+    # or the teacher's default kept inside a trained range
+    sampling_guidance: float = 1.0
 
 
 def _parse_student_prob(text: str) -> PhaseSchedule:
@@ -202,7 +205,7 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
     prompts = read_prompts([], cfg.prompts, getattr(teacher, "default_prompts", lambda: None)()) \
         if (cfg.prompts or not cfg.data) else None
     return Plan(method, options, phases, schedule, student_prob, guidance_range, guidance_embedding, threshold,
-                prompts)
+                prompts, min(max(float(default_w), guidance_range[0]), guidance_range[1]))
 
 
 # ---- batches ----------------------------------------------------------------------------------
@@ -588,6 +591,10 @@ def _run_phase(cfg, plan, phase: Phase, index, phase_teacher, original_teacher, 
     summary = {"phase": phase.name, "steps": phase.steps, "updates": state.update,
                "nonfinite_skipped": state.nonfinite_total, "collect_seconds": state.collect_seconds,
                "train_seconds": state.train_seconds, "buffer_states": len(pool)}
+    if hasattr(student, "sampling_defaults"):  # a diffusers student: `ddil sample` and plain
+        # pipelines' users read its w there; copied from the teacher, it named the teacher's w
+        # (1.5 for digits) for a student distilled at --guidance 4, a w it never saw
+        student.sampling_defaults = {**student.sampling_defaults, "guidance": plan.sampling_guidance}
     if accelerator.is_main_process:
         with atomic_folder(stage_dir) as tmp, trainer.final_weights():
             # the EMA weights when EMA is on; the online ones are put back after
