@@ -82,3 +82,14 @@ def test_a_cached_arm_counts_only_under_the_settings_it_ran_with():
     old = record(ddil, 1.0)
     del old["config"]["guided_updates"]
     assert matches(old, ddil)
+
+
+def test_overrides_take_each_field_s_type_optional_ones_included():
+    parsed = ddil_effect._parse_overrides(["guidance=4", "max_updates=10", "--prior-schedule=0:data=1",
+                                            'options={"lab_init_steps": 5}', "threshold=none"])
+    # guidance defaults to None: it used to stay the string "4"
+    assert parsed == {"guidance": 4.0, "max_updates": 10, "prior_schedule": "0:data=1",
+                      "options": {"lab_init_steps": 5}, "threshold": "none"}
+    assert type(parsed["guidance"]) is float and type(parsed["max_updates"]) is int
+    with pytest.raises(SystemExit):
+        ddil_effect._parse_overrides(["no_such_field=1"])
