@@ -168,8 +168,8 @@ def _sample_and_evaluate(suite: Suite, work: Path, folder: Path, teacher: str, s
     samples.mkdir(parents=True)
     prompts = str(work / "digit-prompts.txt") if suite.name == "digits" else None
     summary = run_sample(SampleConfig(teacher=teacher, student=student, steps=steps, teacher_steps=teacher_steps,
-                                      guidance=guidance, prompts=prompts, num_per_prompt=suite.per_prompt, batch_size=512, quiet=True,
-                                      out=str(samples)), samples)
+                                      guidance=guidance, prompts=prompts, num_per_prompt=suite.per_prompt,
+                                      batch_size=512, quiet=True, out=str(samples)), samples)
     result = score(EvaluateConfig(samples=str(samples), reference=suite.reference or teacher,
                                      features=suite.features, metrics=suite.metrics, quiet=True,
                                      out=str(folder / "eval")))

@@ -591,9 +591,9 @@ def _run_phase(cfg, plan, phase: Phase, index, phase_teacher, original_teacher, 
     summary = {"phase": phase.name, "steps": phase.steps, "updates": state.update,
                "nonfinite_skipped": state.nonfinite_total, "collect_seconds": state.collect_seconds,
                "train_seconds": state.train_seconds, "buffer_states": len(pool)}
-    if hasattr(student, "sampling_defaults"):  # a diffusers student: `ddil sample` and plain
-        # pipelines' users read its w there; copied from the teacher, it named the teacher's w
-        # (1.5 for digits) for a student distilled at --guidance 4, a w it never saw
+    if hasattr(student, "sampling_defaults"):  # a diffusers student: `ddil sample` reads its
+        # default w there; copied from the teacher, it named the teacher's w (1.5 for digits) for
+        # a student distilled at --guidance 4, a w it never saw
         student.sampling_defaults = {**student.sampling_defaults, "guidance": plan.sampling_guidance}
     if accelerator.is_main_process:
         with atomic_folder(stage_dir) as tmp, trainer.final_weights():
