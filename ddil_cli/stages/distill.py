@@ -154,7 +154,7 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
             raise UserError(f"--tracker {cfg.tracker} needs the {module} package; pip install {module}, "
                             "or use --tracker none")
     options = method.Options.from_dict(cfg.method, dict(cfg.options or {}))
-    if options.lab_init_steps and teacher.kind != "gmm":
+    if options.lab_init_steps and not is_lab(teacher):
         raise UserError(f"--lab-init-steps fits a lab MLP to an analytic lab teacher; {cfg.teacher} is not one "
                         "(its student starts from its weights): drop the flag")
     options.resolve(teacher)
@@ -542,7 +542,7 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
 def _run_phase(cfg, plan, phase: Phase, index, phase_teacher, original_teacher, data, run, accelerator, metrics,
                resume_from, offset, progress, teacher_source: str, external: ExternalBuffer | None) -> dict:
     kwargs = {}
-    if phase_teacher.kind == "gmm" and cfg.student_prediction:
+    if is_lab(phase_teacher) and cfg.student_prediction:
         kwargs["prediction_type"] = cfg.student_prediction
     needs_embedding = plan.guidance_embedding and not phase_teacher.guidance_conditioned
     torch.manual_seed(cfg.seed + index)
