@@ -517,6 +517,9 @@ def _parse_overrides(items: list[str]) -> dict:
         if not eq or key not in fields:
             raise SystemExit(f"error: bad override {item!r}; write KEY=VALUE with KEY a distill option")
         kind = type(getattr(DistillConfig(), key))
+        if kind is type(None) and not value.strip():  # `prior=` unsets an arm's own setting (distill's default)
+            out[key] = None
+            continue
         if kind is type(None):  # an optional field (guidance: float | None): its annotated type
             hint = typing.get_type_hints(DistillConfig)[key]
             kind = next(a for a in typing.get_args(hint) if a is not type(None))

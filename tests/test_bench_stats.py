@@ -91,5 +91,8 @@ def test_overrides_take_each_field_s_type_optional_ones_included():
     assert parsed == {"guidance": 4.0, "max_updates": 10, "prior_schedule": "0:data=1",
                       "options": {"lab_init_steps": 5}, "threshold": "none"}
     assert type(parsed["guidance"]) is float and type(parsed["max_updates"]) is int
+    # an empty value unsets an optional field (the LCM arm's own --prior, to give a schedule instead)
+    assert ddil_effect._parse_overrides(["prior=", "prior_schedule=0:data=1"]) == {"prior": None,
+                                                                                   "prior_schedule": "0:data=1"}
     with pytest.raises(SystemExit):
         ddil_effect._parse_overrides(["no_such_field=1"])

@@ -131,6 +131,45 @@ def test_prior_frequencies_in_assembled_batches():
         assert abs(counts[source] / total - p) < 0.03, counts  # ~5 binomial std
 
 
+@pytest.mark.parametrize("mix", ["matched", "batch"])
+def test_matched_mix_trains_every_timestep_as_without_ddil(mix):
+    """--ddil-mix matched (LCM's default): each input's timestep is drawn first, uniform on the
+    training grid, and a buffer state stands in for data only at a timestep the pool holds; the
+    batch mix gives the buffer's timesteps half of every batch (the lab LCM's loss)."""
+    from ddil_cli.buffer.sources import DataStates
+    from ddil_cli.methods.lcm import LCMMethod, LCMOptions
+
+    teacher = GMMDenoiser("gmm:ring:8")
+    student = mlp_student_for(teacher, hidden=16, layers=1)
+    grid = list(range(900, -1, -100))  # 10 training timesteps
+    pool = ReplayPool()
+    for t, marker in ((900, 7.0), (500, -7.0)):  # states only at two of them, marked by their value
+        pool.add(torch.full((40, 2), marker), torch.full((40,), t), torch.ones(40), ["class 1"] * 40,
+                 ["student"] * 40, [f"s{t}-{i}" for i in range(40)])
+    plan = Plan(LCMMethod, LCMOptions(ddil_mix=mix), [], PriorSchedule.parse("data=0.5,student=0.5"),
+                PhaseSchedule((0,), (1.0,)), (1.0, 1.0), True, None, ["class 0"])
+    assembler = InputAssembler(teacher=teacher, student=student, timesteps=grid, plan=plan, pool=pool,
+                               data=DataStates(teacher, prompts=["class 0", "class 2"]), batch_size=64,
+                               total_updates=100, generator=torch.Generator().manual_seed(0), device="cpu")
+    counts, student_counts = {t: 0 for t in grid}, {t: 0 for t in grid}
+    for update in range(150):
+        batch = assembler(update)
+        for x, t, source in zip(batch.x_t, batch.t.tolist(), batch.source):
+            counts[t] += 1
+            if source == "student":
+                student_counts[t] += 1
+                assert x.tolist() == [7.0, 7.0] if t == 900 else [-7.0, -7.0]  # the state held at its t
+    total = sum(counts.values())
+    assert set(t for t, n in student_counts.items() if n) == {900, 500}
+    if mix == "matched":
+        for t in grid:  # 960 expected each; binomial std ~29
+            assert abs(counts[t] - total / 10) < 150, counts
+        for t in (900, 500):  # half of these timesteps' inputs from the buffer, as the prior says
+            assert abs(student_counts[t] / counts[t] - 0.5) < 0.06, (t, student_counts[t], counts[t])
+    else:  # the buffer's two timesteps take half of every batch between them
+        assert abs((counts[900] + counts[500]) / total - 0.6) < 0.03, counts
+
+
 def test_diffusers_student_loads_in_plain_diffusers(tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 

@@ -148,6 +148,7 @@ def test_default_guidance_ranges_and_option_checks():
     assert (options.w_min, options.w_max) == (1.0, 1.5)
     for bad, needle in (({"loss": "l1"}, "huber or l2"), ({"w_min": 0.5}, "below 1"),
                         ({"w_min": 5.0, "w_max": 4.0}, "exceeds"), ({"unroll_steps": "3,x"}, "--unroll-steps"),
+                        ({"ddil_mix": "half"}, "--ddil-mix"),
                         ({"target_ema": 1.0}, r"in \[0, 1\)"), ({"solver_steps": "fifty"}, "solver")):
         with pytest.raises(UserError, match=needle):
             LCMOptions.from_dict("lcm", bad)

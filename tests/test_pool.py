@@ -1,6 +1,7 @@
 """The in-memory replay pool: per-state timesteps, the FIFO bound, priorities that leave with
 evicted states, and checkpoints of the older grid-index format."""
 
+import pytest
 import torch
 
 from ddil_cli.buffer.pool import ReplayPool
@@ -36,3 +37,16 @@ def test_states_keep_their_own_timesteps_and_old_checkpoints_load():
     legacy = ReplayPool()
     legacy.load(old, info, timesteps=[999, 749, 499, 249])
     assert legacy.t.tolist() == [999, 999, 749, 249, 499]
+
+
+def test_draws_at_given_timesteps_come_from_those_timesteps():
+    pool = ReplayPool()
+    t = torch.tensor([999, 499, 499, 249, 999, 249])
+    pool.add(t.float().reshape(-1, 1).expand(-1, 2), t, torch.ones(6), ["p"] * 6,
+             ["student", "student", "teacher", "student", "student", "teacher"], [f"k{i}" for i in range(6)])
+    assert pool.timesteps_of("student") == {999, 499, 249} and pool.timesteps_of("teacher") == {499, 249}
+    want = torch.tensor([249, 999, 999, 499, 249])
+    rows = pool.draw_at(want, "student", torch.Generator().manual_seed(0))
+    assert torch.equal(pool.t[rows], want) and all(pool.sources[i] == "student" for i in rows.tolist())
+    with pytest.raises(RuntimeError, match="no 'teacher' states at t = 999"):
+        pool.draw_at(torch.tensor([999]), "teacher", torch.Generator())

@@ -48,3 +48,18 @@ def test_record_spans_hold_whole_trajectories_up_to_the_byte_cap():
             assert (begin == 0 or rows[begin] != rows[begin - 1]) and (end == len(rows) or rows[end] != rows[end - 1])
             assert end - begin <= max(cap, 4)
     assert record_spans([], state_size) == []
+
+
+def test_forward_diffusion_at_given_timesteps():
+    from ddil_cli.buffer.sources import forward_diffuse
+
+    teacher = GMMDenoiser("gmm:ring:8")
+    x0 = torch.ones(3, 2)
+    given = torch.tensor([249, 999, 249])
+    x_t, t, t_index = forward_diffuse(x0, teacher.schedule, [999, 749, 499, 249], torch.Generator().manual_seed(0),
+                                      t=given)
+    assert torch.equal(t, given) and t_index.tolist() == [3, 0, 3]
+    noise = (x_t - teacher.schedule.alpha_sigma(t)[0][:, None]) / teacher.schedule.alpha_sigma(t)[1][:, None]
+    assert noise.abs().max() < 6  # a_t x0 + s_t eps, eps standard normal
+    with pytest.raises(ValueError, match="off the grid"):
+        forward_diffuse(x0, teacher.schedule, [999, 749], t=given)

@@ -60,11 +60,28 @@ class ReplayPool:
         self.prompts = [self.prompts[i] for i in index]
         self.sources = [self.sources[i] for i in index]
 
-    def draw(self, n: int, source: str, generator: torch.Generator) -> torch.Tensor:
-        """n row indices of `source` with replacement: uniform, or by priority ** alpha."""
-        rows = (self._source_code == SOURCE_CODES.index(source)).nonzero().squeeze(1)
+    def timesteps_of(self, source: str) -> set[int]:
+        """The timesteps at which the pool holds `source` states."""
+        return set(self.t[self._source_code == SOURCE_CODES.index(source)].unique().tolist())
+
+    def draw_at(self, t: torch.Tensor, source: str, generator: torch.Generator) -> torch.Tensor:
+        """One row index of `source` per entry of `t`, each a state at that timestep (as `draw`)."""
+        picked = torch.empty(len(t), dtype=torch.long)
+        for value in t.unique().tolist():
+            where = (t == value).nonzero().squeeze(1)
+            picked[where] = self.draw(len(where), source, generator, at=int(value))
+        return picked
+
+    def draw(self, n: int, source: str, generator: torch.Generator, at: int | None = None) -> torch.Tensor:
+        """n row indices of `source` (at timestep `at` if given) with replacement: uniform, or by
+        priority ** alpha."""
+        mask = self._source_code == SOURCE_CODES.index(source)
+        if at is not None:
+            mask &= self.t == at
+        rows = mask.nonzero().squeeze(1)
         if rows.numel() == 0:
-            raise RuntimeError(f"the replay pool holds no {source!r} states yet")
+            where = "" if at is None else f" at t = {at}"
+            raise RuntimeError(f"the replay pool holds no {source!r} states{where} yet")
         if self.policy is None:
             pick = torch.randint(rows.numel(), (n,), generator=generator)
         else:

@@ -36,10 +36,18 @@ def sources_for_batch(batch_size: int, prior: dict[str, float],
 
 
 def forward_diffuse(x0: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int],
-                    generator: torch.Generator | None = None):
-    """x_t = a_t x0 + s_t eps at a uniformly drawn grid timestep per example: (x_t, t, t_index)."""
-    t_index = torch.randint(len(timesteps), (x0.shape[0],), generator=generator)
-    t = torch.tensor(timesteps, dtype=torch.long)[t_index]
+                    generator: torch.Generator | None = None, t: torch.Tensor | None = None):
+    """x_t = a_t x0 + s_t eps at a uniformly drawn grid timestep per example (or at the given
+    timesteps `t`, each on the grid): (x_t, t, t_index)."""
+    grid = torch.tensor(timesteps, dtype=torch.long)
+    if t is None:
+        t_index = torch.randint(len(timesteps), (x0.shape[0],), generator=generator)
+    else:
+        match = t.reshape(-1, 1).cpu() == grid
+        if not bool(match.any(1).all()):
+            raise ValueError(f"timesteps {sorted(set(t.tolist()) - set(timesteps))} are off the grid")
+        t_index = match.long().argmax(1)
+    t = grid[t_index]
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
     x_t = schedule.add_noise(x0.float().cpu(), noise, t)
     return x_t, t, t_index

@@ -154,6 +154,9 @@ def distill_command(
     huber_c: Optional[float] = typer.Option(None, help="LCM: pseudo-Huber c (default 0.001)."),
     unroll_steps: Optional[str] = typer.Option(None, help="LCM + DDIL: the student's LCM samplers rolled out, "
                                                "one per collection in turn (default 3,4,5)."),
+    ddil_mix: Optional[str] = typer.Option(None, help="LCM + DDIL: matched (default: each input's solver "
+                                           "timestep first, a buffer state only where the buffer holds one "
+                                           "at it) or batch (the prior splits every batch, the paper's wording)."),
     seed: int = typer.Option(D.seed, help=HELP_SEED),
     device: str = typer.Option("auto", help=HELP_DEVICE),
     out: Path = typer.Option(Path(D.out), help="Run folder."),

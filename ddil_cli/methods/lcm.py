@@ -68,6 +68,10 @@ class LCMOptions(MethodOptions):
     loss: str = "huber"  # huber | l2
     huber_c: float = 0.001
     unroll_steps: str = "3,4,5"  # the student's LCM samplers DDIL rolls out (one per collection, in turn)
+    # matched: each input's timestep drawn first, uniform on the solver grid, and a buffer state
+    # used only where the buffer holds one at it; batch: the prior splits the batch (the paper's
+    # wording), so the rollouts' 10 timesteps take half of every batch from the other 40
+    ddil_mix: str = "matched"
 
     def validate(self) -> None:
         if self.solver_steps < 1:
@@ -86,6 +90,9 @@ class LCMOptions(MethodOptions):
         if self.w_min is not None and self.w_max is not None and self.w_min > self.w_max:
             raise UserError(f"--w-min {self.w_min} exceeds --w-max {self.w_max}")
         parse_unroll_steps(self.unroll_steps)
+        if self.ddil_mix not in ("matched", "batch"):
+            raise UserError(f"--ddil-mix {self.ddil_mix!r}: use matched (buffer states only at the timesteps "
+                            "they hold, every timestep trained as without DDIL) or batch (the prior splits each batch)")
 
     def resolve(self, teacher: Denoiser) -> None:
         """Fill in w_min / w_max the user left out, from the teacher's default CFG scale."""

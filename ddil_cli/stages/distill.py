@@ -223,6 +223,7 @@ class InputAssembler:
         self.pool, self.data, self.batch_size = pool, data, batch_size
         self.total_updates, self.generator, self.device = total_updates, generator, device
         self.data_index = 0
+        self.matched = getattr(plan.options, "ddil_mix", "batch") == "matched"
 
     def prior(self, update: int) -> dict[str, float]:
         return self.plan.schedule.at(update, self.total_updates)
@@ -231,19 +232,36 @@ class InputAssembler:
         low, high = self.plan.guidance_range
         return low + (high - low) * torch.rand(n, generator=self.generator)
 
+    def _matched(self, sources: list[str]) -> tuple[list[str], torch.Tensor]:
+        """`--ddil-mix matched`: each example's timestep first, uniform on the training grid as
+        without DDIL; a buffer source keeps an example only where the pool holds its states at
+        that timestep, else the example is forward-diffused data. DDIL then changes where inputs
+        come from, never how much each timestep trains (LCM's rollouts visit 10 of its 50 solver
+        points: replacing data there cost the low timesteps half their weight; docs/distill.md)."""
+        t = torch.tensor(self.timesteps, dtype=torch.long)[
+            torch.randint(len(self.timesteps), (len(sources),), generator=self.generator)]
+        held = {s: self.pool.timesteps_of(s) for s in set(sources) if s != "data"}
+        return [s if s == "data" or v in held[s] else "data" for s, v in zip(sources, t.tolist())], t
+
     def __call__(self, update: int) -> Batch:
-        sources = sources_for_batch(self.batch_size, self.prior(update), self.generator)
+        prior = self.prior(update)
+        sources = sources_for_batch(self.batch_size, prior, self.generator)
+        timesteps = None
+        if self.matched and prior.get("data", 0.0) > 0:
+            sources, timesteps = self._matched(sources)
         parts = []  # (x_t, t, guidance, prompts, sources, keys)
         n_data = sources.count("data")
         if n_data:
             x0, prompts = self.data.batch(n_data, self.generator, self.data_index)
             self.data_index += n_data
-            x_t, t, _t_index = forward_diffuse(x0, self.teacher.schedule, self.timesteps, self.generator)
+            at = None if timesteps is None else timesteps[[s == "data" for s in sources]]
+            x_t, t, _t_index = forward_diffuse(x0, self.teacher.schedule, self.timesteps, self.generator, t=at)
             parts.append((x_t, t, self.guidance(n_data), prompts, ["data"] * n_data, [None] * n_data))
         for source in ("student", "teacher"):
             n = sources.count(source)
             if n:
-                rows = self.pool.draw(n, source, self.generator)
+                rows = (self.pool.draw(n, source, self.generator) if timesteps is None else
+                        self.pool.draw_at(timesteps[[s == source for s in sources]], source, self.generator))
                 picked = rows.tolist()  # iterating the tensor itself cost ~0.1 ms a draw (lab profile)
                 parts.append((self.pool.states[rows].float(), self.pool.t[rows], self.pool.guidance[rows],
                               [self.pool.prompts[i] for i in picked], [source] * n,
