@@ -17,6 +17,11 @@ theta_target <- d theta_target + (1 - d) theta_student, d = --target-ema.
 
 DDIL: the inputs may be states the student visits under its own multistep LCM sampler (3, 4 or
 5 steps, --unroll-steps); those grids are subsets of the solver grid, so the same target applies.
+They hold 10 of the 50 solver timesteps, so --ddil-mix matched (the default) draws each input's
+timestep first, uniform on the solver grid, and takes a buffer state only at a timestep the
+buffer holds (the stage's InputAssembler); splitting the batch by the prior instead (`batch`)
+gives those 10 timesteps half of every batch and halves the other 40's share, which cost the
+lab LCM half of its quality (docs/distill.md, "LCM + DDIL").
 """
 
 from __future__ import annotations
@@ -110,8 +115,8 @@ class LCMMethod(DistillMethod):
     Options = LCMOptions
     student_scheduler = "lcm"
     needs_guidance_embedding = True
-    # the paper's LCM + DDIL: half the inputs from the student's own multistep rollouts all run
-    # long (docs/results.md, "LCM: four variants": ahead on digits recall, behind on the lab)
+    # the paper's LCM + DDIL prior (with --ddil-mix matched: half of the inputs at the rollouts'
+    # timesteps are the student's own states; docs/results.md, "LCM": digits FD better, lab tie)
     default_prior_schedule = "data=0.5,student=0.5"
     default_student_prob = "1"
 
