@@ -117,6 +117,17 @@ def test_target_equals_a_hand_computation_with_diffusers(threshold):
                           ((f - expected) ** 2).mean(1), atol=1e-5)
 
 
+@pytest.mark.parametrize("steps,given,expected", [(4, None, [3, 4, 5]), (2, None, [1, 2, 3]), (1, None, [1, 2]),
+                                                  (2, "3,4,5", [3, 4, 5])])
+def test_rollout_samplers_default_to_the_student_s_steps_and_neighbours(steps, given, expected):
+    teacher = GMMDenoiser("gmm:ring:8")
+    options = LCMOptions(unroll_steps=given)
+    options.validate()
+    (phase,) = LCMMethod.plan(PlanRequest(steps=steps, teacher_steps=32, max_updates=10), teacher, options)
+    assert [g.student for g in phase.rollout_grids] == [lcm_timesteps(n, 50) for n in expected]
+    assert options.unroll_steps == ",".join(map(str, expected))  # resolved, so the manifest records it
+
+
 def test_off_grid_inputs_are_refused():
     method = _method()
     with pytest.raises(ValueError, match=r"timesteps \[749\] are off the 50-step solver grid"):

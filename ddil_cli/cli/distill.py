@@ -46,7 +46,8 @@ teacher being the previous student; --max-updates is split over the stages.
 LCM (consistency distillation) trains one phase on the teacher's 50-step DDIM solver grid
 (--solver-steps) against an EMA target network, w ~ U[--w-min, --w-max] through the guidance
 embedding; the student samples on LCMScheduler's grid (4 steps: 999, 759, 499, 259) and DDIL rolls
-it out with its own 3-, 4- and 5-step samplers (--unroll-steps).
+it out with its own samplers of one step fewer, the same and one more (3, 4 and 5 for a 4-step
+student; --unroll-steps).
 
 Output: OUT/student/ (a diffusers folder, or an MLP folder for the lab), OUT/stages/*/,
 OUT/checkpoints/, OUT/buffer/, OUT/metrics.jsonl, OUT/summary.json, OUT/manifest.json.
@@ -153,7 +154,8 @@ def distill_command(
     loss: Optional[str] = typer.Option(None, help="LCM: huber (pseudo-Huber, default) or l2."),
     huber_c: Optional[float] = typer.Option(None, help="LCM: pseudo-Huber c (default 0.001)."),
     unroll_steps: Optional[str] = typer.Option(None, help="LCM + DDIL: the student's LCM samplers rolled out, "
-                                               "one per collection in turn (default 3,4,5)."),
+                                               "one per collection in turn (default: --steps - 1, --steps, --steps + 1, "
+                                               "i.e. 3,4,5 for 4 steps)."),
     ddil_mix: Optional[str] = typer.Option(None, help="LCM + DDIL: matched (default: each input's solver "
                                            "timestep first, a buffer state only where the buffer holds one "
                                            "at it) or batch (the prior splits every batch, the paper's wording)."),

@@ -53,6 +53,11 @@ def default_w_range(default_guidance: float) -> tuple[float, float]:
     return low, max(low, SD_W_RANGE[1] / SD_GUIDANCE * g)
 
 
+def default_unroll_steps(steps: int) -> list[int]:
+    """The student's own step count and its neighbours: 3,4,5 for 4 steps (the paper's), 1,2 for 1."""
+    return [n for n in (steps - 1, steps, steps + 1) if n >= 1]
+
+
 def parse_unroll_steps(text) -> list[int]:
     try:
         steps = [int(v) for v in str(text).split(",") if v.strip()]
@@ -72,7 +77,10 @@ class LCMOptions(MethodOptions):
     target_ema: float = 0.95  # decay of the EMA target network
     loss: str = "huber"  # huber | l2
     huber_c: float = 0.001
-    unroll_steps: str = "3,4,5"  # the student's LCM samplers DDIL rolls out (one per collection, in turn)
+    # the student's LCM samplers DDIL rolls out (one per collection, in turn); None: --steps - 1,
+    # --steps, --steps + 1 (the paper's 3,4,5 for its 4-step student; at 2 steps the lab tied with
+    # 1,2,3 where 3,4,5 was worse: docs/results.md, "LCM")
+    unroll_steps: str | None = None
     # matched: each input's timestep drawn first, uniform on the solver grid, and a buffer state
     # used only where the buffer holds one at it; batch: the prior splits the batch (the paper's
     # wording), so the rollouts' 10 timesteps take half of every batch from the other 40
@@ -94,7 +102,8 @@ class LCMOptions(MethodOptions):
                 raise UserError(f"{flag} {w} is below 1 (1 = no guidance); CFG scales start at 1")
         if self.w_min is not None and self.w_max is not None and self.w_min > self.w_max:
             raise UserError(f"--w-min {self.w_min} exceeds --w-max {self.w_max}")
-        parse_unroll_steps(self.unroll_steps)
+        if self.unroll_steps is not None:
+            parse_unroll_steps(self.unroll_steps)
         if self.ddil_mix not in ("matched", "batch"):
             raise UserError(f"--ddil-mix {self.ddil_mix!r}: use matched (buffer states only at the timesteps "
                             "they hold, every timestep trained as without DDIL) or batch (the prior splits each batch)")
@@ -128,6 +137,8 @@ class LCMMethod(DistillMethod):
                             "phase of --max-updates updates (w comes from --w-min / --w-max)")
         if options.solver_steps > num_train:
             raise UserError(f"--solver-steps {options.solver_steps} exceeds the teacher's {num_train} timesteps")
+        if options.unroll_steps is None:  # resolved here, where --steps is known, so the manifest records it
+            options.unroll_steps = ",".join(str(n) for n in default_unroll_steps(request.steps))
         for flag, steps in (("--steps", [request.steps]), ("--unroll-steps", parse_unroll_steps(options.unroll_steps))):
             if max(steps) > options.solver_steps or min(steps) < 1:
                 raise UserError(f"{flag} {','.join(map(str, steps))}: an LCM sampler takes 1 to --solver-steps "
