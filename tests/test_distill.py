@@ -158,7 +158,7 @@ def test_matched_mix_trains_every_timestep_as_without_ddil(mix):
             counts[t] += 1
             if source == "student":
                 student_counts[t] += 1
-                assert x.tolist() == [7.0, 7.0] if t == 900 else [-7.0, -7.0]  # the state held at its t
+                assert x.tolist() == ([7.0, 7.0] if t == 900 else [-7.0, -7.0])  # the state held at its t
     total = sum(counts.values())
     assert set(t for t, n in student_counts.items() if n) == {900, 500}
     if mix == "matched":

@@ -15,9 +15,10 @@ LCM pipeline's convention). With --threshold the teacher's x0 and the target net
 clamped (reflected LCM). The EMA target moves after every student update:
 theta_target <- d theta_target + (1 - d) theta_student, d = --target-ema.
 
-DDIL: the inputs may be states the student visits under its own multistep LCM sampler (3, 4 or
-5 steps, --unroll-steps); those grids are subsets of the solver grid, so the same target applies.
-They hold 10 of the 50 solver timesteps, so --ddil-mix matched (the default) draws each input's
+DDIL: the inputs may be states the student visits under its own multistep LCM samplers (by
+default of its step count and its neighbours, 3, 4 and 5 for 4 steps; --unroll-steps); those
+grids are subsets of the solver grid, so the same target applies. For a 4-step student they hold
+10 of the 50 solver timesteps, so --ddil-mix matched (the default) draws each input's
 timestep first, uniform on the solver grid, and takes a buffer state only at a timestep the
 buffer holds (the stage's InputAssembler); splitting the batch by the prior instead (`batch`)
 gives those 10 timesteps half of every batch and halves the other 40's share, which cost the
