@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from ddil_cli.buffer.pool import ReplayPool
 from ddil_cli.errors import UserError
 from ddil_cli.methods.base import MethodOptions
-from ddil_cli.methods.pd import PDMethod
+from ddil_cli.methods.pd import PDMethod, PDOptions
 from ddil_cli.models.gmm import GMMDenoiser
 from ddil_cli.models.mlp import mlp_student_for
 from ddil_cli.priors import PhaseSchedule, PriorSchedule
@@ -24,17 +24,31 @@ LAB = dict(method="pd", teacher="gmm:ring:8", steps=4, teacher_steps=16, batch_s
            collect_every=3, rollouts_per_collect=8, quiet=True, log_every=2)
 
 
+def _stage_weights(run: Path, stage: str) -> dict:
+    return load_file(str(run / "stages" / stage / "model.safetensors"))
+
+
 def test_lab_run_with_and_without_ddil(tmp_path):
     ddil = run_distill(DistillConfig(**LAB, stage_updates="6", out=str(tmp_path / "ddil")))
     plain = run_distill(DistillConfig(**LAB, stage_updates="6", prior="data=1", out=str(tmp_path / "plain")))
     assert [p["phase"] for p in ddil["phases"]] == ["pd-8", "pd-4"]
-    assert all(p["buffer_states"] > 0 for p in ddil["phases"])
+    # the default schedule starts DDIL at the second halving stage (--ddil-from-stage 2)
+    assert [p["buffer_states"] > 0 for p in ddil["phases"]] == [False, True]
     assert all(p["buffer_states"] == 0 for p in plain["phases"])  # teacher forcing: no rollouts
+    # so the first stage is plain PD's to the bit, and the second is not
+    first, first_plain = _stage_weights(tmp_path / "ddil", "pd-8"), _stage_weights(tmp_path / "plain", "pd-8")
+    assert all(torch.equal(first[k], first_plain[k]) for k in first)
+    last, last_plain = _stage_weights(tmp_path / "ddil", "pd-4"), _stage_weights(tmp_path / "plain", "pd-4")
+    assert not all(torch.equal(last[k], last_plain[k]) for k in last)
+    manifest = json.loads((tmp_path / "ddil/manifest.json").read_text())
+    assert manifest["method_options"]["ddil_from_stage"] == 2
+    assert [p["ddil"] for p in manifest["phases"]] == [False, True]
     student = json.loads((tmp_path / "ddil/student/ddil_mlp.json").read_text())
     assert student["timesteps"] == [999, 749, 499, 249]
     rows = [json.loads(line) for line in open(tmp_path / "ddil/metrics.jsonl")]
     assert {"loss/data", "loss/t0", "lr", "grad_norm", "updates_per_s"} <= set(rows[-1])
     assert any("loss/student" in row for row in rows)  # the default schedule ends on data alone
+    assert not any("loss/student" in row for row in rows if row["phase"] == "pd-8")
     manifest = json.loads((tmp_path / "ddil/buffer/pd-4/manifest.json").read_text())
     assert manifest["counts"]["total"] > 0 and manifest["header"]["grid"]["timesteps"] == [999, 749, 499, 249]
 
@@ -58,7 +72,7 @@ def test_lab_init_fits_the_first_stage_student_to_the_analytic_teacher():
     from ddil_cli.models import load_denoiser
 
     teacher = load_denoiser("gmm:ring:8")
-    fitted_opts, fresh_opts = MethodOptions(lab_init_steps=300), MethodOptions()
+    fitted_opts, fresh_opts = PDOptions(lab_init_steps=300), PDOptions()
     phases = PDMethod.plan(PlanRequest(steps=4, teacher_steps=16, max_updates=8), teacher, fresh_opts)
     torch.manual_seed(0)
     fitted = PDMethod.make_student(teacher, phases[0], fitted_opts, guidance_embedding=False)
@@ -235,6 +249,26 @@ def test_lab_init_on_a_teacher_with_weights_is_refused(tmp_path, capsys):
                      "100"], capsys)
     # the last line: transformers' weight-loading bar may precede it in-process (the CLI hides it)
     assert code == 2 and "embedded:digits is not one (its student starts from its weights)" in err
+    assert err.strip().splitlines()[-1].startswith("error:") and not out.exists()
+
+
+def test_a_student_only_prior_after_a_data_stage(tmp_path):
+    # the lab opens its data for the teacher-forced first stage though the prior gives data no weight
+    cfg = DistillConfig(**LAB, stage_updates="4", prior="student=1", student_prob="1",
+                        options={"ddil_from_stage": 2}, out=str(tmp_path / "run"))
+    summary = run_distill(cfg)
+    assert [p["buffer_states"] > 0 for p in summary["phases"]] == [False, True]
+    rows = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
+    assert all(set(r) & {"loss/data", "loss/student"} == {"loss/data"} for r in rows if r["phase"] == "pd-8")
+    assert all(set(r) & {"loss/data", "loss/student"} == {"loss/student"} for r in rows if r["phase"] == "pd-4")
+
+
+def test_stages_before_ddil_need_data(tmp_path, capsys):
+    # a student-only prior needs no data, but the stages before --ddil-from-stage train on data
+    out = tmp_path / "run"
+    code, err = cli(["distill", "--quiet", "--out", str(out), "--teacher", "embedded:digits", "--prior", "student=1",
+                     "--ddil-from-stage", "2"], capsys)
+    assert code == 2 and "stage pd-16 comes before --ddil-from-stage" in err and "--data SHARDS" in err
     assert err.strip().splitlines()[-1].startswith("error:") and not out.exists()
 
 

@@ -65,3 +65,35 @@ def test_match_mode_targets_teacher_cfg_x0():
     method = _method(teacher, student, grid, mode="match")
     batch = _batch(teacher, student, 1, grid, w=3.0)
     assert torch.allclose(method.target(batch), teacher.predict_x0(batch.x_t, batch.t, batch.cond, 3.0))
+
+
+def _plan_ddil(options, **request):
+    from ddil_cli.methods.base import PlanRequest
+    from ddil_cli.methods.pd import PDOptions
+
+    options = PDOptions(**options)
+    phases = PDMethod.plan(PlanRequest(**{"steps": 4, "teacher_steps": 32, "max_updates": 30, **request}),
+                           GMMDenoiser("gmm:ring:8"), options)
+    return {p.name: p.ddil for p in phases}, options.ddil_from_stage
+
+
+def test_ddil_starts_at_the_second_stage_under_the_default_schedule_and_everywhere_under_a_given_prior():
+    assert _plan_ddil({}) == ({"pd-16": False, "pd-8": True, "pd-4": True}, 2)
+    assert _plan_ddil({}, explicit_prior=True) == ({"pd-16": True, "pd-8": True, "pd-4": True}, 1)
+    # the flag wins over either default; the guided stage goes with the first halving stage
+    assert _plan_ddil({"ddil_from_stage": 3}, explicit_prior=True, guided_updates=5) == (
+        {"guided-32": False, "pd-16": False, "pd-8": False, "pd-4": True}, 3)
+    assert _plan_ddil({"ddil_from_stage": 1}, guided_updates=5)[0]["guided-32"] is True
+    # clipped to the last stage: a one-halving run (8 -> 4) still trains on DDIL's inputs
+    assert _plan_ddil({}, teacher_steps=8) == ({"pd-4": True}, 2)
+    assert _plan_ddil({"ddil_from_stage": 9})[0] == {"pd-16": False, "pd-8": False, "pd-4": True}
+
+
+def test_ddil_from_stage_zero_is_refused():
+    import pytest
+
+    from ddil_cli.errors import UserError
+    from ddil_cli.methods.pd import PDOptions
+
+    with pytest.raises(UserError, match="--ddil-from-stage must be >= 1"):
+        PDOptions.from_dict("pd", {"ddil_from_stage": 0})

@@ -41,7 +41,8 @@ student (it takes each transition with probability --student-prob, default {DEFA
 into run/buffer/. `--prior data=1` is plain teacher-forced distillation. Models: {MODEL_HELP}.
 
 PD halves the steps stage by stage (--teacher-steps 32 -> 16 -> 8 -> --steps 4), each stage's
-teacher being the previous student; --max-updates is split over the stages.
+teacher being the previous student; --max-updates is split over the stages. Under the default
+schedule DDIL starts at the second halving stage (--ddil-from-stage); the first trains on data.
 
 LCM (consistency distillation) trains one phase on the teacher's 50-step DDIM solver grid
 (--solver-steps) against an EMA target network, w ~ U[--w-min, --w-max] through the guidance
@@ -159,6 +160,11 @@ def distill_command(
     ddil_mix: Optional[str] = typer.Option(None, help="LCM + DDIL: matched (default: each input's solver "
                                            "timestep first, a buffer state only where the buffer holds one "
                                            "at it) or batch (the prior splits every batch, the paper's wording)."),
+    # --method pd (PDOptions)
+    ddil_from_stage: Optional[int] = typer.Option(None, help="PD + DDIL: the first halving stage trained on the "
+                                                  "prior; earlier stages train on data alone (default 2 under the "
+                                                  "default schedule, 1 with --prior / --prior-schedule; at most the "
+                                                  "last stage)."),
     seed: int = typer.Option(D.seed, help=HELP_SEED),
     device: str = typer.Option("auto", help=HELP_DEVICE),
     out: Path = typer.Option(Path(D.out), help="Run folder."),

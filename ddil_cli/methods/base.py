@@ -54,6 +54,9 @@ class Phase:
     rollout_grids: list[Grid]  # the grids DDIL rolls the current student out on (cycled per collection)
     teacher: str = "previous"  # 'previous': the previous phase's student (the original one first); 'original'
     options: dict[str, Any] = field(default_factory=dict)  # method-specific (PD's 'mode')
+    # False: the phase trains teacher-forced on data alone whatever the prior (PD's stages before
+    # --ddil-from-stage); no rollouts are collected in it
+    ddil: bool = True
 
     @property
     def steps(self) -> int:
@@ -64,7 +67,7 @@ class Phase:
                 "train_timesteps": self.train_timesteps if len(self.train_timesteps) <= 64 else
                 f"{len(self.train_timesteps)} timesteps",
                 "rollout_grids": [g.student for g in self.rollout_grids], "teacher": self.teacher,
-                **self.options}
+                "ddil": self.ddil, **self.options}
 
 
 @dataclass
@@ -77,6 +80,7 @@ class PlanRequest:
     stage_updates: str | None = None
     guided_updates: int = 0
     options: dict[str, Any] = field(default_factory=dict)  # the method's own Options, as given
+    explicit_prior: bool = False  # --prior or --prior-schedule was given (not the default schedule)
 
 
 @dataclass

@@ -12,6 +12,8 @@ teacher's own (CFG) x0, so a guidance-conditioned student learns CFG in one pass
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ddil_cli.diffusion.ddim import ddim_step
@@ -64,28 +66,52 @@ def stage_budgets(max_updates: int, stage_updates: str | None, stages: int) -> l
     return [base + (1 if i < max_updates % stages else 0) for i in range(stages)]
 
 
+# Under the default prior schedule DDIL starts at the second halving stage: on the lab map the
+# first stage's DDIL made every significant difference, gains and the one loss (batch 64), and
+# DDIL from stage 2 on was nowhere worse (docs/distill.md, "Which stages"). A stage before it
+# trains teacher-forced; an explicit --prior / --prior-schedule applies to every stage.
+DEFAULT_DDIL_FROM_STAGE = 2
+
+
+@dataclass
+class PDOptions(MethodOptions):
+    # the first halving stage (1-based) that trains on the prior; earlier ones on data alone. None:
+    # DEFAULT_DDIL_FROM_STAGE under the default schedule, 1 when a prior is given. Clipped to the
+    # last stage, so a run always ends on DDIL when its prior has buffer states
+    ddil_from_stage: int | None = None
+
+    def validate(self) -> None:
+        if self.ddil_from_stage is not None and self.ddil_from_stage < 1:
+            raise UserError(f"--ddil-from-stage must be >= 1 (1: DDIL in every halving stage), "
+                            f"got {self.ddil_from_stage}")
+
+
 class PDMethod(DistillMethod):
     """Progressive distillation: each halving stage's student learns two of its teacher's DDIM
     steps in one; each stage's teacher is the previous stage's student."""
 
     name = "pd"
+    Options = PDOptions
     student_scheduler = "ddim"
 
     @classmethod
-    def plan(cls, request: PlanRequest, teacher: Denoiser, options: MethodOptions) -> list[Phase]:
+    def plan(cls, request: PlanRequest, teacher: Denoiser, options: PDOptions) -> list[Phase]:
         num_train = teacher.schedule.num_train_timesteps
         stages = halvings(request.teacher_steps, request.steps)
         budgets = stage_budgets(request.max_updates, request.stage_updates, len(stages))
+        if options.ddil_from_stage is None:  # resolved here, so the manifest records the value used
+            options.ddil_from_stage = 1 if request.explicit_prior else DEFAULT_DDIL_FROM_STAGE
+        first_ddil = min(options.ddil_from_stage, len(stages))
         phases = []
-        if request.guided_updates > 0:
+        if request.guided_updates > 0:  # goes with the first halving stage
             grid = trailing_timesteps(request.teacher_steps, num_train)
             phases.append(Phase(f"guided-{request.teacher_steps}", request.guided_updates, grid, grid,
                                 [Grid.make(request.teacher_steps, request.teacher_steps, num_train)],
-                                teacher="original", options={"mode": "match"}))
-        for steps, updates in zip(stages, budgets):
+                                teacher="original", options={"mode": "match"}, ddil=first_ddil == 1))
+        for number, (steps, updates) in enumerate(zip(stages, budgets), start=1):
             grid = trailing_timesteps(steps, num_train)
             phases.append(Phase(f"pd-{steps}", updates, grid, grid, [Grid.make(steps, 2 * steps, num_train)],
-                                teacher="previous", options={"mode": "halve"}))
+                                teacher="previous", options={"mode": "halve"}, ddil=number >= first_ddil))
         return phases
 
     def __init__(self, **kwargs):

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -160,7 +160,8 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
     options.resolve(teacher)
     phases = method.plan(PlanRequest(steps=cfg.steps, teacher_steps=cfg.teacher_steps, max_updates=cfg.max_updates,
                                      stage_updates=cfg.stage_updates, guided_updates=cfg.guided_updates,
-                                     options=dict(cfg.options or {})), teacher, options)
+                                     options=dict(cfg.options or {}),
+                                     explicit_prior=bool(cfg.prior or cfg.prior_schedule)), teacher, options)
     default_schedule = method.default_prior_schedule or DEFAULT_PRIOR_SCHEDULE
     schedule = PriorSchedule.parse(cfg.prior if cfg.prior else (cfg.prior_schedule or default_schedule),
                                    flag="--prior" if cfg.prior else "--prior-schedule")
@@ -170,6 +171,10 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
     if "data" in uses and not is_lab(teacher) and not cfg.data:
         raise UserError("the prior gives weight to data but this teacher has no built-in data; pass "
                         "--data SHARDS (image-caption webdataset) or set data=0")
+    if not all(p.ddil for p in phases) and not is_lab(teacher) and not cfg.data:
+        first = next(p.name for p in phases if not p.ddil)
+        raise UserError(f"stage {first} comes before --ddil-from-stage, so it trains on data alone, and this "
+                        "teacher has no built-in data; pass --data SHARDS or --ddil-from-stage 1")
     if method.needs_data(options) and not is_lab(teacher) and not cfg.data:
         raise UserError(f"--method {cfg.method} with these options draws real data in its loss but this teacher "
                         "has no built-in data; pass --data SHARDS (image-caption webdataset)")
@@ -483,6 +488,7 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
     # the data source opens for forward-diffused inputs, for a loss that draws data, and, with
     # --data and no --prompts, as the rollouts' captions (a student- or teacher-only prior: DMD2's)
     uses_data = (any(p["data"] > 0 for p in plan.schedule.priors) or plan.method.needs_data(plan.options)
+                 or not all(p.ddil for p in plan.phases)
                  or bool(cfg.data and plan.prompts is None))
     if uses_data and cfg.data:
         DataStates(teacher, data=cfg.data).captions(1)  # fail now, not after the run folder exists
@@ -560,6 +566,8 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
 def _run_phase(cfg, plan, phase: Phase, index, phase_teacher, original_teacher, data, run, accelerator, metrics,
                resume_from, offset, progress, teacher_source: str, external: ExternalBuffer | None) -> dict:
     kwargs = {}
+    if not phase.ddil:  # teacher-forced: data alone, so nothing is collected either
+        plan = replace(plan, schedule=PriorSchedule.parse("data=1"))
     if is_lab(phase_teacher) and cfg.student_prediction:
         kwargs["prediction_type"] = cfg.student_prediction
     needs_embedding = plan.guidance_embedding and not phase_teacher.guidance_conditioned
@@ -576,7 +584,7 @@ def _run_phase(cfg, plan, phase: Phase, index, phase_teacher, original_teacher, 
     assembler = InputAssembler(teacher=phase_teacher, student=student, timesteps=phase.train_timesteps, plan=plan,
                                pool=pool, data=data, batch_size=cfg.batch_size, total_updates=phase.updates,
                                generator=generator, device=accelerator.device)
-    if external is not None:
+    if external is not None and phase.ddil:
         external.load_into(pool, phase, plan.guidance_range[0])
     uses = {s for p in plan.schedule.priors for s, w in p.items() if w > 0}
     hooks, collector = [], None
