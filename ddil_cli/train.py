@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 import warnings
-from collections import defaultdict
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ddil_cli.atomic import atomic_folder, to_json
+from ddil_cli.atomic import atomic_folder, to_json, write_json_atomic
 from ddil_cli.errors import UserError
 from ddil_cli.methods.base import Batch, DistillMethod, TrainedGroup
 
@@ -113,6 +113,9 @@ class TrainState:
     nonfinite_in_row: int = 0
     collect_seconds: float = 0.0
     train_seconds: float = 0.0
+    # fp16 steps the GradScaler skipped on an overflowing gradient: a normal event (it lowers its
+    # scale and goes on), counted apart from non-finite losses and never toward --max-nonfinite
+    scaler_skipped: int = 0
 
 
 class _Group:
@@ -142,6 +145,17 @@ class _Group:
     def key(self) -> str:
         """Checkpoint key prefix: the student's keep the names of one-network checkpoints."""
         return "" if self.name == "student" else f".{self.name}"
+
+
+# per-position loss metrics: a phase's training grid has at most 16 positions or bins (distill's batches)
+T_BINS = 64
+
+
+@dataclass
+class StepResult:
+    stepped: bool  # the optimiser changed the weights
+    nonfinite: bool  # skipped for a non-finite loss or gradient (an fp16 scaler skip is neither)
+    grad_norm: torch.Tensor  # before clipping; on the device
 
 
 def _loss_and_metrics(output) -> tuple[torch.Tensor, dict[str, float]]:
@@ -186,23 +200,54 @@ class Trainer:
         student_params = list(self.student_group.raw["student"].parameters())
         self.ema = EMAModel(student_params, decay=config.ema_decay) if config.ema_decay > 0 else None
         self.state = TrainState()
-        self._sums = defaultdict(float)
-        self._counts = defaultdict(int)
+        self._sums: dict[str, torch.Tensor] = {}  # the logging window's sums and counts, on the device
+        self._counts: dict[str, torch.Tensor] = {}
+        self._t_sums = torch.zeros(T_BINS, device=accelerator.device)
+        self._t_counts = torch.zeros(T_BINS, device=accelerator.device)
 
     # ---- checkpoints ------------------------------------------------------------------------
     @property
     def checkpoint_dir(self) -> Path:
         return self._checkpoint_dir
 
+    def _rank_state(self) -> tuple[dict, dict]:
+        """What differs between processes: the RNG, the method's and the run's own state (replay
+        pool, batch generator, data position). Each rank's is checkpointed, so a resume with the
+        same number of processes continues every rank exactly."""
+        tensors, info = {}, {}
+        method_tensors, method_info = self.method.extra_state()
+        tensors.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in method_tensors.items()})
+        info["method"] = method_info
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        _split_state(rng, "rng", tensors, info)
+        if self.extra_state is not None:
+            extra_tensors, extra_info = self.extra_state.state()
+            tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra_tensors.items()})
+            info["extra"] = extra_info
+        return tensors, info
+
     def save_checkpoint(self) -> Path:
-        """Everything a resumed run needs to continue exactly, under a temp name, then renamed."""
+        """Everything a resumed run needs to continue exactly, under a temp name, then renamed.
+        The main process writes the networks and optimisers (equal on every rank) and its own
+        rank state; every other rank stages its rank state first (rank-R.*), moved in before the
+        checkpoint is published."""
         acc = self.accelerator
         final = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.update_offset + self.state.update:08d}"
+        staging = self.checkpoint_dir / f".ranks-{final.name}"
         if not acc.is_main_process:
-            acc.wait_for_everyone()
+            tensors, info = self._rank_state()
+            staging.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(staging / f"rank-{acc.process_index}.safetensors"))
+            write_json_atomic(staging / f"rank-{acc.process_index}.json", info)
+            acc.wait_for_everyone()  # staged
+            acc.wait_for_everyone()  # published
             return final
+        acc.wait_for_everyone()  # every rank has staged its state
         with atomic_folder(final) as tmp:  # temp name, fsync, rename: a crash never shows half a checkpoint
-            tensors, info = {}, {"schedulers": {}}
+            tensors, info = self._rank_state()
+            info["schedulers"] = {}
             for group in self.groups:
                 for name, module in group.raw.items():
                     save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
@@ -211,21 +256,15 @@ class Trainer:
                 info["schedulers"][group.name] = group.scheduler.state_dict()
             if self.ema is not None:
                 _split_state(self.ema.state_dict(), "ema", tensors, info)
-            method_tensors, method_info = self.method.extra_state()
-            tensors.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in method_tensors.items()})
-            info["method"] = method_info
-            rng = {"torch_cpu": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-            _split_state(rng, "rng", tensors, info)
-            if self.extra_state is not None:
-                extra_tensors, extra_info = self.extra_state.state()
-                tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra_tensors.items()})
-                info["extra"] = extra_info
             save_file(tensors, str(tmp / "state.safetensors"))
+            for staged in sorted(staging.glob("rank-*")) if staging.is_dir() else []:
+                os.replace(staged, tmp / staged.name)
+            scaler = acc.scaler.state_dict() if acc.scaler is not None else None
             info.update(phase=self.phase, train=asdict(self.state), scheduler=info["schedulers"]["student"],
-                        config=asdict(self.config), groups=[g.name for g in self.groups])
+                        config=asdict(self.config), groups=[g.name for g in self.groups],
+                        num_processes=acc.num_processes, grad_scaler=scaler)
             (tmp / "state.json").write_text(to_json(info))  # last: its presence marks a complete checkpoint
+        shutil.rmtree(staging, ignore_errors=True)
         self._prune()
         acc.wait_for_everyone()
         return final
@@ -234,6 +273,8 @@ class Trainer:
         done = sorted(p for p in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
         for old in done[:-self.config.keep_checkpoints] if self.config.keep_checkpoints > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+        for stale in self.checkpoint_dir.glob(".ranks-*"):  # staged by a run that died before publishing
+            shutil.rmtree(stale, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> None:
         try:
@@ -266,41 +307,82 @@ class Trainer:
                 group.scheduler.load_state_dict(schedulers[group.name])
             if self.ema is not None and "ema" in info:
                 self.ema.load_state_dict(_join_state(info["ema"], tensors))
-            self.method.load_extra_state({k[7:]: v for k, v in tensors.items() if k.startswith("method.")},
-                                         info.get("method", {}))
-            rng = _join_state(info["rng"], tensors)
-            torch.set_rng_state(rng["torch_cpu"])
-            if torch.cuda.is_available():
-                states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
-                if states:
-                    torch.cuda.set_rng_state_all(states)
-            if self.extra_state is not None:
-                self.extra_state.load({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")},
-                                      info.get("extra", {}))
+            if info.get("grad_scaler") and self.accelerator.scaler is not None:
+                self.accelerator.scaler.load_state_dict(info["grad_scaler"])
+            self._load_rank_state(path, tensors, info)
             known = {f.name for f in fields(TrainState)}  # older checkpoints carry a dropped samples_seen
             self.state = TrainState(**{k: v for k, v in info["train"].items() if k in known})
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a state.json of another format
             raise CheckpointError(f"checkpoint {path} does not fit this run ({type(exc).__name__}: "
                                   f"{' '.join(str(exc).split())[:120]}); resume from another one or use another --out") from None
 
+    def _load_rank_state(self, path: Path, tensors: dict, info: dict) -> None:
+        rank = self.accelerator.process_index
+        if rank > 0:
+            if (path / f"rank-{rank}.json").is_file():
+                info = json.loads((path / f"rank-{rank}.json").read_text())
+                tensors = load_file(str(path / f"rank-{rank}.safetensors"))
+            else:
+                warnings.warn(f"checkpoint {path.name} was written by {info.get('num_processes', 1)} process(es), "
+                              f"this run has {self.accelerator.num_processes}: rank {rank} starts from rank 0's "
+                              "RNG and replay pool, so the resumed run is not exactly the uninterrupted one")
+        self.method.load_extra_state({k[7:]: v for k, v in tensors.items() if k.startswith("method.")},
+                                     info.get("method", {}))
+        rng = _join_state(info["rng"], tensors)
+        torch.set_rng_state(rng["torch_cpu"])
+        if torch.cuda.is_available():
+            states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+            if states:
+                torch.cuda.set_rng_state_all(states)
+        if self.extra_state is not None:
+            self.extra_state.load({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")},
+                                  info.get("extra", {}))
+
     # ---- the loop ---------------------------------------------------------------------------
-    def _average(self, key: str, value: float) -> None:
-        self._sums[key] += value
-        self._counts[key] += 1
+    def _average(self, key: str, value, weight: torch.Tensor) -> None:
+        """Add `value` (weight 1, or 0 to leave it out) to the window's mean of `key`, on the device:
+        read only when a row is logged, so the step never waits for the GPU to report a number."""
+        value = torch.as_tensor(value, dtype=torch.float32, device=weight.device).detach().float()
+        self._sums[key] = self._sums.get(key, 0.0) + torch.where(weight > 0, value, torch.zeros_like(value))
+        self._counts[key] = self._counts.get(key, 0.0) + weight
 
-    def _record(self, batch: Batch, per_example: torch.Tensor) -> None:
-        values = per_example.detach().float().cpu()
-        for value, source, t_idx in zip(values.tolist(), batch.source, batch.t_index.tolist()):
-            self._average(f"loss/{source}", value)
-            if t_idx >= 0:
-                self._average(f"loss/t{t_idx}", value)
+    def _record(self, batch: Batch, per_example: torch.Tensor, weight: torch.Tensor) -> None:
+        """The loss by source and by training-grid position, summed on the device."""
+        values = torch.where(weight > 0, per_example.detach().float(), torch.zeros((), device=per_example.device))
+        for source in sorted(set(batch.source)):  # the sources are host lists: no device read
+            mask = torch.tensor([s == source for s in batch.source], device=values.device)
+            self._sums[f"loss/{source}"] = self._sums.get(f"loss/{source}", 0.0) + (values * mask).sum()
+            self._counts[f"loss/{source}"] = self._counts.get(f"loss/{source}", 0.0) + mask.sum() * weight
+        t_index = batch.t_index.to(values.device)
+        on_grid = (t_index >= 0) & (t_index < T_BINS)
+        where = t_index.clamp(0, T_BINS - 1)
+        self._t_sums = self._t_sums.index_add(0, where, values * on_grid)
+        self._t_counts = self._t_counts.index_add(0, where, on_grid.float() * weight)
 
-    def _step(self, group: _Group, update: int) -> tuple[bool, float]:
-        """One optimiser step of `group` over grad_accum micro-batches; (finite, grad norm)."""
+    def _window_means(self) -> dict[str, float]:
+        """The window's means, read from the device once per logged row; then cleared."""
+        means = {k: float(self._sums[k] / self._counts[k]) for k in sorted(self._sums)
+                 if float(self._counts[k]) > 0}
+        means.update({f"loss/t{i}": float(s / c) for i, (s, c) in
+                      enumerate(zip(self._t_sums.tolist(), self._t_counts.tolist())) if c > 0})
+        self._sums.clear()
+        self._counts.clear()
+        self._t_sums.zero_()
+        self._t_counts.zero_()
+        return means
+
+    def _step(self, group: _Group, update: int) -> "StepResult":
+        """One optimiser step of `group` over grad_accum micro-batches.
+
+        Every rank runs backward on every micro-batch, a non-finite loss included: DDP's
+        all-reduce then carries the NaN into every rank's gradients, so every rank sees the same
+        non-finite norm and skips the same update (a rank that skipped backward alone left the
+        others waiting in the all-reduce). Whether the loss was finite is reduced across ranks
+        on the device; the step reads one flag from the device, once."""
         cfg, acc = self.config, self.accelerator
         is_student = group is self.student_group
         group.optimizer.zero_grad(set_to_none=True)  # also drops what another group's loss left here
-        finite = True
+        loss_ok = torch.ones((), device=acc.device)
         for micro in range(cfg.grad_accum):
             batch = self.make_batch(update)
             sync = micro == cfg.grad_accum - 1
@@ -312,30 +394,34 @@ class Trainer:
                 with acc.autocast():
                     per_example, metrics = _loss_and_metrics(self.method.loss(group.name, self.nets, batch))
                     loss = per_example.mean() / cfg.grad_accum
-                finite = finite and bool(torch.isfinite(loss.detach()).item())
-                if finite:
-                    acc.backward(loss)
-            if finite:
-                self._average("loss" if is_student else f"loss/{group.name}", float(per_example.detach().float().mean()))
-                for key, value in metrics.items():
-                    self._average(key, float(value))
-                if is_student:
-                    self._record(batch, per_example)
-                    for observe in self.loss_observers:
-                        observe(batch, per_example.detach())
-                    self._window_samples += len(batch) * acc.num_processes
-        finite_all = acc.gather(torch.tensor([float(finite)], device=acc.device)).min().item() > 0
-        grad_norm = float("nan")
-        if finite_all:
-            grad_norm = float(acc.clip_grad_norm_(group.params, cfg.max_grad_norm))
-            finite_all = math.isfinite(grad_norm)
-        if finite_all:
+                finite = torch.isfinite(loss.detach()).float()
+                loss_ok = loss_ok * finite
+                acc.backward(loss)
+            self._average("loss" if is_student else f"loss/{group.name}", per_example.detach().float().mean(), finite)
+            for key, value in metrics.items():
+                self._average(key, value, finite)
+            if is_student:
+                self._record(batch, per_example, finite)
+                for observe in self.loss_observers:
+                    observe(batch, per_example.detach())
+                self._window_samples += len(batch) * acc.num_processes
+        if acc.num_processes > 1:
+            loss_ok = acc.reduce(loss_ok, reduction="sum") == acc.num_processes
+        grad_norm = acc.clip_grad_norm_(group.params, cfg.max_grad_norm)
+        ok = torch.as_tensor(grad_norm, device=acc.device).isfinite() & (loss_ok > 0)
+        loss_ok, stepped = torch.stack([loss_ok > 0, ok]).tolist()  # the step's one read from the device
+        if stepped or acc.scaler is not None:
+            # with fp16's GradScaler always: it skips an overflowing step itself, and only its
+            # update() (inside step()) lets the next clip unscale again
             group.optimizer.step()
+        if stepped:
             group.scheduler.step()
+        scaler_skip = not stepped and loss_ok and acc.scaler is not None
+        self.state.scaler_skipped += int(scaler_skip)
         group.optimizer.zero_grad(set_to_none=True)
-        if finite_all and not is_student:
-            self._average(f"grad_norm/{group.name}", grad_norm)
-        return finite_all, grad_norm
+        if not is_student:
+            self._average(f"grad_norm/{group.name}", grad_norm, ok.float())
+        return StepResult(stepped, not stepped and not scaler_skip, grad_norm)
 
     def run(self) -> TrainState:
         cfg, acc, state = self.config, self.accelerator, self.state
@@ -349,20 +435,21 @@ class Trainer:
                 if every > 0 and state.update % every == 0:
                     state.collect_seconds += hook(state.update)
             step_start = time.perf_counter()
-            finite = True
+            nonfinite = False
             for group in self.groups[1:]:  # auxiliary networks first (DMD2's critic follows the generator)
                 for _ in range(group.steps_per_update):
-                    finite = self._step(group, state.update)[0] and finite
-            student_finite, grad_norm = self._step(self.student_group, state.update)
-            if student_finite:
+                    nonfinite = self._step(group, state.update).nonfinite or nonfinite
+            student = self._step(self.student_group, state.update)
+            grad_norm = student.grad_norm
+            if student.stepped:
                 if self.ema is not None:
                     self.ema.step(self.student_group.raw["student"].parameters())
                 self.method.after_update(self.nets)
-            if student_finite and finite:
-                state.nonfinite_in_row = 0
-            else:
+            if student.nonfinite or nonfinite:
                 state.nonfinite_total += 1
                 state.nonfinite_in_row += 1
+            else:
+                state.nonfinite_in_row = 0
             state.update += 1
             state.train_seconds += time.perf_counter() - step_start
             window_updates += 1
@@ -376,15 +463,13 @@ class Trainer:
             if state.update % cfg.log_every == 0 or state.update == cfg.max_updates:
                 elapsed = time.perf_counter() - window_start
                 row = {"phase": self.phase, "update": state.update,
-                       "lr": self.student_group.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                       "lr": self.student_group.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                        "updates_per_s": window_updates / elapsed, "samples_per_s": self._window_samples / elapsed,
-                       "nonfinite_skipped": state.nonfinite_total,
+                       "nonfinite_skipped": state.nonfinite_total, "scaler_skipped": state.scaler_skipped,
                        "collect_share": state.collect_seconds / max(1e-9, state.collect_seconds + state.train_seconds),
                        **{f"lr/{g.name}": g.scheduler.get_last_lr()[0] for g in self.groups[1:]},
-                       **{k: self._sums[k] / self._counts[k] for k in sorted(self._sums)}}
+                       **self._window_means()}
                 row.setdefault("loss", float("nan"))
-                self._sums.clear()
-                self._counts.clear()
                 window_start, window_updates, self._window_samples = time.perf_counter(), 0, 0
                 if self.log is not None and acc.is_main_process:
                     self.log(row)

@@ -3,7 +3,7 @@
 # NOT runnable in the project's CI as written (no GPU, no weights there); tests/test_lcm.py runs
 # this same command chain on a tiny random SD pipeline by setting the variables below.
 # Settings: diffusers' LCM example for SD 1.5 (lr 1e-6, pseudo-Huber c 0.001, EMA target 0.95,
-# no weight decay, batch 12, fp16) with the LCM paper's guidance range w in [3, 15] (standard CFG
+# no weight decay, batch 12; fp16 there, bf16 here by default) with the LCM paper's guidance range w in [3, 15] (standard CFG
 # scale; the paper writes it [2, 14] in its w - 1 convention), 50 DDIM solver steps, 4-step
 # student; DDIL: at the 10 timesteps its own 3/4/5-step LCM rollouts visit, half of the inputs
 # are those rollouts' states (--ddil-mix matched, the default; docs/distill.md, "LCM + DDIL").
@@ -23,7 +23,7 @@ BATCH_SIZE=${BATCH_SIZE:-12}
 GRAD_ACCUM=${GRAD_ACCUM:-1}
 COLLECT_EVERY=${COLLECT_EVERY:-250}
 ROLLOUTS=${ROLLOUTS:-64}
-MIXED_PRECISION=${MIXED_PRECISION:-fp16}
+MIXED_PRECISION=${MIXED_PRECISION:-bf16}  # bf16: no GradScaler; fp16 works too (its overflows are skipped steps)
 TRACKER=${TRACKER:-tensorboard}
 NUM_PER_PROMPT=${NUM_PER_PROMPT:-1}
 SAMPLE_BATCH=${SAMPLE_BATCH:-16}

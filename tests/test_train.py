@@ -3,10 +3,6 @@ prepared modules, so ranks end with identical networks; one LR step per update, 
 process; checkpoints written once. Launched for real, with torchrun and with accelerate launch."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,37 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 from ddil_cli.stages.distill import DistillConfig, run_distill
+from ranks import assert_ranks_identical as _assert_ranks_identical
+from ranks import launch as _launch
 from resume import crash_and_resume
 
 HERE = Path(__file__).parent
 LAB = ["distill", "--teacher", "gmm:ring:8", "--teacher-steps", "8", "--steps", "4", "--stage-updates", "8",
        "--batch-size", "16", "--lr", "1e-3", "--collect-every", "3", "--rollouts-per-collect", "4",
        "--log-every", "2", "--checkpoint-every", "4", "--device", "cpu", "--quiet"]
-
-
-def _launch(launcher: str, dump: Path, args: list[str]) -> None:
-    if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    else:
-        if shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists():
-            pytest.skip("accelerate's launcher is not installed")
-        # --cpu would silently run one process; --multi_gpu with Accelerator(cpu=True) runs two
-        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "29517"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
-    proc = subprocess.run([*cmd, str(HERE / "mp_distill.py"), str(dump), *args], capture_output=True, text=True,
-                          env=env, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-def _assert_ranks_identical(dump: Path, phases: list[str], names=("student",)) -> None:
-    for phase in phases:
-        for name in names:
-            rank0 = load_file(str(dump / f"rank0-{phase}-{name}.safetensors"))
-            rank1 = load_file(str(dump / f"rank1-{phase}-{name}.safetensors"))
-            for key in rank0:
-                assert torch.allclose(rank0[key], rank1[key], atol=1e-6, rtol=0), (phase, name, key)
 
 
 def _lrs(run: Path) -> list[tuple[str, int, float]]:

@@ -121,23 +121,34 @@ class DataStates:
 
 
 def rollout_records(teacher: Denoiser, student: Denoiser | None, grid: Grid, prompts: list[str],
-                    seeds: list[int], *, teacher_prob: float, guidance, threshold, device):
+                    seeds: list[int], *, teacher_prob: float, guidance, threshold, device,
+                    batch_size: int | None = None, dtype: torch.dtype = torch.float32):
     """Roll out one trajectory per seed and list the states it visits on the student grid, as
     (state, t, t_index, source, row): the row indexes `prompts`/`seeds`; the source is 'teacher'
     for a trajectory the teacher drove throughout, else 'student'. Used by `collect` and by
-    distill's DAgger hook, so both store the same thing."""
-    # the last transition's landing point is clean and never stored: stopping before it saves
-    # 1/S of the rollout (a quarter at 4 steps); the result's `final` is then the last stored state
-    result = rollout_seeds(seeds, prompts, grid, teacher=teacher, student=student if teacher_prob < 1 else None,
-                           teacher_prob=teacher_prob, guidance=guidance, threshold=threshold, record=True,
-                           stop_at=grid.num_transitions - 1, device=device)
-    # one transfer per grid point, not per row
-    states_cpu = [s.float().cpu() for s in [*result.states, result.final]]
+    distill's DAgger hook, so both store the same thing. `batch_size` rollouts go through the
+    networks at once (every draw is per seed, so it changes memory, not states); `dtype` is the
+    frozen networks' (autocast below fp32)."""
+    from ddil_cli.models.precision import frozen_autocast
+
+    batch_size = batch_size or len(seeds)
     records = []
-    for row in range(len(seeds)):
-        source = "teacher" if bool(result.teacher_mask[row].all()) else "student"
-        for t_index, (t, states) in enumerate(zip(grid.student, states_cpu)):
-            records.append((states[row], t, t_index, source, row))
+    for begin in range(0, len(seeds), batch_size):
+        end = min(begin + batch_size, len(seeds))
+        rows_guidance = guidance if torch.as_tensor(guidance).ndim == 0 else guidance[begin:end]
+        # the last transition's landing point is clean and never stored: stopping before it saves
+        # 1/S of the rollout (a quarter at 4 steps); the result's `final` is then the last stored state
+        with frozen_autocast(device, dtype):
+            result = rollout_seeds(seeds[begin:end], prompts[begin:end], grid, teacher=teacher,
+                                   student=student if teacher_prob < 1 else None, teacher_prob=teacher_prob,
+                                   guidance=rows_guidance, threshold=threshold, record=True,
+                                   stop_at=grid.num_transitions - 1, device=device)
+        # one transfer per grid point, not per row
+        states_cpu = [s.float().cpu() for s in [*result.states, result.final]]
+        for row in range(end - begin):
+            source = "teacher" if bool(result.teacher_mask[row].all()) else "student"
+            for t_index, (t, states) in enumerate(zip(grid.student, states_cpu)):
+                records.append((states[row], t, t_index, source, begin + row))
     return records
 
 

@@ -25,6 +25,7 @@ RULES = {"steps": STEPS, "teacher_steps": STEPS, "max_updates": Rule(low=1, high
          "lr": Rule(above=0, high=10, hint="; try 1e-4 (diffusers) or 1e-3 (the lab)"), "warmup": NON_NEGATIVE,
          "weight_decay": NON_NEGATIVE, "max_grad_norm": Rule(above=0), "grad_accum": Rule(low=1, high=4096),
          "mixed_precision": Rule(choices=("no", "fp16", "bf16")), "ema_decay": Rule(low=0, below=1),
+         "frozen_dtype": Rule(choices=("auto", "fp32", "bf16", "fp16")), "rollout_batch_size": Rule(low=1, high=65536),
          "collect_every": NON_NEGATIVE, "rollouts_per_collect": Rule(low=1, high=65536),
          "replay": Rule(choices=("fifo", "prioritised")), "buffer_size": POSITIVE, "priority_alpha": NON_NEGATIVE,
          "guidance": GUIDANCE, "student_prediction": Rule(choices=("epsilon", "v_prediction", "sample")),
@@ -68,7 +69,7 @@ Examples:
 
   ddil distill --method lcm --teacher gmm:ring:8 --max-updates 2000 --batch-size 256 --lr 1e-3 --prior student=0.5,data=0.5 --student-prob 1 --out runs/lab-lcm-ddil
 
-  ddil distill --method lcm --teacher stable-diffusion-v1-5/stable-diffusion-v1-5 --data "laion/{{00000..00099}}.tar" --prompts captions.txt --w-min 3 --w-max 15 --batch-size 12 --lr 1e-6 --mixed-precision fp16 --prior data=0.5,student=0.5 --student-prob 1 --out runs/sd15-lcm-ddil   (recipes/sd15-lcm.sh)
+  ddil distill --method lcm --teacher stable-diffusion-v1-5/stable-diffusion-v1-5 --data "laion/{{00000..00099}}.tar" --prompts captions.txt --w-min 3 --w-max 15 --batch-size 12 --lr 1e-6 --mixed-precision bf16 --prior data=0.5,student=0.5 --student-prob 1 --out runs/sd15-lcm-ddil   (recipes/sd15-lcm.sh)
   ddil distill --method dmd2 --teacher gmm:ring:8 --max-updates 2000 --batch-size 256 --lr 1e-3 --critic-updates 10 --out runs/lab-dmd2
 
   ddil distill --out runs/digits --resume latest   (same flags as the interrupted run)
@@ -102,13 +103,18 @@ def distill_command(
     weight_decay: float = typer.Option(D.weight_decay, help="AdamW weight decay."),
     max_grad_norm: float = typer.Option(D.max_grad_norm, help="Gradient clipping norm."),
     grad_accum: int = typer.Option(D.grad_accum, help="Micro-batches per update."),
-    mixed_precision: str = typer.Option(D.mixed_precision, help="no, fp16 or bf16."),
+    mixed_precision: str = typer.Option(D.mixed_precision, help="no, fp16 or bf16 (GPUs: bf16; fp16 runs a "
+                                        "GradScaler whose skipped steps are counted apart)."),
+    frozen_dtype: str = typer.Option(D.frozen_dtype, help="Networks not trained (teachers, text encoders): auto "
+                                     "(bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16; the VAE stays fp32."),
     gradient_checkpointing: bool = typer.Option(False, help="Trade compute for memory (diffusers UNets)."),
     ema_decay: float = typer.Option(D.ema_decay, help="EMA of the student's weights (0: off); saved weights are the EMA."),
     prior: Optional[str] = typer.Option(None, help="A fixed prior, e.g. data=0.3,student=0.5,teacher=0.2."),
     prior_schedule: Optional[str] = typer.Option(None, help=f"Phases START:PRIOR;... (default {DEFAULT_PRIOR_SCHEDULE})."),
     collect_every: int = typer.Option(D.collect_every, help="DAgger: roll out the current student every K updates."),
     rollouts_per_collect: int = typer.Option(D.rollouts_per_collect, help="Trajectories per collection (per process)."),
+    rollout_batch_size: int = typer.Option(D.rollout_batch_size, help="Trajectories per forward batch in a "
+                                           "collection (memory only: every draw is per trajectory)."),
     student_prob: Optional[str] = typer.Option(None, help="P or START:P;START:P: how often the student takes a "
                                                f"transition (default {DEFAULT_STUDENT_PROB}; LCM: 1)."),
     replay: str = typer.Option(D.replay, help="fifo or prioritised (by the last loss on each state)."),

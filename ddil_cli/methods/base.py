@@ -38,9 +38,17 @@ class Batch:
     guidance: torch.Tensor  # (B,) CFG scale w per example
     source: list[str] = field(default_factory=list)  # data | student | teacher, per example
     keys: list[str | None] = field(default_factory=list)  # buffer keys (None: live data)
+    # the one w of every example when they share it, known on the host: a CFG teacher then decides
+    # whether it needs its unconditional pass without reading `guidance` back from the device
+    guidance_value: float | None = None
 
     def __len__(self) -> int:
         return self.x_t.shape[0]
+
+    @property
+    def guidance_all_one(self) -> bool:
+        """Every w is 1 (a CFG teacher's conditional pass alone), known without a device read."""
+        return self.guidance_value == 1
 
 
 @dataclass

@@ -202,7 +202,6 @@ class DMD2Method(DistillMethod):
             # real data for the GAN: its own stream, checkpointed; each process draws its own
             self.data_generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())) + rank)
             self.data_index = 0
-        self._teacher_cast = False
 
     # ---- networks -----------------------------------------------------------------------------
     def groups(self) -> list[TrainedGroup]:
@@ -250,19 +249,8 @@ class DMD2Method(DistillMethod):
                 for p, flag in zip(m.parameters(), saved):
                     p.requires_grad_(flag)
 
-    def _teacher_to_bf16(self) -> None:
-        """The frozen teacher's weights in bf16 when training runs under bf16 autocast on a GPU: half
-        the memory, and autocast would run its matmuls in bf16 anyway."""
-        self._teacher_cast = True
-        net = self.teacher.network
-        if net is not None and next(net.parameters()).device.type == "cuda" and torch.is_autocast_enabled("cuda") \
-                and torch.get_autocast_dtype("cuda") == torch.bfloat16:
-            net.to(torch.bfloat16)
-
     # ---- losses -------------------------------------------------------------------------------
     def loss(self, group: str, nets, batch: Batch):
-        if not self._teacher_cast:
-            self._teacher_to_bf16()
         return self.generator_loss(nets, batch) if group == "student" else self.critic_loss(nets, batch)
 
     def generator_loss(self, nets, batch: Batch):
@@ -274,7 +262,8 @@ class DMD2Method(DistillMethod):
         schedule = self.teacher.schedule
         x_tau = schedule.add_noise(x0_g.detach(), noise, tau)
         with torch.no_grad():
-            x0_real = apply_threshold(self.teacher.predict_x0(x_tau, tau, batch.cond, batch.guidance), self.threshold)
+            x0_real = apply_threshold(self.teacher.predict_x0(x_tau, tau, batch.cond, batch.guidance,
+                                                              all_one=batch.guidance_all_one), self.threshold)
         critic = self.critic.network  # the raw module: no DDP sync for a network this step does not train
         if self.head is not None:
             with self._frozen(critic, self.head):
@@ -286,12 +275,12 @@ class DMD2Method(DistillMethod):
             x0_fake = self.critic.x0_from_output(out, x_tau, tau)
         grad = dm_gradient(x0_g.detach(), x0_real, apply_threshold(x0_fake, self.threshold))
         loss = dm_loss(x0_g, grad)
-        metrics = {"dmd/dm_loss": float(loss.detach().mean()),
-                   "dmd/grad_norm": float(grad.reshape(len(batch), -1).norm(dim=1).mean())}
+        metrics = {"dmd/dm_loss": loss.detach().mean(),
+                   "dmd/grad_norm": grad.reshape(len(batch), -1).norm(dim=1).mean()}
         if logits is not None:
             gan = F.softplus(-logits.float())
             loss = loss + options.gan_weight * gan
-            metrics["dmd/gan_g"] = float(gan.detach().mean())
+            metrics["dmd/gan_g"] = gan.detach().mean()
         return loss, metrics
 
     def real_data(self, n: int) -> tuple[torch.Tensor, list[str]]:
@@ -319,14 +308,14 @@ class DMD2Method(DistillMethod):
         a, s = schedule.alpha_sigma(t, dtype=torch.float32)
         eps = to_eps(out[:n].float(), x_t, bcast(a, x_t), bcast(s, x_t), self.critic.prediction_type)
         loss = ((eps - noise) ** 2).reshape(n, -1).mean(1)
-        metrics = {"critic/denoise": float(loss.detach().mean())}
+        metrics = {"critic/denoise": loss.detach().mean()}
         if logits is not None:
             fake, real = logits.float()[:n], logits.float()[n:]
             gan = F.softplus(fake) + F.softplus(-real)
             loss = loss + options.critic_gan_weight * gan
-            metrics.update({"critic/gan": float(gan.detach().mean()),
-                            "critic/real_accuracy": float((real > 0).float().mean()),
-                            "critic/fake_accuracy": float((fake < 0).float().mean())})
+            metrics.update({"critic/gan": gan.detach().mean(),
+                            "critic/real_accuracy": (real > 0).float().mean(),
+                            "critic/fake_accuracy": (fake < 0).float().mean()})
         return loss, metrics
 
     # ---- checkpoint ---------------------------------------------------------------------------

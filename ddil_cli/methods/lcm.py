@@ -171,17 +171,20 @@ class LCMMethod(DistillMethod):
         self.skip = num_train // len(self.solver)
         if self.solver != solver_timesteps(len(self.solver), num_train):
             raise ValueError(f"LCM's training grid must be the {len(self.solver)}-step solver grid")
-        self._on_grid = set(self.solver)
+        self._on_grid_table = torch.zeros(num_train, dtype=torch.bool)
+        self._on_grid_table[self.solver] = True
         # the network f_target is evaluated with: an EMA of the student, never trained
         self.target_network = copy.deepcopy(self.student.network).requires_grad_(False)
 
     # ---- the pieces of the target ---------------------------------------------------------------
     def _check_on_grid(self, t: torch.Tensor) -> None:
-        off = sorted({int(v) for v in t.tolist()} - self._on_grid)
-        if off:
-            raise ValueError(f"LCM inputs at timesteps {off} are off the {len(self.solver)}-step solver grid "
-                             f"({self.solver[0]}, {self.solver[1] if len(self.solver) > 1 else ''}...); "
-                             "the teacher's solver step t -> t - k needs t on it")
+        """Inputs must sit on the solver grid. Checked on the device (an asynchronous assert: reading
+        the timesteps back would make every step wait for the GPU)."""
+        table = self._on_grid_table.to(t.device)
+        on_grid = table[t.clamp(0, len(table) - 1)] & (t >= 0) & (t < len(table))
+        torch._assert_async(on_grid.all(), f"LCM inputs off the {len(self.solver)}-step solver grid "
+                            f"({self.solver[0]}, {self.solver[1] if len(self.solver) > 1 else ''}...): the "
+                            "teacher's solver step t -> t - k needs t on it")
 
     def consistency(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """f = c_skip x_t + c_out x0 (t = -1, clean data, counts as the boundary: f = x_t)."""
@@ -192,7 +195,8 @@ class LCMMethod(DistillMethod):
         """(x_prev, t - k): the teacher's CFG DDIM step from the batch inputs (thresholded x0)."""
         self._check_on_grid(batch.t)
         x_t, t = batch.x_t.float(), batch.t
-        x0 = apply_threshold(self.teacher.predict_x0(x_t, t, batch.cond, batch.guidance), self.threshold)
+        x0 = apply_threshold(self.teacher.predict_x0(x_t, t, batch.cond, batch.guidance,
+                                                     all_one=batch.guidance_all_one), self.threshold)
         t_prev = t - self.skip  # -1 below the last solver point: clean data
         return ddim_step(x_t, x0, t, t_prev, self.teacher.schedule), t_prev
 

@@ -129,22 +129,27 @@ class PDMethod(DistillMethod):
         self.midpoints = fine[1::2]
 
     def _grid_positions(self, t: torch.Tensor) -> torch.Tensor:
-        try:
-            return torch.tensor([self._position[int(v)] for v in t.tolist()], dtype=torch.long)
-        except KeyError as exc:
-            raise ValueError(f"PD input at timestep {exc} is off the student's grid {self.phase.timesteps}") from None
+        """Each input's position on the student's grid, looked up on the device (reading the
+        timesteps back would make every step wait for the GPU); off the grid is an async error."""
+        table = torch.full((self.teacher.schedule.num_train_timesteps,), -1, dtype=torch.long)
+        table[list(self._position)] = torch.tensor(list(self._position.values()), dtype=torch.long)
+        idx = table.to(t.device)[t.clamp(0, len(table) - 1)]
+        torch._assert_async((idx >= 0).all(), f"PD inputs off the student's grid {self.phase.timesteps}")
+        return idx
 
     @torch.no_grad()
     def target(self, batch: Batch) -> torch.Tensor:
         teacher, x_t, t = self.teacher, batch.x_t.float(), batch.t
-        x0 = apply_threshold(teacher.predict_x0(x_t, t, batch.cond, batch.guidance), self.threshold)
+        x0 = apply_threshold(teacher.predict_x0(x_t, t, batch.cond, batch.guidance,
+                                                all_one=batch.guidance_all_one), self.threshold)
         if self.mode == "match":
             return x0
         idx = self._grid_positions(t)
-        t_mid = torch.tensor(self.midpoints, dtype=torch.long)[idx].to(t.device)
-        t_next = torch.tensor(self.grid, dtype=torch.long)[idx + 1].to(t.device)
+        t_mid = torch.tensor(self.midpoints, dtype=torch.long, device=t.device)[idx]
+        t_next = torch.tensor(self.grid, dtype=torch.long, device=t.device)[idx + 1]
         x_mid = ddim_step(x_t, x0, t, t_mid, teacher.schedule)
-        x0_mid = apply_threshold(teacher.predict_x0(x_mid, t_mid, batch.cond, batch.guidance), self.threshold)
+        x0_mid = apply_threshold(teacher.predict_x0(x_mid, t_mid, batch.cond, batch.guidance,
+                                                    all_one=batch.guidance_all_one), self.threshold)
         x_next = ddim_step(x_mid, x0_mid, t_mid, t_next, teacher.schedule)
         return pd_target(x_t, x_next, t, t_next, teacher.schedule)
 

@@ -137,11 +137,13 @@ class Denoiser(ABC):
         return to_x0(output.float(), x_t.float(), bcast(a, x_t), bcast(s, x_t), self.prediction_type)
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, conditioning: Conditioning,
-                   guidance: float | torch.Tensor = 1.0, *, network: torch.nn.Module | None = None) -> torch.Tensor:
+                   guidance: float | torch.Tensor = 1.0, *, network: torch.nn.Module | None = None,
+                   all_one: bool | None = None) -> torch.Tensor:
         """x0 estimate (float32) at (x_t, t) under guidance scale w (w = 1: conditional only).
 
         A guidance-conditioned model gets w as an input in one pass; otherwise w != 1 runs the
         conditional and unconditional branches in one batched pass and combines them by CFG.
+        `all_one` says whether every w is 1 when the caller knows it (else it is read from `guidance`).
         """
         batch = x_t.shape[0]
         t = torch.as_tensor(t, device=x_t.device).long().expand(batch) if torch.as_tensor(t).ndim == 0 \
@@ -150,7 +152,9 @@ class Denoiser(ABC):
         w = w.expand(batch) if w.ndim == 0 else w
         if self.guidance_conditioned:
             return self.x0_from_output(self.forward(x_t, t, conditioning.cond, w, network=network), x_t, t)
-        if conditioning.uncond is None or bool((w == 1).all()):
+        if all_one is None:  # `all_one` from a caller that knows it: no device read (a GPU sync)
+            all_one = bool((w == 1).all())
+        if conditioning.uncond is None or all_one:
             return self.x0_from_output(self.forward(x_t, t, conditioning.cond, None, network=network), x_t, t)
         both = {k: torch.cat([conditioning.uncond[k], conditioning.cond[k]]) for k in conditioning.cond}
         out = self.forward(torch.cat([x_t, x_t]), torch.cat([t, t]), both, None, network=network)

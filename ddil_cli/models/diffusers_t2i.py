@@ -236,9 +236,12 @@ class DiffusersDenoiser(Denoiser):
     # ---- loading ------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, source: str | Path, *, device="cpu", dtype: torch.dtype = torch.float32,
-                        unet_subfolder: str = "unet", variant: str | None = None) -> "DiffusersDenoiser":
+                        unet_subfolder: str = "unet", variant: str | None = None,
+                        vae_dtype: torch.dtype = torch.float32) -> "DiffusersDenoiser":
         """Load a pipeline folder or hub id. `unet_subfolder` picks another UNet in the same folder
-        (e.g. a trained student saved beside the teacher); `variant` picks weight files such as fp16."""
+        (e.g. a trained student saved beside the teacher); `variant` picks weight files such as fp16.
+        `dtype` is the UNet's and the text encoders'; the VAE has its own (fp32: a half-precision
+        decoder shifts pixels, and SDXL's overflows in fp16)."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -275,8 +278,8 @@ class DiffusersDenoiser(Denoiser):
             vae_config_file = folder / "vae" / "config.json"
             vae_config = json.loads(vae_config_file.read_text()) if vae_config_file.is_file() else {}
             # SDXL's VAE overflows in fp16 (its config says force_upcast): keep it in float32 then
-            upcast = vae_config.get("force_upcast", False) and dtype == torch.float16
-            vae = load("vae", AutoencoderKL, torch_dtype=torch.float32 if upcast else dtype, variant=variant)
+            upcast = vae_config.get("force_upcast", False) and vae_dtype == torch.float16
+            vae = load("vae", AutoencoderKL, torch_dtype=torch.float32 if upcast else vae_dtype, variant=variant)
         student_file = folder / STUDENT_FILE
         student = json.loads(student_file.read_text()) if student_file.is_file() else {}
 
@@ -506,6 +509,11 @@ def make_student(teacher: DiffusersDenoiser, *, guidance_embedding: bool = False
     from diffusers import UNet2DConditionModel
 
     source = teacher.unet
+    if source.dtype != torch.float32:
+        # a teacher held in bf16 (--frozen-dtype): the student trains fp32 master weights, read
+        # from the stored ones rather than rounded through the teacher's copy
+        source = UNet2DConditionModel.from_pretrained(resolve_pipeline_folder(teacher.source), subfolder="unet",
+                                                      torch_dtype=torch.float32).to(source.device)
     if guidance_embedding and source.config.time_cond_proj_dim is None:
         # diffusers' `_use_default_values` lists keys the config file lacked (time_cond_proj_dim in
         # SD 1.5's) and from_config resets those to their defaults: drop it, or the projection is lost
@@ -522,7 +530,7 @@ def make_student(teacher: DiffusersDenoiser, *, guidance_embedding: bool = False
             unet.to(dtype=source.dtype)
         unet.to(source.device)
     else:
-        unet = copy.deepcopy(source)
+        unet = source if source is not teacher.unet else copy.deepcopy(source)
     unet.requires_grad_(True).train(source.training)
     student = DiffusersDenoiser(unet, text_encoders=teacher.text_encoders, tokenizers=teacher.tokenizers,
                                 vae=teacher.vae, scheduler_config=teacher.scheduler_config,

@@ -32,6 +32,7 @@ from ddil_cli.atomic import atomic_folder, to_json, unreadable_file, write_bytes
 from ddil_cli.manifest import build_manifest, fingerprint
 from ddil_cli.methods import METHODS, PLANNED, Batch, DistillMethod, MethodOptions, Phase, PlanRequest
 from ddil_cli.models import load_denoiser
+from ddil_cli.models.precision import enable_tf32, frozen_dtype
 from ddil_cli.models.base import Denoiser
 from ddil_cli.priors import PhaseSchedule, PriorSchedule
 from ddil_cli.rollout import Grid
@@ -66,12 +67,15 @@ class DistillConfig:
     max_grad_norm: float = 1.0
     grad_accum: int = 1
     mixed_precision: str = "no"
+    # every network not trained (teachers, text encoders): auto = bf16 on CUDA, fp32 elsewhere
+    frozen_dtype: str = "auto"
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0
     prior: str | None = None
     prior_schedule: str | None = None
     collect_every: int = 50
     rollouts_per_collect: int = 64
+    rollout_batch_size: int = 64  # rollouts per forward batch in a collection (memory, not results)
     student_prob: str | None = None  # None: the method's default, else DEFAULT_STUDENT_PROB
     replay: str = "fifo"
     buffer_size: int = 20000
@@ -277,9 +281,12 @@ class InputAssembler:
         prompts = [q for p in parts for q in p[3]]
         cond = self.teacher.encode(prompts)
         student_cond = cond if self.student.shares_conditioning(self.teacher) else self.student.encode(prompts)
+        guidance = torch.cat([p[2] for p in parts])  # on the host still: its shared value is read here
+        shared = guidance[0].item() if bool((guidance == guidance[0]).all()) else None
         return Batch(x_t=x_t, t=t.to(self.device), t_index=t_index.to(self.device), cond=cond,
-                     student_cond=student_cond, guidance=torch.cat([p[2] for p in parts]).to(self.device),
-                     source=[s for p in parts for s in p[4]], keys=[k for p in parts for k in p[5]])
+                     student_cond=student_cond, guidance=guidance.to(self.device),
+                     source=[s for p in parts for s in p[4]], keys=[k for p in parts for k in p[5]],
+                     guidance_value=shared)
 
 
 # ---- the DAgger collection hook ----------------------------------------------------------------
@@ -289,7 +296,8 @@ class DaggerCollector:
 
     def __init__(self, *, teacher, student, grids: list[Grid], plan: Plan, pool: ReplayPool, buffer_dir: Path,
                  rollouts: int, prompts_for, seed: int, total_updates: int, accelerator, phase: str,
-                 fifo: FIFOPolicy, needs_teacher_states: bool, teacher_source: str, collect_every: int):
+                 fifo: FIFOPolicy, needs_teacher_states: bool, teacher_source: str, collect_every: int,
+                 batch_size: int = 64, dtype: torch.dtype = torch.float32):
         # fingerprinted once: a stage teacher is a folder, hashing it at every collection is waste
         teacher_print = fingerprint(teacher_source)
         self.headers = [buffer_header(teacher, teacher_source, teacher_print, grid) for grid in grids]
@@ -298,6 +306,7 @@ class DaggerCollector:
         self.buffer_dir, self.rollouts, self.prompts_for, self.seed = buffer_dir, rollouts, prompts_for, seed
         self.total_updates, self.acc, self.phase, self.fifo = total_updates, accelerator, phase, fifo
         self.needs_teacher_states = needs_teacher_states
+        self.batch_size, self.dtype = batch_size, dtype
         # one writer per buffer folder for the whole phase, committing after each collection:
         # opening and closing one per collection (two more locked manifest rewrites, a scan for
         # crashed writers' files) cost as much as writing the states
@@ -329,7 +338,7 @@ class DaggerCollector:
         self.student.network.eval()
         records = rollout_records(self.teacher, self.student, grid, prompts, seeds, teacher_prob=teacher_prob,
                                   guidance=guidance.to(self.acc.device), threshold=self.plan.threshold,
-                                  device=self.acc.device)
+                                  device=self.acc.device, batch_size=self.batch_size, dtype=self.dtype)
         self.student.network.train(was_training)
         metas = [{"t": t, "t_index": t_index, "source": source, "rollout_id": seeds[row], "prompt": prompts[row],
                   "prompt_id": prompt_id(prompts[row]), "guidance": float(guidance[row]), "student_version": update,
@@ -433,6 +442,11 @@ class _RunState:
 
 
 # ---- the run ---------------------------------------------------------------------------------
+def rank_seed(seed: int, phase_index: int, rank: int) -> int:
+    """The global RNG seed of process `rank` (> 0) in a phase: apart from every other rank's."""
+    return (seed * 1_000_003 + phase_index * 7919 + rank * 104_729) % 2 ** 63
+
+
 COMPATIBLE_KEYS = ("method", "teacher", "steps", "teacher_steps", "guided_updates", "student_prediction", "options")
 
 
@@ -482,7 +496,9 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
     # first: under a launcher every process validates, and only the main process writes
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu",
                               log_with=None if cfg.tracker == "none" else cfg.tracker, project_dir=str(run / "logs"))
-    teacher = load_denoiser(cfg.teacher, device=str(accelerator.device))
+    enable_tf32(accelerator.device)
+    frozen = frozen_dtype(cfg.frozen_dtype, accelerator.device)
+    teacher = load_denoiser(cfg.teacher, device=str(accelerator.device), dtype=frozen)
     plan = make_plan(cfg, teacher)
     resume_from = check_resume(cfg, run)
     # the data source opens for forward-diffused inputs, for a loss that draws data, and, with
@@ -533,7 +549,8 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
         stage_dir = run / "stages" / phase.name
         done = (stage_dir / "ddil_phase.json").is_file()
         if done and cfg.resume is not None:
-            previous, previous_source = load_denoiser(str(stage_dir), device=accelerator.device), str(stage_dir)
+            previous, previous_source = load_denoiser(str(stage_dir), device=accelerator.device,
+                                                      dtype=frozen), str(stage_dir)
             offset += phase.updates
             summaries.append(json.loads((stage_dir / "ddil_phase.json").read_text()))
             continue
@@ -547,7 +564,12 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
             if previous_manifest is not None and accelerator.is_main_process:
                 write_bytes_atomic(run / "manifest.json", previous_manifest)
             raise
-        previous, previous_source = load_denoiser(str(stage_dir), device=accelerator.device), str(stage_dir)
+        # the finished phase's student, optimisers and gradients go before the next loads: accelerate
+        # keeps every prepared model and optimiser until told (an SD-size stage's ~10 GB each)
+        previous = phase_teacher = None
+        accelerator.free_memory()
+        previous, previous_source = load_denoiser(str(stage_dir), device=accelerator.device,
+                                                  dtype=frozen), str(stage_dir)
         offset += phase.updates
     final = run / "student"
     if accelerator.is_main_process:
@@ -578,6 +600,11 @@ def _run_phase(cfg, plan, phase: Phase, index, phase_teacher, original_teacher, 
         student.network.enable_gradient_checkpointing()
     method = plan.method(teacher=phase_teacher, student=student, phase=phase, options=plan.options,
                          threshold=plan.threshold, original_teacher=original_teacher, data=data)
+    # the networks above start equal on every rank; what is drawn from here on (DMD2's timesteps and
+    # noise) differs by rank, so N processes see N times the draws. Rank 0 keeps the stream a
+    # 1-process run has (its results unchanged); checkpoints keep every rank's state.
+    if accelerator.process_index > 0:
+        torch.manual_seed(rank_seed(cfg.seed, index, accelerator.process_index))
     policy = PrioritizedPolicy(cfg.priority_alpha) if cfg.replay == "prioritised" else None
     pool = ReplayPool(cfg.buffer_size, policy)
     generator = torch.Generator().manual_seed(cfg.seed * 7919 + index * 104729 + accelerator.process_index)
@@ -597,7 +624,8 @@ def _run_phase(cfg, plan, phase: Phase, index, phase_teacher, original_teacher, 
                                     rollouts=cfg.rollouts_per_collect, prompts_for=prompt_source, seed=cfg.seed,
                                     total_updates=phase.updates, accelerator=accelerator, phase=phase.name,
                                     fifo=FIFOPolicy(cfg.buffer_size), needs_teacher_states="teacher" in uses,
-                                    teacher_source=teacher_source, collect_every=cfg.collect_every)
+                                    teacher_source=teacher_source, collect_every=cfg.collect_every,
+                                    batch_size=cfg.rollout_batch_size, dtype=frozen_dtype(cfg.frozen_dtype, accelerator.device))
         hooks.append((cfg.collect_every, collector))
     train_cfg = TrainConfig(max_updates=phase.updates, lr=cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
                             max_grad_norm=cfg.max_grad_norm, grad_accum=cfg.grad_accum, ema_decay=cfg.ema_decay,
