@@ -17,7 +17,8 @@ import numpy as np
 from ddil_cli.diffusion.threshold import parse_threshold
 from ddil_cli.errors import UserError
 from ddil_cli.manifest import write_manifest
-from ddil_cli.models import load_denoiser
+from ddil_cli.models import load_teacher_and_student
+from ddil_cli.models.precision import frozen_autocast, held_dtype
 from ddil_cli.models.base import Denoiser
 from ddil_cli.rollout import Grid, rollout_seeds, sampling_grid
 from ddil_cli.specs import parse_switch, read_prompts
@@ -39,6 +40,7 @@ class SampleConfig:
     threshold: str = "none"
     seed: int = 0
     device: str = "cpu"
+    frozen_dtype: str = "auto"  # the networks' dtype: bf16 on CUDA, fp32 elsewhere
     out: str = "samples"
     quiet: bool = False
     overwrite: bool = False
@@ -95,17 +97,16 @@ def plan_sampling(cfg: SampleConfig, teacher: Denoiser, student: Denoiser | None
 
 
 def load_models(cfg: SampleConfig, device: str):
-    teacher = load_denoiser(cfg.teacher, device=device)
-    student = load_denoiser(cfg.student, device=device) if cfg.student else None
-    return teacher, student
+    return load_teacher_and_student(cfg.teacher, cfg.student, device=device, frozen=cfg.frozen_dtype)
 
 
 def generate(plan: SamplePlan, teacher: Denoiser, seeds: list[int], prompts: list[str],
              threshold, device: str):
     """One batch: the rollout result for these seeds and prompts."""
-    return rollout_seeds(seeds, prompts, plan.grid, teacher=teacher, student=plan.student,
-                         teacher_prob=plan.teacher_prob, switch=plan.switch, guidance=plan.guidance,
-                         threshold=threshold, device=device)
+    with frozen_autocast(device, held_dtype(teacher)):
+        return rollout_seeds(seeds, prompts, plan.grid, teacher=teacher, student=plan.student,
+                             teacher_prob=plan.teacher_prob, switch=plan.switch, guidance=plan.guidance,
+                             threshold=threshold, device=device)
 
 
 def _lab_grid_png(states: np.ndarray, classes: list[int], teacher: Denoiser, path: Path) -> None:

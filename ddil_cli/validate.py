@@ -60,6 +60,7 @@ NON_NEGATIVE = Rule(low=0)
 PROBABILITY = Rule(low=0, high=1)
 SEED = Rule(low=0, high=SEED_MAX)
 BATCH = Rule(low=1, high=65536)
+FROZEN_DTYPE = Rule(choices=("auto", "fp32", "bf16", "fp16"))
 STEPS = Rule(low=1, high=1000)  # a diffusion grid has at most 1000 timesteps
 GUIDANCE = Rule(low=0, high=100)
 

@@ -9,17 +9,17 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, HELP_SEED, console, progress,
+from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_FROZEN_DTYPE, HELP_QUIET, HELP_SEED, console, progress,
                                  resolve_config, resolve_device)
 from ddil_cli.models import MODEL_HELP
 from ddil_cli.stages.collect import CollectConfig, load_models, run_collect
-from ddil_cli.validate import BATCH, GUIDANCE, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, STEPS, Rule
+from ddil_cli.validate import BATCH, FROZEN_DTYPE, GUIDANCE, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, STEPS, Rule
 
 D = CollectConfig()
 
 # what each option must satisfy beyond its type (validate.py), checked before anything is written
 RULES = {"rollouts": Rule(low=1, high=10**9), "steps": STEPS, "teacher_steps": STEPS, "teacher_prob": PROBABILITY,
-         "guidance": GUIDANCE, "student_version": NON_NEGATIVE, "batch_size": BATCH,
+         "guidance": GUIDANCE, "student_version": NON_NEGATIVE, "batch_size": BATCH, "frozen_dtype": FROZEN_DTYPE,
          "shard_samples": Rule(low=1, high=10**7), "shard_mb": Rule(above=0, high=1 << 20),
          "max_samples": POSITIVE, "seed": SEED}
 
@@ -85,6 +85,7 @@ def collect_command(
                                        "(prompt_cache/)."),
     seed: int = typer.Option(D.seed, help=HELP_SEED),
     device: str = typer.Option("auto", help=HELP_DEVICE),
+    frozen_dtype: str = typer.Option(D.frozen_dtype, help=HELP_FROZEN_DTYPE),
     out: Path = typer.Option(Path(D.out), help="Buffer folder: created, or appended to when it exists."),
     quiet: bool = typer.Option(False, help=HELP_QUIET),
     config: Optional[Path] = typer.Option(None, help=HELP_CONFIG),

@@ -28,6 +28,8 @@ HELP_CONFIG = "TOML or YAML file whose keys mirror the flags (e.g. teacher_steps
 HELP_SEED = "Random seed: the same seed on the same machine gives the same files."
 HELP_DEVICE = "auto (cuda if present, else cpu), cpu, cuda or cuda:N."
 HELP_QUIET = "No progress bars or tables (for scripts)."
+HELP_FROZEN_DTYPE = ("The networks' dtype (none is trained here): auto (bf16 on CUDA, fp32 on CPU), fp32, "
+                     "bf16 or fp16; the VAE stays fp32.")
 HELP_OVERWRITE = "Replace an existing non-empty --out folder (it is swapped only once the run succeeds)."
 HELP_THREADS = ("torch CPU threads. Default: 1 where 2 cores or fewer are available (on 2 shared cores a "
                 "second thread made training steps many times slower, docs/install.md), else half the cores, "

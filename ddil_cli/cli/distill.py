@@ -14,7 +14,7 @@ from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, HELP_SEED
 from ddil_cli.methods import METHODS
 from ddil_cli.models import MODEL_HELP
 from ddil_cli.stages.distill import DEFAULT_PRIOR_SCHEDULE, DEFAULT_STUDENT_PROB, DistillConfig, run_distill
-from ddil_cli.validate import BATCH, GUIDANCE, NON_NEGATIVE, POSITIVE, SEED, STEPS, Rule
+from ddil_cli.validate import BATCH, FROZEN_DTYPE, GUIDANCE, NON_NEGATIVE, POSITIVE, SEED, STEPS, Rule
 
 D = DistillConfig()
 
@@ -25,7 +25,7 @@ RULES = {"steps": STEPS, "teacher_steps": STEPS, "max_updates": Rule(low=1, high
          "lr": Rule(above=0, high=10, hint="; try 1e-4 (diffusers) or 1e-3 (the lab)"), "warmup": NON_NEGATIVE,
          "weight_decay": NON_NEGATIVE, "max_grad_norm": Rule(above=0), "grad_accum": Rule(low=1, high=4096),
          "mixed_precision": Rule(choices=("no", "fp16", "bf16")), "ema_decay": Rule(low=0, below=1),
-         "frozen_dtype": Rule(choices=("auto", "fp32", "bf16", "fp16")), "rollout_batch_size": Rule(low=1, high=65536),
+         "frozen_dtype": FROZEN_DTYPE, "rollout_batch_size": BATCH,
          "collect_every": NON_NEGATIVE, "rollouts_per_collect": Rule(low=1, high=65536),
          "replay": Rule(choices=("fifo", "prioritised")), "buffer_size": POSITIVE, "priority_alpha": NON_NEGATIVE,
          "guidance": GUIDANCE, "student_prediction": Rule(choices=("epsilon", "v_prediction", "sample")),

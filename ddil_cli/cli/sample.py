@@ -8,18 +8,18 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED, console,
-                                 output_dir, progress, resolve_config, resolve_device)
+from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_FROZEN_DTYPE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED,
+                                 console, output_dir, progress, resolve_config, resolve_device)
 from ddil_cli.models import MODEL_HELP
 from ddil_cli.sampling import SampleConfig, load_models
 from ddil_cli.stages.sample import run_sample
-from ddil_cli.validate import BATCH, GUIDANCE, PROBABILITY, SEED, STEPS, Rule
+from ddil_cli.validate import BATCH, FROZEN_DTYPE, GUIDANCE, PROBABILITY, SEED, STEPS, Rule
 
 D = SampleConfig()
 
 # what each option must satisfy beyond its type (validate.py), checked before anything is written
 RULES = {"steps": STEPS, "teacher_steps": STEPS, "teacher_prob": PROBABILITY, "guidance": GUIDANCE,
-         "num_per_prompt": Rule(low=1, high=2**20), "batch_size": BATCH, "seed": SEED}
+         "num_per_prompt": Rule(low=1, high=2**20), "batch_size": BATCH, "frozen_dtype": FROZEN_DTYPE, "seed": SEED}
 
 SAMPLE_HELP = f"""Generate with the teacher, the student, or both mixed on one trajectory.
 
@@ -57,6 +57,7 @@ def sample_command(
     threshold: str = typer.Option(D.threshold, help="none, static:C or dynamic:P on every x0 estimate."),
     seed: int = typer.Option(D.seed, help=HELP_SEED),
     device: str = typer.Option("auto", help=HELP_DEVICE),
+    frozen_dtype: str = typer.Option(D.frozen_dtype, help=HELP_FROZEN_DTYPE),
     out: Path = typer.Option(Path(D.out), help="Output folder."),
     quiet: bool = typer.Option(False, help=HELP_QUIET),
     overwrite: bool = typer.Option(False, help=HELP_OVERWRITE),

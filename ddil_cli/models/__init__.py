@@ -59,6 +59,17 @@ def load_denoiser(spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.
     raise UserError(f"model {spec!r} not found; give {MODEL_HELP}")
 
 
+def load_teacher_and_student(teacher: str, student: str | None, *, device: str,
+                             frozen: str = "auto") -> tuple[Denoiser, Denoiser | None]:
+    """The models of a forward-only command (sample, collect, covariate-shift), both frozen:
+    held in `--frozen-dtype` (bf16 on CUDA by default)."""
+    from ddil_cli.models.precision import frozen_dtype
+
+    dtype = frozen_dtype(frozen, device)
+    return (load_denoiser(teacher, device=device, dtype=dtype),
+            load_denoiser(student, device=device, dtype=dtype) if student else None)
+
+
 def _diffusers(source, device, dtype) -> Denoiser:
     from ddil_cli.models.diffusers_t2i import DiffusersDenoiser
 
@@ -86,4 +97,5 @@ def make_student(teacher: Denoiser, *, guidance_embedding: bool = False, **kwarg
     return make_diffusers_student(teacher, guidance_embedding=guidance_embedding, **kwargs)
 
 
-__all__ = ["Conditioning", "Denoiser", "EMBEDDED", "MODEL_HELP", "load_denoiser", "make_student"]
+__all__ = ["Conditioning", "Denoiser", "EMBEDDED", "MODEL_HELP", "load_denoiser", "load_teacher_and_student",
+           "make_student"]

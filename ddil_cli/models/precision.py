@@ -35,6 +35,13 @@ def enable_tf32(device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def held_dtype(model) -> torch.dtype:
+    """The dtype a Denoiser's network is held in (fp32 for one without weights: the lab teacher)."""
+    network = getattr(model, "network", None)
+    first = next(network.parameters(), None) if network is not None else None
+    return first.dtype if first is not None else torch.float32
+
+
 def frozen_autocast(device, dtype: torch.dtype):
     """Autocast for forward-only work (rollouts, sampling) when frozen networks are held below
     fp32, so a trained fp32 student taking rollout steps beside a bf16 teacher runs in bf16 too;

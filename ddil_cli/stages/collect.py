@@ -35,7 +35,8 @@ from ddil_cli.buffer.writer import (DEFAULT_SHARD_SAMPLES, BufferWriter, check_w
 from ddil_cli.diffusion.threshold import parse_threshold
 from ddil_cli.errors import UserError
 from ddil_cli.manifest import build_manifest, fingerprint
-from ddil_cli.models import EMBEDDED, load_denoiser
+from ddil_cli.models import EMBEDDED, load_teacher_and_student
+from ddil_cli.models.precision import held_dtype
 from ddil_cli.models.base import Denoiser
 from ddil_cli.priors import format_prior, parse_prior, require_sources
 from ddil_cli.rollout import Grid
@@ -63,6 +64,7 @@ class CollectConfig:
     cache_prompts: bool = False
     seed: int = 0
     device: str = "cpu"
+    frozen_dtype: str = "auto"  # the networks' dtype: bf16 on CUDA, fp32 elsewhere
     out: str = "buffer"
     quiet: bool = False
 
@@ -101,9 +103,7 @@ def teacher_fingerprint(cfg: CollectConfig, teacher: Denoiser) -> str:
 
 
 def load_models(cfg: CollectConfig, device: str):
-    teacher = load_denoiser(cfg.teacher, device=device)
-    student = load_denoiser(cfg.student, device=device) if cfg.student else None
-    return teacher, student
+    return load_teacher_and_student(cfg.teacher, cfg.student, device=device, frozen=cfg.frozen_dtype)
 
 
 def plan_collect(cfg: CollectConfig, teacher: Denoiser, student: Denoiser | None) -> CollectPlan:
@@ -177,7 +177,8 @@ def _rollout_block(plan: CollectPlan, block: Block, teacher: Denoiser, student: 
     teacher_prob = plan.teacher_prob if block.kind == "student" else 1.0
     for state, t, t_index, source, row in rollout_records(teacher, student, plan.grid, prompts, seeds,
                                                           teacher_prob=teacher_prob, guidance=plan.guidance,
-                                                         threshold=threshold, device=device):
+                                                         threshold=threshold, device=device,
+                                                         dtype=held_dtype(teacher)):
         yield state, t, t_index, source, block.ids[row], prompts[row]
 
 
