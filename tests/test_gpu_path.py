@@ -30,7 +30,10 @@ def cpu_grad_scaler(monkeypatch):
     """accelerate runs fp16 on the CPU without a GradScaler; give it the one a GPU run has, with an
     initial scale so large that the first steps overflow (a GPU run reaches one sooner or later)."""
     import accelerate
+    from accelerate.state import AcceleratorState
 
+    # accelerate's process-wide state remembers the first run's precision: start and end afresh
+    AcceleratorState._reset_state(reset_partial_state=True)
     created = []
 
     class ScaledAccelerator(accelerate.Accelerator):
@@ -42,9 +45,6 @@ def cpu_grad_scaler(monkeypatch):
                 created.append(self.scaler)
     monkeypatch.setattr(accelerate, "Accelerator", ScaledAccelerator)
     yield created
-    # accelerate's process-wide state remembers fp16: the next test's Accelerator would refuse "no"
-    from accelerate.state import AcceleratorState
-
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
