@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from ddil_cli.atomic import atomic_folder, to_json, write_json_atomic
 from ddil_cli.errors import UserError
 from ddil_cli.methods.base import Batch, DistillMethod, TrainedGroup
+from ddil_cli.models.lora import load_trained_state, trained_parameters, trained_state
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -48,6 +49,7 @@ class TrainConfig:
     log_every: int = 10
     max_nonfinite: int = 5
     lr_schedule: str = "linear"  # after warmup: linear decay to 0, constant, or cosine to 10%
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes: 8-bit moments, ~1/4 of AdamW's state)
 
 
 class NonFiniteLoss(UserError):
@@ -82,6 +84,41 @@ def _join_state(info_tree, tensors: dict):
         if "__list__" in info_tree:
             return [_join_state(v, tensors) for v in info_tree["__list__"]]
     return info_tree
+
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def check_optimizer(name: str, device: str | torch.device) -> None:
+    """One line naming the fix when --optimizer cannot run here: an unknown name, bitsandbytes
+    missing, or no bitsandbytes backend for the device (one 8-bit step on it tells)."""
+    if name not in OPTIMIZERS:
+        raise UserError(f"--optimizer {name!r}: use {' or '.join(OPTIMIZERS)}")
+    if name == "adamw":
+        return
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # not installed, or its native library failed to load
+        raise UserError(f"--optimizer adamw8bit needs bitsandbytes ({type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:100]}); pip install 'ddil-cli[lean]', or use --optimizer adamw") from None
+    try:
+        probe = torch.nn.Parameter(torch.zeros(4096, device=device))  # 4096: bitsandbytes' smallest 8-bit tensor
+        probe.grad = torch.ones_like(probe)
+        bnb.optim.AdamW8bit([probe], lr=1e-3).step()
+    except Exception as exc:
+        raise UserError(f"--optimizer adamw8bit: bitsandbytes {getattr(bnb, '__version__', '')} has no 8-bit AdamW "
+                        f"for {torch.device(device).type} ({type(exc).__name__}: {' '.join(str(exc).split())[:100]}); "
+                        "use --optimizer adamw or another device") from None
+
+
+def make_optimizer(name: str, params: list, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    if name != "adamw":
+        raise ValueError(f"unknown optimizer {name!r}")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def lr_lambda(warmup: int, total: int, schedule: str = "linear") -> Callable[[int], float]:
@@ -125,12 +162,16 @@ class _Group:
         self.name = spec.name
         self.steps_per_update = max(1, int(spec.steps_per_update))
         self.raw = dict(spec.modules)
-        for module in self.raw.values():
-            module.requires_grad_(True)
+        self.adapters = dict(spec.adapters)  # a LoRA module trains its adapter; its base stays frozen
+        self.params = []
+        for name, module in self.raw.items():
             module.train()
-        self.params = [p for m in self.raw.values() for p in m.parameters() if p.requires_grad]
+            trained = list(trained_parameters(module, self.adapters.get(name)).values())
+            for param in trained:
+                param.requires_grad_(True)
+            self.params += trained
         lr = spec.lr if spec.lr is not None else config.lr
-        optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=config.weight_decay)
+        optimizer = make_optimizer(config.optimizer, self.params, lr=lr, weight_decay=config.weight_decay)
         names = list(self.raw)
         *wrapped, self.optimizer = accelerator.prepare(*[self.raw[n] for n in names], optimizer)
         self.wrapped = dict(zip(names, wrapped))
@@ -140,6 +181,9 @@ class _Group:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
             lr_lambda(config.warmup * self.steps_per_update, steps, config.lr_schedule))
+
+    def trained(self, name: str) -> list[torch.nn.Parameter]:
+        return list(trained_parameters(self.raw[name], self.adapters.get(name)).values())
 
     @property
     def key(self) -> str:
@@ -197,7 +241,7 @@ class Trainer:
         self.groups = [_Group(spec, accelerator, config) for spec in specs]
         self.student_group = self.groups[0]
         self.nets = {n: m for g in self.groups for n, m in g.wrapped.items()}
-        student_params = list(self.student_group.raw["student"].parameters())
+        student_params = self.student_group.trained("student")  # a LoRA student: the EMA of its adapter
         self.ema = EMAModel(student_params, decay=config.ema_decay) if config.ema_decay > 0 else None
         self.state = TrainState()
         self._sums: dict[str, torch.Tensor] = {}  # the logging window's sums and counts, on the device
@@ -249,9 +293,8 @@ class Trainer:
             tensors, info = self._rank_state()
             info["schedulers"] = {}
             for group in self.groups:
-                for name, module in group.raw.items():
-                    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
-                              str(tmp / f"{name}.safetensors"))
+                for name, module in group.raw.items():  # trained weights only: a LoRA's adapter, never its base
+                    save_file(trained_state(module, group.adapters.get(name)), str(tmp / f"{name}.safetensors"))
                 _split_state(group.optimizer.state_dict(), f"optimizer{group.key}", tensors, info)
                 info["schedulers"][group.name] = group.scheduler.state_dict()
             if self.ema is not None:
@@ -296,7 +339,7 @@ class Trainer:
         for group in self.groups:
             for name, module in group.raw.items():
                 try:
-                    module.load_state_dict(weights[name])
+                    load_trained_state(module, group.adapters.get(name), weights[name])
                 except RuntimeError:  # missing/unexpected keys or other shapes: another model's checkpoint
                     raise CheckpointError(f"checkpoint {path} holds a {name} of another shape than this run's; "
                                           "resume with the settings that made it, or use another --out") from None
@@ -443,7 +486,7 @@ class Trainer:
             grad_norm = student.grad_norm
             if student.stepped:
                 if self.ema is not None:
-                    self.ema.step(self.student_group.raw["student"].parameters())
+                    self.ema.step(self.student_group.trained("student"))
                 self.method.after_update(self.nets)
             if student.nonfinite or nonfinite:
                 state.nonfinite_total += 1
@@ -486,7 +529,7 @@ class Trainer:
         if self.ema is None:
             yield net
             return
-        params = list(net.parameters())
+        params = self.student_group.trained("student")
         self.ema.store(params)
         self.ema.copy_to(params)
         try:

@@ -65,6 +65,26 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch, options):
         assert torch.equal(full[key], resumed[key]), key
 
 
+def test_checkpoints_read_the_replay_pool_back_from_the_run_s_shards(tmp_path, monkeypatch):
+    # a small --buffer-size: the FIFO drops shards between checkpoints, but never one the latest reads
+    cfg = DistillConfig(**{**LAB, "prior": "data=0.5,student=0.5", "collect_every": 2, "rollouts_per_collect": 2},
+                        stage_updates="8", checkpoint_every=2, buffer_size=12, out=str(tmp_path / "full"))
+    run_distill(cfg)
+    crash_and_resume(cfg, tmp_path / "broken", monkeypatch, 12)
+    dropped = json.loads((tmp_path / "full/buffer/pd-4/manifest.json").read_text())
+    assert dropped["counts"]["total"] < 4 * 2 * 4 * 2  # the FIFO did drop shards
+    for run in ("full", "broken"):
+        last = tmp_path / run / "checkpoints/checkpoint-00000016"
+        assert "extra.pool.states" not in load_file(str(last / "state.safetensors"))  # no copy of the pool
+    full, resumed = (json.loads((tmp_path / r / "checkpoints/checkpoint-00000016/state.json").read_text())["extra"]
+                     for r in ("full", "broken"))
+    assert full["pool"]["keys"] and full["data_index"] == resumed["data_index"]
+    same = lambda pool: {k: v for k, v in pool.items() if k != "keys"}  # a resumed run writes new shard names
+    assert same(full["pool"]) == same(resumed["pool"])
+    a, b = (load_file(str(tmp_path / r / "student/model.safetensors")) for r in ("full", "broken"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_lab_init_fits_the_first_stage_student_to_the_analytic_teacher():
     # --lab-init-steps: a real student starts as a copy of its teacher; the lab's analytic teacher
     # has no weights, so the first stage's MLP is fitted to it. Later stages copy their MLP teacher.

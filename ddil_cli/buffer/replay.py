@@ -16,7 +16,7 @@ proportional to p ** alpha while the reader keeps streaming shards).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -39,15 +39,21 @@ class FIFOPolicy:
         if max_samples is not None and max_samples < 1:
             raise UserError(f"--max-samples {max_samples} must be >= 1")
         self.max_samples = max_samples
+        # shards to keep whatever their age (a set, or a function giving one): ddil distill's replay
+        # pool and the latest checkpoint read their states from them
+        self.pinned: set[str] | Callable[[], set[str]] = set()
 
     def select(self, manifest: dict[str, Any]) -> set[str]:
-        """The oldest shards to drop so that at most max_samples remain."""
+        """The oldest shards (not pinned) to drop so that at most max_samples remain."""
         if self.max_samples is None:
             return set()
         total, drop = manifest["counts"]["total"], set()
+        pinned = self.pinned() if callable(self.pinned) else self.pinned
         for shard in manifest["shards"]:  # oldest first
             if total <= self.max_samples:
                 break
+            if shard["name"] in pinned:
+                continue
             drop.add(shard["name"])
             total -= shard["samples"]
         return drop

@@ -31,7 +31,8 @@ RULES = {"steps": STEPS, "teacher_steps": STEPS, "max_updates": Rule(low=1, high
          "guidance": GUIDANCE, "student_prediction": Rule(choices=("epsilon", "v_prediction", "sample")),
          "checkpoint_every": NON_NEGATIVE, "keep_checkpoints": POSITIVE, "log_every": POSITIVE,
          "max_nonfinite": POSITIVE, "tracker": Rule(choices=("none", "tensorboard", "wandb")), "seed": SEED,
-         "stage_updates": Rule(comma_list=True)}
+         "stage_updates": Rule(comma_list=True), "optimizer": Rule(choices=("adamw", "adamw8bit")),
+         "lora_rank": NON_NEGATIVE, "lora_alpha": Rule(above=0), "lora_targets": Rule(comma_list=True)}
 
 DISTILL_HELP = f"""Distil a teacher into a few-step student, with DDIL inputs and reflected thresholding.
 
@@ -109,6 +110,15 @@ def distill_command(
                                      "(bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16; the VAE stays fp32."),
     gradient_checkpointing: bool = typer.Option(False, help="Trade compute for memory (diffusers UNets)."),
     ema_decay: float = typer.Option(D.ema_decay, help="EMA of the student's weights (0: off); saved weights are the EMA."),
+    optimizer: str = typer.Option(D.optimizer, help="adamw, or adamw8bit (bitsandbytes, pip install 'ddil-cli[lean]': "
+                                  "8-bit moments, a quarter of AdamW's optimizer memory)."),
+    lora_rank: int = typer.Option(D.lora_rank, help="> 0: train a LoRA of this rank on the teacher's frozen UNet "
+                                  "(saved for diffusers' load_lora_weights; it takes no guidance embedding and samples "
+                                  "at guidance 1); 0: full fine-tuning."),
+    lora_alpha: Optional[float] = typer.Option(None, help="LoRA alpha (scale alpha / rank; default: the rank)."),
+    lora_targets: Optional[str] = typer.Option(None, help="LoRA target layers, comma-separated (default: diffusers' "
+                                               "LCM-LoRA script's attention, feed-forward, ResNet and time layers)."),
+    merge_lora: bool = typer.Option(False, help="Save the LoRA student as a full diffusers folder, the adapter merged in."),
     prior: Optional[str] = typer.Option(None, help="A fixed prior, e.g. data=0.3,student=0.5,teacher=0.2."),
     prior_schedule: Optional[str] = typer.Option(None, help=f"Phases START:PRIOR;... (default {DEFAULT_PRIOR_SCHEDULE})."),
     collect_every: int = typer.Option(D.collect_every, help="DAgger: roll out the current student every K updates."),
@@ -137,6 +147,9 @@ def distill_command(
     critic_gan_weight: Optional[float] = typer.Option(None, help="DMD2: weight of the critic-side GAN term (1e-2)."),
     tau_min: Optional[float] = typer.Option(None, help="DMD2: the DM timestep tau ~ U[MIN T, MAX T], MIN (0.02)."),
     tau_max: Optional[float] = typer.Option(None, help="DMD2: ... MAX (0.98)."),
+    critic_lora_rank: Optional[int] = typer.Option(None, help="DMD2: > 0 makes the fake critic a LoRA of this rank "
+                                                   "on the teacher's own frozen UNet (one base for generator, critic "
+                                                   "and teacher); 0: a full copy (default)."),
     lab_init_steps: Optional[int] = typer.Option(None, help="Lab teachers: steps fitting the first student MLP "
                                                  "(DMD2: and its critic) to the analytic teacher first, as real "
                                                  "students start from their teacher's weights (e.g. 2000; default "

@@ -99,6 +99,15 @@ class TrainedGroup:
     modules: dict[str, torch.nn.Module]
     lr: float | None = None  # None: the run's --lr
     steps_per_update: int = 1  # optimiser steps of this group per student update
+    # module name -> the LoRA adapter trained in it (the rest of that module, its base, stays frozen)
+    adapters: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, name: str, models: dict[str, Denoiser], extra: dict[str, torch.nn.Module] | None = None,
+           **kwargs) -> "TrainedGroup":
+        """The group training each model's network (a LoRA model: its adapter alone) plus `extra` modules."""
+        return cls(name, {**{k: m.network for k, m in models.items()}, **(extra or {})},
+                   adapters={k: m.adapter for k, m in models.items() if getattr(m, "adapter", None)}, **kwargs)
 
 
 @dataclass
@@ -213,7 +222,7 @@ class DistillMethod:
 
     # ---- training -----------------------------------------------------------------------------
     def groups(self) -> list[TrainedGroup]:
-        return [TrainedGroup("student", {"student": self.student.network})]
+        return [TrainedGroup.of("student", {"student": self.student})]
 
     def loss(self, group: str, nets: dict[str, torch.nn.Module], batch: Batch):
         raise NotImplementedError

@@ -39,6 +39,8 @@ from ddil_cli.methods.base import Batch, DistillMethod, MethodOptions, Phase, Pl
 from ddil_cli.models.base import Conditioning, Denoiser
 from ddil_cli.rollout import Grid
 
+CRITIC_ADAPTER = "critic"
+
 
 @dataclass
 class DMD2Options(MethodOptions):
@@ -51,6 +53,9 @@ class DMD2Options(MethodOptions):
     tau_min: float = 0.02  # the DM timestep tau ~ U[tau_min T, tau_max T]
     tau_max: float = 0.98
     timestep_scaling: float = 10.0  # the LCMScheduler boundary the generator is saved with
+    # > 0: the fake critic is a LoRA of this rank on the teacher's own frozen UNet (alpha = rank,
+    # the student's --lora-targets), so generator, critic and teacher share one base; 0: a full copy
+    critic_lora_rank: int = 0
     # lab_init_steps (every method's option) fits the critic too: DMD2 starts generator and critic
     # from the teacher. 0, fresh MLPs, stays the default: on the lab the fitted start was not better
     # (docs/distill.md, "DMD2")
@@ -71,6 +76,8 @@ class DMD2Options(MethodOptions):
             raise UserError(f"--timestep-scaling must be > 0, got {self.timestep_scaling}")
         if self.generator_timesteps is not None:
             parse_timesteps(self.generator_timesteps)
+        if self.critic_lora_rank < 0:
+            raise UserError(f"--critic-lora-rank must be >= 0 (0: a full critic), got {self.critic_lora_rank}")
 
 
 def parse_timesteps(text: str) -> list[int]:
@@ -180,7 +187,8 @@ class DMD2Method(DistillMethod):
             self.critic = copy.deepcopy(self.student)
             self.critic.scheduler_config = dict(self.teacher.scheduler_config)
         else:
-            self.critic = make_student(self.teacher, guidance_embedding=False).to(self.student.device)
+            self.critic = make_student(self.teacher, guidance_embedding=False,
+                                       **self._critic_lora()).to(self.student.device)
             if self.teacher.kind == "gmm" and options.lab_init_steps:
                 from ddil_cli.models.mlp import fit_to_teacher
 
@@ -192,25 +200,35 @@ class DMD2Method(DistillMethod):
         self.tau_range = (int(options.tau_min * num_train), min(int(options.tau_max * num_train), num_train - 1))
         self.head = None
         self._features: list[torch.Tensor] = []
+        self._capture = False  # the bottleneck hook keeps features only in the critic's passes (a shared base)
         if options.gan_weight > 0:
             if self.data is None:
                 raise ValueError("DMD2's GAN head needs the stage's data source")
             module, channels, spatial = bottleneck(self.critic.network)
             self.head = GANHead(channels, spatial).to(self.student.device)
-            module.register_forward_hook(lambda _m, _i, out: self._features.append(out))
+            module.register_forward_hook(lambda _m, _i, out: self._features.append(out) if self._capture else None)
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             # real data for the GAN: its own stream, checkpointed; each process draws its own
             self.data_generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())) + rank)
             self.data_index = 0
 
+    def _critic_lora(self) -> dict:
+        """make_student's arguments for a LoRA critic (--critic-lora-rank), none for a full copy."""
+        rank = self.options.critic_lora_rank
+        if not rank:
+            return {}
+        if getattr(self.teacher, "kind", "") != "diffusers":
+            raise UserError("--critic-lora-rank needs a diffusers teacher; use --critic-lora-rank 0 on the lab")
+        from ddil_cli.models.lora import DEFAULT_TARGETS, LoraSpec
+
+        targets = self.student.lora.targets if getattr(self.student, "lora", None) else DEFAULT_TARGETS
+        return {"lora": LoraSpec(rank, float(rank), targets), "adapter": CRITIC_ADAPTER}
+
     # ---- networks -----------------------------------------------------------------------------
     def groups(self) -> list[TrainedGroup]:
-        critic = {"critic": self.critic.network}
-        if self.head is not None:
-            critic["gan_head"] = self.head
-        return [TrainedGroup("student", {"student": self.student.network}),
-                TrainedGroup("critic", critic, lr=self.options.critic_lr,
-                             steps_per_update=self.options.critic_updates)]
+        return [TrainedGroup.of("student", {"student": self.student}),
+                TrainedGroup.of("critic", {"critic": self.critic}, {"gan_head": self.head} if self.head else None,
+                                lr=self.options.critic_lr, steps_per_update=self.options.critic_updates)]
 
     def generator_x0(self, batch: Batch, network: torch.nn.Module | None) -> torch.Tensor:
         """x0_g = f(x_t, t): the thresholded x0 through the consistency boundary, as the saved
@@ -230,7 +248,11 @@ class DMD2Method(DistillMethod):
         """The critic's raw output at (x, t) (guidance 1) and, with `head`, the GAN logits of its
         bottleneck features from the same pass."""
         self._features.clear()
-        out = self.critic.forward(x, t, self._critic_cond(cond).cond, None, network=critic)
+        self._capture = True
+        try:
+            out = self.critic.forward(x, t, self._critic_cond(cond).cond, None, network=critic)
+        finally:
+            self._capture = False
         logits = head(self._features[-1]) if head is not None else None
         self._features.clear()
         return out, logits

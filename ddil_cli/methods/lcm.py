@@ -38,7 +38,10 @@ from ddil_cli.diffusion.threshold import apply_threshold
 from ddil_cli.errors import UserError
 from ddil_cli.methods.base import Batch, DistillMethod, MethodOptions, Phase, PlanRequest
 from ddil_cli.models.base import Denoiser
+from ddil_cli.models.lora import add_adapter, ema_pairs, load_trained_state, trained_state
 from ddil_cli.rollout import Grid
+
+TARGET_ADAPTER = "target"
 
 # the LCM paper's guidance range for Stable Diffusion, in the standard CFG convention (its own
 # convention, w - 1, writes it [2, 14]); lab and pixel teachers scale it by their default scale
@@ -173,8 +176,18 @@ class LCMMethod(DistillMethod):
             raise ValueError(f"LCM's training grid must be the {len(self.solver)}-step solver grid")
         self._on_grid_table = torch.zeros(num_train, dtype=torch.bool)
         self._on_grid_table[self.solver] = True
-        # the network f_target is evaluated with: an EMA of the student, never trained
-        self.target_network = copy.deepcopy(self.student.network).requires_grad_(False)
+        # f_target: an EMA of the student, never trained. A LoRA student's is a second adapter on
+        # the same frozen base (an EMA of the adapter weights alone); a full student's, a copy
+        if getattr(self.student, "adapter", None):
+            add_adapter(self.student.network, TARGET_ADAPTER, self.student.lora, copy_from=self.student.adapter,
+                        trainable=False)
+            self.target_model, self.target_network = self.student.with_adapter(TARGET_ADAPTER), None
+            self._target_pairs = ema_pairs(self.student.network, TARGET_ADAPTER, self.student.network,
+                                           self.student.adapter)
+        else:
+            self.target_model = self.student
+            self.target_network = copy.deepcopy(self.student.network).requires_grad_(False)
+            self._target_pairs = ema_pairs(self.target_network, None, self.student.network, None)
 
     # ---- the pieces of the target ---------------------------------------------------------------
     def _check_on_grid(self, t: torch.Tensor) -> None:
@@ -206,7 +219,7 @@ class LCMMethod(DistillMethod):
         student = self.student
         w = batch.guidance if student.guidance_conditioned else None
         t_net = t_prev.clamp(min=0)  # rows at clean data: c_out = 0, any x0 will do
-        out = student.forward(x_prev, t_net, batch.student_cond.cond, w, network=self.target_network)
+        out = self.target_model.forward(x_prev, t_net, batch.student_cond.cond, w, network=self.target_network)
         x0 = apply_threshold(student.x0_from_output(out, x_prev, t_net), self.threshold)
         return self.consistency(x_prev, x0, t_prev)
 
@@ -227,17 +240,23 @@ class LCMMethod(DistillMethod):
         """theta_target <- d theta_target + (1 - d) theta_student (raw parameters: the same tensors
         the wrapped module trains)."""
         d = self.options.target_ema
-        for target, online in zip(self.target_network.parameters(), self.student.network.parameters()):
+        for target, online in self._target_pairs:
             target.mul_(d).add_(online.detach(), alpha=1 - d)
-        for target, online in zip(self.target_network.buffers(), self.student.network.buffers()):
-            target.copy_(online)
+        if self.target_network is not None:
+            for target, online in zip(self.target_network.buffers(), self.student.network.buffers()):
+                target.copy_(online)
+
+    def _target_module(self) -> tuple[torch.nn.Module, str | None]:
+        if self.target_network is not None:
+            return self.target_network, None
+        return self.student.network, TARGET_ADAPTER
 
     def extra_state(self):
-        return {f"target.{k}": v for k, v in self.target_network.state_dict().items()}, {}
+        return {f"target.{k}": v for k, v in trained_state(*self._target_module()).items()}, {}
 
     def load_extra_state(self, tensors, info) -> None:
-        self.target_network.load_state_dict({k[len("target."):]: v for k, v in tensors.items()
-                                             if k.startswith("target.")})
+        load_trained_state(*self._target_module(), {k[len("target."):]: v for k, v in tensors.items()
+                                                    if k.startswith("target.")})
 
 
 __all__ = ["LCMMethod", "LCMOptions", "default_w_range", "lcm_timesteps", "solver_timesteps"]

@@ -17,8 +17,10 @@ MODEL_HELP = ("a diffusers folder, a hub id, embedded:digits, a ddil student fol
               "or a gmm:LAYOUT:K[:dD][:stdS][:scaleR] spec")
 
 
-def load_denoiser(spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Denoiser:
-    """Load whatever the user named (see MODEL_HELP) as a Denoiser."""
+def load_denoiser(spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                  base: Denoiser | None = None) -> Denoiser:
+    """Load whatever the user named (see MODEL_HELP) as a Denoiser. A LoRA student folder loads
+    onto `base`'s UNet when `base` is the pipeline it was distilled from (the base held once)."""
     from ddil_cli.models.gmm import GMMDenoiser, is_gmm_spec
     from ddil_cli.models.mlp import CONFIG_NAME, MLPDenoiser
 
@@ -41,6 +43,13 @@ def load_denoiser(spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.
         if problem is not None:
             raise UserError(f"model folder {path}: {problem}; re-create it (e.g. re-run the ddil distill that "
                             "made it) or restore the file")
+        from ddil_cli.models.lora import is_lora_folder
+
+        if is_lora_folder(path):
+            from ddil_cli.models.diffusers_t2i import DiffusersDenoiser
+
+            return DiffusersDenoiser.from_lora_folder(path, device=device, dtype=dtype,
+                                                      base=base if getattr(base, "kind", "") == "diffusers" else None)
         if (path / CONFIG_NAME).is_file():
             try:
                 return MLPDenoiser.from_pretrained(path).to(device)

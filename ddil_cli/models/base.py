@@ -64,6 +64,9 @@ class Denoiser(ABC):
     prediction_type: str
     state_shape: tuple[int, ...]
     guidance_conditioned: bool = False
+    # the guidance is distilled into the weights (a LoRA student: no layer to take w): one
+    # conditional pass whatever w is asked for
+    guidance_folded: bool = False
     kind: str = "denoiser"  # short label written into manifests
 
     # ---- what a subclass provides -------------------------------------------------------------
@@ -128,7 +131,7 @@ class Denoiser(ABC):
                 "state_shape": list(self.state_shape), "guidance_conditioned": self.guidance_conditioned}
 
     def save_pretrained(self, path: str | Path, *, timesteps: list[int] | None = None,
-                        scheduler: str = "ddim") -> None:
+                        scheduler: str = "ddim", merge_lora: bool = False) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot be saved")
 
     # ---- the uniform call ---------------------------------------------------------------------
@@ -154,7 +157,7 @@ class Denoiser(ABC):
             return self.x0_from_output(self.forward(x_t, t, conditioning.cond, w, network=network), x_t, t)
         if all_one is None:  # `all_one` from a caller that knows it: no device read (a GPU sync)
             all_one = bool((w == 1).all())
-        if conditioning.uncond is None or all_one:
+        if self.guidance_folded or conditioning.uncond is None or all_one:
             return self.x0_from_output(self.forward(x_t, t, conditioning.cond, None, network=network), x_t, t)
         both = {k: torch.cat([conditioning.uncond[k], conditioning.cond[k]]) for k in conditioning.cond}
         out = self.forward(torch.cat([x_t, x_t]), torch.cat([t, t]), both, None, network=network)

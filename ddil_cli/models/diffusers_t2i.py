@@ -15,6 +15,7 @@ saved here runs unchanged in plain diffusers.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from ddil_cli.diffusion.parameterization import PREDICTION_TYPES
 from ddil_cli.diffusion.schedule import NoiseSchedule
 from ddil_cli.errors import UserError
 from ddil_cli.models.base import Conditioning, Denoiser
+from ddil_cli.models.lora import LORA_FILE, LoraSpec, active_adapters, add_adapter, load_lora, merged_copy, save_lora
 
 STUDENT_FILE = "ddil_student.json"
 # optional sampling defaults a pipeline folder can carry: {"guidance": w, "prompts": [...]}
@@ -66,6 +68,13 @@ def _hub_offline() -> bool:
 
     value = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
     return value in ("1", "on", "yes", "true") or bool(constants.HF_HUB_OFFLINE)
+
+
+def base_source(source) -> str:
+    """How a saved LoRA student names its base: a local folder by its absolute path (the student
+    may be loaded from anywhere), a hub id as it is."""
+    path = Path(str(source)).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(source)
 
 
 def looks_like_hub_id(text: str) -> bool:
@@ -155,6 +164,10 @@ class DiffusersDenoiser(Denoiser):
         self.scheduler_config = dict(scheduler_config)
         self.pipeline_index = dict(pipeline_index or {})
         self.source = str(source)
+        # the pipeline whose UNet is the frozen base (a LoRA student's saved folder names it)
+        self.base_source = base_source(source)
+        self.adapter: str | None = None  # the LoRA adapter this model runs with on its UNet (None: the base)
+        self.lora = None  # its LoraSpec
         self.student_timesteps = list(student_timesteps) if student_timesteps is not None else None
         self.prediction_type = prediction_type or self.scheduler_config.get("prediction_type") or "epsilon"
         if self.prediction_type not in PREDICTION_TYPES:
@@ -290,9 +303,38 @@ class DiffusersDenoiser(Denoiser):
                     scheduler_config=json.loads(scheduler_file.read_text()), pipeline_index=index,
                     source=str(source), prediction_type=student.get("prediction_type"),
                     student_timesteps=student.get("timesteps"))
+        model.guidance_folded = bool(student.get("guidance_folded", False))
         defaults_file = folder / DEFAULTS_FILE
         if defaults_file.is_file():
             model.sampling_defaults = json.loads(defaults_file.read_text())
+        return model
+
+    @classmethod
+    def from_lora_folder(cls, folder: str | Path, *, device="cpu", dtype: torch.dtype = torch.float32,
+                         base: "DiffusersDenoiser | None" = None) -> "DiffusersDenoiser":
+        """A saved LoRA student: its base pipeline (the one ddil_student.json names; `base`'s UNet
+        itself when it is that pipeline, so the frozen base is held once) with the adapter loaded."""
+        folder = Path(folder)
+        try:
+            record = json.loads((folder / STUDENT_FILE).read_text())
+            source, spec = record["base"], record["lora"]
+            scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{folder} holds {LORA_FILE} but no readable {STUDENT_FILE} (with its base) and "
+                            f"scheduler/ ({_first_line(exc)}); re-create it with ddil distill") from None
+        if base is None or base.base_source != source:
+            base = cls.from_pretrained(source, device=device, dtype=dtype)
+        # named by the folder: a PD stage's teacher must not replace the run's teacher's own adapter
+        name = "loaded_" + hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:10]
+        load_lora(base.unet, folder, name)
+        model = base.with_adapter(name)
+        model.source, model.lora = str(folder), LoraSpec(int(spec["rank"]), float(spec["alpha"]), tuple(spec["targets"]))
+        model.scheduler_config = scheduler_config
+        model.prediction_type = record.get("prediction_type") or model.prediction_type
+        model.student_timesteps = record.get("timesteps")
+        model.guidance_folded = bool(record.get("guidance_folded", False))
+        defaults_file = folder / DEFAULTS_FILE
+        model.sampling_defaults = json.loads(defaults_file.read_text()) if defaults_file.is_file() else {}
         return model
 
     # ---- sampling defaults --------------------------------------------------------------------
@@ -364,8 +406,17 @@ class DiffusersDenoiser(Denoiser):
             kwargs["timestep_cond"] = guidance_scale_embedding(
                 w - 1, self.unet.config.time_cond_proj_dim).to(device=device, dtype=dtype)
         t = torch.as_tensor(t, device=device)
-        return unet(x_t.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(device, dtype),
-                    **kwargs).sample
+        # one UNet may carry the student's, LCM's target's and DMD2's critic's adapters: this model's only
+        with active_adapters(self.unet, [self.adapter] if self.adapter else []):
+            return unet(x_t.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(device, dtype),
+                        **kwargs).sample
+
+    def with_adapter(self, adapter: str | None) -> "DiffusersDenoiser":
+        """This model on the same UNet and frozen parts, running adapter `adapter` (None: the base)."""
+        view = copy.copy(self)
+        view.adapter = adapter
+        view.sampling_defaults = dict(self.sampling_defaults)
+        return view
 
     # ---- images -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -409,25 +460,44 @@ class DiffusersDenoiser(Denoiser):
 
     # ---- saving -------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, *, timesteps: list[int] | None = None,
-                        scheduler: str = "ddim") -> None:
-        """A full diffusers pipeline folder. With `timesteps`, its scheduler (DDIM, or LCM with
-        `scheduler="lcm"`) is configured so that `set_timesteps(len(timesteps))` gives exactly
-        them; the list is also written to ddil_student.json."""
+                        scheduler: str = "ddim", merge_lora: bool = False) -> None:
+        """A full diffusers pipeline folder, or for a LoRA student (unless `merge_lora`) its adapter
+        as diffusers' LoRA scripts save one (load it with `pipe.load_lora_weights(folder)` on the
+        teacher's pipeline) beside its scheduler. With `timesteps`, the scheduler (DDIM, or LCM with
+        `scheduler="lcm"`) is configured so that `set_timesteps(len(timesteps))` gives exactly them;
+        the list is also written to ddil_student.json."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        components = {"unet": self.unet, **self.text_encoders, **self.tokenizers}
-        if self.vae is not None:
-            components["vae"] = self.vae
-        for name, component in components.items():
-            component.save_pretrained(path / name)
         if timesteps is None:
             sched = self._teacher_scheduler()
         else:
             sched = student_scheduler(self.scheduler_config, timesteps, self.prediction_type, scheduler)
+        record = {"teacher": self.source, "variant": self.variant, "prediction_type": self.prediction_type,
+                  "guidance_conditioned": self.guidance_conditioned, "guidance_folded": self.guidance_folded,
+                  "timesteps": list(timesteps) if timesteps is not None else self.student_timesteps,
+                  "scheduler": type(sched).__name__}
+        if self.adapter and not merge_lora:
+            save_lora(self.unet, self.adapter, path)
+            record.update(base=self.base_source, lora=self.lora.describe() if self.lora else None)
+        else:
+            self._save_pipeline(path, merged_copy(self.unet, self.adapter) if self.adapter else self.unet, sched)
         sched.save_pretrained(path / "scheduler")
+        (path / STUDENT_FILE).write_text(json.dumps(record, indent=2))
+        if self.sampling_defaults:
+            (path / DEFAULTS_FILE).write_text(json.dumps(self.sampling_defaults, indent=2))
+        from ddil_cli.atomic import follow_umask
 
+        follow_umask(path)  # safetensors writes private files; a saved model is an ordinary output
+
+    def _save_pipeline(self, path: Path, unet, sched) -> None:
+        """Every component and model_index.json (the scheduler is the caller's)."""
         import diffusers
 
+        components = {"unet": unet, **self.text_encoders, **self.tokenizers}
+        if self.vae is not None:
+            components["vae"] = self.vae
+        for name, component in components.items():
+            component.save_pretrained(path / name)
         # keep the teacher's pipeline-level settings (class name, null safety checker, ...)
         index = {k: v for k, v in self.pipeline_index.items()
                  if k.startswith("_") or not isinstance(v, (list, tuple)) or v[1] is None}
@@ -440,16 +510,6 @@ class DiffusersDenoiser(Denoiser):
         if self.vae is None and "vae" in self.pipeline_index:
             index["vae"] = [None, None]
         (path / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
-        record = {"teacher": self.source, "variant": self.variant, "prediction_type": self.prediction_type,
-                  "guidance_conditioned": self.guidance_conditioned,
-                  "timesteps": list(timesteps) if timesteps is not None else self.student_timesteps,
-                  "scheduler": type(sched).__name__}
-        (path / STUDENT_FILE).write_text(json.dumps(record, indent=2))
-        if self.sampling_defaults:
-            (path / DEFAULTS_FILE).write_text(json.dumps(self.sampling_defaults, indent=2))
-        from ddil_cli.atomic import follow_umask
-
-        follow_umask(path)  # safetensors writes private files; a saved model is an ordinary output
 
     def _teacher_scheduler(self):
         import diffusers
@@ -498,8 +558,10 @@ def student_scheduler(base_config: dict, timesteps: list[int], prediction_type: 
 
 
 def make_student(teacher: DiffusersDenoiser, *, guidance_embedding: bool = False,
-                 time_cond_proj_dim: int = 256, prediction_type: str | None = None) -> DiffusersDenoiser:
-    """A trainable copy of the teacher's UNet sharing the frozen text encoders, tokenizers and VAE.
+                 time_cond_proj_dim: int = 256, prediction_type: str | None = None,
+                 lora: LoraSpec | None = None, adapter: str = "student") -> DiffusersDenoiser:
+    """A trainable copy of the teacher's UNet sharing the frozen text encoders, tokenizers and VAE,
+    or with `lora`, a trainable adapter `adapter` on the teacher's own UNet (see lora_student).
 
     `guidance_embedding=True` adds diffusers' `time_cond_proj_dim` input (w as a timestep
     condition) to a teacher that lacks it: the new projection starts at zero, so the student starts
@@ -508,6 +570,8 @@ def make_student(teacher: DiffusersDenoiser, *, guidance_embedding: bool = False
     """
     from diffusers import UNet2DConditionModel
 
+    if lora is not None:
+        return lora_student(teacher, lora, adapter=adapter, prediction_type=prediction_type)
     source = teacher.unet
     if source.dtype != torch.float32:
         # a teacher held in bf16 (--frozen-dtype): the student trains fp32 master weights, read
@@ -537,4 +601,27 @@ def make_student(teacher: DiffusersDenoiser, *, guidance_embedding: bool = False
                                 pipeline_index=teacher.pipeline_index, source=teacher.source,
                                 prediction_type=prediction_type or teacher.prediction_type)
     student.sampling_defaults = dict(teacher.sampling_defaults)
+    return student
+
+
+def lora_student(teacher: DiffusersDenoiser, spec: LoraSpec, *, adapter: str = "student",
+                 prediction_type: str | None = None) -> DiffusersDenoiser:
+    """A LoRA student on the teacher's own (frozen) UNet: the teacher runs it with no adapter, the
+    student with `adapter`, which starts from the teacher's adapter when the teacher is itself a
+    LoRA student (a PD stage's), else at zero (the teacher exactly). It takes no guidance embedding
+    (a LoRA cannot add the layer): it folds the guided teacher into one pass."""
+    if teacher.adapter and teacher.lora is not None and teacher.lora != spec:
+        raise UserError(f"the teacher {teacher.source} is a LoRA student of rank {teacher.lora.rank} on other "
+                        "layers; distil from it with the same --lora-rank/--lora-alpha/--lora-targets, or save it "
+                        "with --merge-lora and distil from that folder")
+    try:
+        add_adapter(teacher.unet, adapter, spec, copy_from=teacher.adapter)
+    except ValueError as exc:  # peft: no layer of the UNet matches the targets
+        raise UserError(f"--lora-targets {','.join(spec.targets)}: {_first_line(exc)}; name layers of the "
+                        "UNet such as to_q,to_k,to_v,to_out.0") from None
+    student = teacher.with_adapter(adapter)
+    student.lora, student.student_timesteps = spec, None
+    student.prediction_type = prediction_type or teacher.prediction_type
+    student.guidance_folded = not student.guidance_conditioned
+    student.source = teacher.base_source if teacher.adapter else teacher.source
     return student

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ddil_cli.buffer.pool import ReplayPool
-from ddil_cli.buffer.replay import FIFOPolicy, PrioritizedPolicy
+from ddil_cli.buffer.replay import FIFOPolicy, PrioritizedPolicy, shard_of_key
 from ddil_cli.buffer.manifest import buffer_header
 from ddil_cli.buffer.sources import (DataStates, forward_diffuse, is_lab, rollout_records, sources_for_batch,
                                      record_spans)
@@ -34,10 +34,11 @@ from ddil_cli.methods import METHODS, PLANNED, Batch, DistillMethod, MethodOptio
 from ddil_cli.models import load_denoiser
 from ddil_cli.models.precision import enable_tf32, frozen_dtype
 from ddil_cli.models.base import Denoiser
+from ddil_cli.models.lora import LoraSpec
 from ddil_cli.priors import PhaseSchedule, PriorSchedule
 from ddil_cli.rollout import Grid
 from ddil_cli.specs import read_prompts
-from ddil_cli.train import CheckpointError, MetricsLog, TrainConfig, Trainer, latest_checkpoint
+from ddil_cli.train import CheckpointError, MetricsLog, TrainConfig, Trainer, check_optimizer, latest_checkpoint
 
 # The default DDIL schedule, chosen by the lab map (docs/distill.md, "Priors"; docs/results.md):
 # data only for the first 20% of each stage, then data 0.5 / student states 0.5 (the student
@@ -71,6 +72,11 @@ class DistillConfig:
     frozen_dtype: str = "auto"
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
+    lora_rank: int = 0  # > 0: a LoRA student of this rank on the teacher's frozen UNet; 0: full fine-tuning
+    lora_alpha: float | None = None  # None: the rank
+    lora_targets: str | None = None  # None: diffusers' LCM-LoRA script's layers (models/lora.py)
+    merge_lora: bool = False  # save a LoRA student as a full diffusers folder, the adapter merged in
     prior: str | None = None
     prior_schedule: str | None = None
     collect_every: int = 50
@@ -110,6 +116,7 @@ class Plan:
     guidance_embedding: bool
     threshold: Threshold
     prompts: list[str] | None
+    lora: LoraSpec | None = None  # a LoRA student (--lora-rank), None: full fine-tuning
     # the w a distilled student samples at by default (written into its folder): the distilled w,
     # or the teacher's default kept inside a trained range
     sampling_guidance: float = 1.0
@@ -158,6 +165,8 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
             raise UserError(f"--tracker {cfg.tracker} needs the {module} package; pip install {module}, "
                             "or use --tracker none")
     options = method.Options.from_dict(cfg.method, dict(cfg.options or {}))
+    lora = _lora_spec(cfg, teacher, options)
+    check_optimizer(cfg.optimizer, cfg.device)
     if options.lab_init_steps and not is_lab(teacher):
         raise UserError(f"--lab-init-steps fits a lab MLP to an analytic lab teacher; {cfg.teacher} is not one "
                         "(its student starts from its weights): drop the flag")
@@ -203,7 +212,8 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
     else:
         guidance_range = (float(default_w), float(default_w))
     # a student cannot fold CFG (two passes) into one pass unless it takes w as an input
-    guidance_embedding = guidance_range != (1.0, 1.0) or method.needs_guidance_embedding
+    # (a LoRA cannot add the layer: it folds the guided teacher into one pass instead, LCM-LoRA's way)
+    guidance_embedding = (guidance_range != (1.0, 1.0) or method.needs_guidance_embedding) and lora is None
     try:
         default_threshold = "static:1" if (is_lab(teacher) or getattr(teacher, "vae", 1) is None) else "none"
         threshold = parse_threshold(cfg.threshold or default_threshold)
@@ -213,8 +223,27 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
         raise UserError(f"--student-prediction {cfg.student_prediction!r}: use epsilon, v_prediction or sample")
     prompts = read_prompts([], cfg.prompts, getattr(teacher, "default_prompts", lambda: None)()) \
         if (cfg.prompts or not cfg.data) else None
+    # a student that folded the guidance in samples in one pass: guidance 1 (diffusers' guidance_scale=1)
+    sampling_guidance = 1.0 if lora is not None and not teacher.guidance_conditioned else \
+        min(max(float(default_w), guidance_range[0]), guidance_range[1])
     return Plan(method, options, phases, schedule, student_prob, guidance_range, guidance_embedding, threshold,
-                prompts, min(max(float(default_w), guidance_range[0]), guidance_range[1]))
+                prompts, lora, sampling_guidance)
+
+
+def _lora_spec(cfg: DistillConfig, teacher: Denoiser, options: MethodOptions) -> LoraSpec | None:
+    """--lora-rank/--lora-alpha/--lora-targets (and DMD2's --critic-lora-rank) checked against the teacher."""
+    lora = LoraSpec.parse(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    adapters = lora is not None or getattr(options, "critic_lora_rank", 0) > 0
+    if adapters and getattr(teacher, "kind", "") != "diffusers":
+        raise UserError(f"LoRA adapters (--lora-rank, --critic-lora-rank) go on a diffusers UNet; {cfg.teacher} is "
+                        "not one: drop them (the lab trains its small MLPs fully)")
+    if cfg.merge_lora and lora is None:
+        raise UserError("--merge-lora saves a LoRA student as a full folder; add --lora-rank R, or drop it")
+    if getattr(options, "critic_lora_rank", 0) > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # two groups train adapters of one UNet: one DDP wrapper per group would each expect every gradient
+        raise UserError("--critic-lora-rank runs in one process for now; use a full critic (--critic-lora-rank 0) "
+                        "under accelerate launch")
+    return lora
 
 
 # ---- batches ----------------------------------------------------------------------------------
@@ -423,22 +452,56 @@ class ExternalBuffer:
 
 
 class _RunState:
-    """What the Trainer checkpoints besides the networks: the pool, the batch RNG, data position."""
+    """What the Trainer checkpoints besides the networks: the pool, the batch RNG, data position.
 
-    def __init__(self, pool: ReplayPool, assembler: InputAssembler, timesteps: list[int]):
+    With `buffer_dir` (one process) the pool's states stay out of the checkpoint: each is in the
+    run's own buffer shards or among the --buffer states the phase loads before it resumes, so a
+    resume reads them back by key. The disk FIFO keeps every shard the pool or the latest
+    checkpoint reads (the run's buffer/ may then hold up to about twice --buffer-size)."""
+
+    def __init__(self, pool: ReplayPool, assembler: InputAssembler, timesteps: list[int], *,
+                 buffer_dir: Path | None = None, fifo: FIFOPolicy | None = None):
         self.pool, self.assembler, self.timesteps = pool, assembler, timesteps
+        self.buffer_dir = buffer_dir
+        self._checkpointed: set[str] = set()  # the shards the latest checkpoint reads
+        if buffer_dir is not None and fifo is not None:
+            fifo.pinned = lambda: self._checkpointed | {shard_of_key(k) for k in self.pool.keys}
 
     def state(self):
         tensors, info = self.pool.state()
+        if self.buffer_dir is not None:
+            tensors.pop("states", None)
+            info["states"] = "shards"
+            self._checkpointed = {shard_of_key(k) for k in self.pool.keys}
         tensors = {f"pool.{k}": v for k, v in tensors.items()}
         tensors["generator"] = self.assembler.generator.get_state()
         return tensors, {"pool": info, "data_index": self.assembler.data_index}
 
     def load(self, tensors, info):
-        self.pool.load({k[5:]: v for k, v in tensors.items() if k.startswith("pool.")}, info["pool"],
-                       timesteps=self.timesteps)
+        pool = {k[5:]: v for k, v in tensors.items() if k.startswith("pool.")}
+        if info["pool"].get("states") == "shards" and info["pool"]["keys"]:
+            pool["states"] = self._states_by_key(info["pool"]["keys"])
+        self.pool.load(pool, info["pool"], timesteps=self.timesteps)
         self.assembler.generator.set_state(tensors["generator"])
         self.assembler.data_index = info["data_index"]
+
+    def _states_by_key(self, keys: list[str]) -> torch.Tensor:
+        """The states of `keys`, in order: the pool's own (--buffer's), the rest from the run's shards."""
+        from ddil_cli.buffer.reader import BufferReader
+
+        found = dict(zip(self.pool.keys, self.pool.states)) if self.pool.states is not None else {}
+        wanted = {k for k in keys if k not in found}
+        shards = {shard_of_key(k) for k in wanted}
+        paths = [str(p) for p in sorted(Path(self.buffer_dir or ".").rglob("shard-*.tar")) if p.name in shards]
+        if wanted and paths:
+            for sample in BufferReader(paths, shuffle=0, split_by_node=False, split_by_worker=False):
+                if sample.key in wanted:
+                    found[sample.key] = sample.state.to(torch.float16)
+        missing = [k for k in keys if k not in found]
+        if missing:
+            raise CheckpointError(f"{len(missing)} replay states this checkpoint reads (e.g. {missing[0]}) are no "
+                                  f"longer in {self.buffer_dir}; resume from the latest checkpoint, or start again")
+        return torch.stack([found[k] for k in keys])
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -447,7 +510,8 @@ def rank_seed(seed: int, phase_index: int, rank: int) -> int:
     return (seed * 1_000_003 + phase_index * 7919 + rank * 104_729) % 2 ** 63
 
 
-COMPATIBLE_KEYS = ("method", "teacher", "steps", "teacher_steps", "guided_updates", "student_prediction", "options")
+COMPATIBLE_KEYS = ("method", "teacher", "steps", "teacher_steps", "guided_updates", "student_prediction", "options",
+                   "lora_rank", "lora_alpha", "lora_targets")
 
 
 def check_resume(cfg: DistillConfig, run: Path) -> Path | None:
@@ -472,7 +536,7 @@ def check_resume(cfg: DistillConfig, run: Path) -> Path | None:
         raise UserError(f"--resume: {manifest_path} is damaged ({exc}); restore it, or start again with "
                         "--overwrite or another --out") from None
     for key in COMPATIBLE_KEYS:
-        if old.get(key, {} if key == "options" else None) != getattr(cfg, key):
+        if old.get(key, {"options": {}, "lora_rank": 0}.get(key)) != getattr(cfg, key):
             raise UserError(f"--resume: the run in {run} has {key}={old.get(key)!r}, this command "
                             f"{getattr(cfg, key)!r}; resume with the same settings or use another --out")
     if cfg.resume == "latest":
@@ -550,7 +614,7 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
         done = (stage_dir / "ddil_phase.json").is_file()
         if done and cfg.resume is not None:
             previous, previous_source = load_denoiser(str(stage_dir), device=accelerator.device,
-                                                      dtype=frozen), str(stage_dir)
+                                                      dtype=frozen, base=teacher), str(stage_dir)
             offset += phase.updates
             summaries.append(json.loads((stage_dir / "ddil_phase.json").read_text()))
             continue
@@ -568,8 +632,9 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
         # keeps every prepared model and optimiser until told (an SD-size stage's ~10 GB each)
         previous = phase_teacher = None
         accelerator.free_memory()
+        # a LoRA stage's student loads onto the teacher's UNet: the base stays held once
         previous, previous_source = load_denoiser(str(stage_dir), device=accelerator.device,
-                                                  dtype=frozen), str(stage_dir)
+                                                  dtype=frozen, base=teacher), str(stage_dir)
         offset += phase.updates
     final = run / "student"
     if accelerator.is_main_process:
@@ -592,6 +657,8 @@ def _run_phase(cfg, plan, phase: Phase, index, phase_teacher, original_teacher, 
         plan = replace(plan, schedule=PriorSchedule.parse("data=1"))
     if is_lab(phase_teacher) and cfg.student_prediction:
         kwargs["prediction_type"] = cfg.student_prediction
+    if plan.lora is not None:
+        kwargs["lora"] = plan.lora
     needs_embedding = plan.guidance_embedding and not phase_teacher.guidance_conditioned
     torch.manual_seed(cfg.seed + index)
     student = plan.method.make_student(phase_teacher, phase, plan.options, guidance_embedding=needs_embedding,
@@ -614,7 +681,7 @@ def _run_phase(cfg, plan, phase: Phase, index, phase_teacher, original_teacher, 
     if external is not None and phase.ddil:
         external.load_into(pool, phase, plan.guidance_range[0])
     uses = {s for p in plan.schedule.priors for s, w in p.items() if w > 0}
-    hooks, collector = [], None
+    hooks, collector, fifo = [], None, FIFOPolicy(cfg.buffer_size)
     if uses & {"student", "teacher"}:
         prompt_source = (lambda n: [plan.prompts[i % len(plan.prompts)] for i in
                                     torch.randint(len(plan.prompts), (n,), generator=generator).tolist()]) \
@@ -623,17 +690,21 @@ def _run_phase(cfg, plan, phase: Phase, index, phase_teacher, original_teacher, 
                                     pool=pool, buffer_dir=run / "buffer" / phase.name,
                                     rollouts=cfg.rollouts_per_collect, prompts_for=prompt_source, seed=cfg.seed,
                                     total_updates=phase.updates, accelerator=accelerator, phase=phase.name,
-                                    fifo=FIFOPolicy(cfg.buffer_size), needs_teacher_states="teacher" in uses,
+                                    fifo=fifo, needs_teacher_states="teacher" in uses,
                                     teacher_source=teacher_source, collect_every=cfg.collect_every,
                                     batch_size=cfg.rollout_batch_size, dtype=frozen_dtype(cfg.frozen_dtype, accelerator.device))
         hooks.append((cfg.collect_every, collector))
     train_cfg = TrainConfig(max_updates=phase.updates, lr=cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
                             max_grad_norm=cfg.max_grad_norm, grad_accum=cfg.grad_accum, ema_decay=cfg.ema_decay,
                             checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
-                            log_every=cfg.log_every, max_nonfinite=cfg.max_nonfinite)
+                            log_every=cfg.log_every, max_nonfinite=cfg.max_nonfinite, optimizer=cfg.optimizer)
     observers = [PriorityScores(policy)] if policy is not None else []
     trainer = Trainer(accelerator=accelerator, method=method, config=train_cfg, run_dir=run, phase=phase.name,
-                      make_batch=assembler, hooks=hooks, extra_state=_RunState(pool, assembler, phase.train_timesteps),
+                      make_batch=assembler, hooks=hooks,
+                      # several processes: each pool is its own, so the main one's states stay in the checkpoint
+                      extra_state=_RunState(pool, assembler, phase.train_timesteps, fifo=fifo,
+                                            buffer_dir=run / "buffer" / phase.name
+                                            if accelerator.num_processes == 1 else None),
                       progress=progress, log=metrics, update_offset=offset, loss_observers=observers)
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
@@ -652,7 +723,8 @@ def _run_phase(cfg, plan, phase: Phase, index, phase_teacher, original_teacher, 
     if accelerator.is_main_process:
         with atomic_folder(stage_dir) as tmp, trainer.final_weights():
             # the EMA weights when EMA is on; the online ones are put back after
-            student.save_pretrained(tmp, timesteps=phase.timesteps, scheduler=plan.method.student_scheduler)
+            student.save_pretrained(tmp, timesteps=phase.timesteps, scheduler=plan.method.student_scheduler,
+                                    **({"merge_lora": True} if cfg.merge_lora and index == len(plan.phases) - 1 else {}))
             (tmp / "ddil_phase.json").write_text(to_json(summary, indent=2))
     accelerator.wait_for_everyone()
     return summary

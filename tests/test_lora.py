@@ -1,0 +1,236 @@
+"""LoRA students (--lora-rank) for every method on tiny SD pipelines: only adapters (and named
+extras) get gradients, one frozen base is shared by teacher, student, LCM's target and DMD2's
+critic (storage pointers), checkpoints hold the adapters alone and resume exactly, and plain
+diffusers (the teacher's pipeline + `load_lora_weights(student)` + the student's scheduler)
+reproduces `ddil sample`'s pixels; the 8-bit optimizer resumes exactly where bitsandbytes runs."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from cli_runner import run_cli as cli
+from resume import crash_and_resume
+from test_lcm import our_renoise
+from ddil_cli.errors import UserError
+from ddil_cli.methods.base import Batch
+from ddil_cli.stages.distill import DistillConfig, make_plan, run_distill
+
+RUNS = {"pd": dict(steps=2, teacher_steps=8),  # two halving stages: the second's teacher is a LoRA folder
+        "lcm": dict(steps=2, teacher_steps=8, options={"unroll_steps": "2", "solver_steps": 10}),
+        "dmd2": dict(steps=2, teacher_steps=8, options={"critic_updates": 2, "critic_lora_rank": 2})}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tiny_models import build_tiny_sd
+
+    root = tmp_path_factory.mktemp("lora")
+    build_tiny_sd(root / "teacher")
+    (root / "prompts.txt").write_text("a cat\na dog\n")
+    return root
+
+
+def _config(tiny, method, out, **extra):
+    return DistillConfig(**{**dict(method=method, teacher=str(tiny / "teacher"), prompts=str(tiny / "prompts.txt"),
+                                   prior="student=1", max_updates=4, batch_size=2, collect_every=2,
+                                   rollouts_per_collect=2, lora_rank=2, quiet=True, out=str(out)),
+                            **RUNS[method], **extra})
+
+
+def _method(tiny, name):
+    """The method of a LoRA run's (first) phase, built as the stage builds it."""
+    from ddil_cli.models import load_denoiser
+
+    cfg = _config(tiny, name, tiny / "unused")
+    teacher = load_denoiser(cfg.teacher)
+    plan = make_plan(cfg, teacher)
+    phase = plan.phases[0]
+    student = plan.method.make_student(teacher, phase, plan.options, guidance_embedding=plan.guidance_embedding,
+                                       lora=plan.lora)
+    return plan.method(teacher=teacher, student=student, phase=phase, options=plan.options), plan
+
+
+def _batch(method, plan):
+    t = torch.tensor(method.phase.train_timesteps[:2])
+    cond = method.teacher.encode(["a cat", "a dog"])
+    return Batch(x_t=torch.randn(2, *method.teacher.state_shape, generator=torch.Generator().manual_seed(0)), t=t,
+                 t_index=torch.zeros(2, dtype=torch.long), cond=cond, student_cond=cond,
+                 guidance=torch.full((2,), plan.guidance_range[0]), source=["data"] * 2, keys=[None] * 2)
+
+
+@pytest.mark.parametrize("name", ["pd", "lcm", "dmd2"])
+def test_each_loss_trains_only_its_adapter_on_one_shared_base(tiny, name):
+    from ddil_cli.models.lora import adapter_parameters
+
+    method, plan = _method(tiny, name)
+    unet = method.teacher.network
+    nets = {"student": method.student.network}
+    models = [method.teacher, method.student, getattr(method, "critic", None), getattr(method, "target_model", None)]
+    base = {n: p for n, p in unet.named_parameters() if "lora_" not in n}
+    for model in filter(None, models):  # every role runs on the teacher's own base tensors
+        mine = {n: p for n, p in model.network.named_parameters() if "lora_" not in n}
+        assert {n: p.data_ptr() for n, p in mine.items()} == {n: p.data_ptr() for n, p in base.items()}
+    groups = {g.name: g for g in method.groups()}
+    if name == "dmd2":
+        nets["critic"] = method.critic.network
+    for group in groups.values():
+        unet.zero_grad(set_to_none=True)
+        out = method.loss(group.name, nets, _batch(method, plan))
+        (out[0] if isinstance(out, tuple) else out).mean().backward()
+        (module, adapter), = [(m, group.adapters[k]) for k, m in group.modules.items()]
+        own = set(adapter_parameters(unet, adapter))
+        touched = {n for n, p in unet.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert touched and touched <= own, (group.name, sorted(touched - own)[:3])
+    assert not any(p.requires_grad for p in base.values())
+
+
+@pytest.mark.parametrize("name", ["pd", "lcm", "dmd2"])
+def test_lora_run_resumes_exactly_and_checkpoints_hold_adapters_only(tiny, tmp_path, monkeypatch, name):
+    cfg = _config(tiny, name, tmp_path / "full", checkpoint_every=1)
+    run_distill(cfg)
+    crash_and_resume(cfg, tmp_path / "broken", monkeypatch, 3 if name == "pd" else 1)
+    last = sorted((tmp_path / "full/checkpoints").iterdir())[-1].name
+    for name_ in ("student/pytorch_lora_weights.safetensors", f"checkpoints/{last}/state.safetensors",
+                  *[f"checkpoints/{last}/{f.name}" for f in (tmp_path / "full/checkpoints" / last).glob("*.safetensors")]):
+        full, resumed = load_file(str(tmp_path / "full" / name_)), load_file(str(tmp_path / "broken" / name_))
+        assert full.keys() == resumed.keys(), name_
+        for key in full:
+            assert torch.equal(full[key], resumed[key]), (name_, key)
+    weights = load_file(str(tmp_path / "full/checkpoints" / last / "student.safetensors"))
+    assert weights and all(".lora_" in k for k in weights)  # no frozen base in the checkpoint
+    if name == "dmd2":
+        critic = load_file(str(tmp_path / "full/checkpoints" / last / "critic.safetensors"))
+        assert critic and all(".lora_" in k and ".critic." in k for k in critic)
+
+
+def _diffusers_images(tiny, student_dir, rows, steps, *, lora=True):
+    """The teacher's pipeline + load_lora_weights(student) + the student's scheduler, at the w and
+    seed `ddil sample` wrote. A DDIM student needs nothing else; for an LCMScheduler student the
+    start noise and re-noising are injected (diffusers draws them from one generator in another
+    order until `ddil sample` follows it)."""
+    from diffusers import StableDiffusionPipeline
+
+    from ddil_cli.rollout import seeded_noise, seeded_renoise
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny / "teacher", safety_checker=None, requires_safety_checker=False)
+    if lora:
+        pipe.load_lora_weights(student_dir)
+    config = json.loads((student_dir / "scheduler/scheduler_config.json").read_text())
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+    images = []
+    for row in rows:
+        kwargs = dict(num_inference_steps=steps, guidance_scale=row["guidance"], output_type="np",
+                      generator=torch.Generator().manual_seed(row["seed"]))
+        if config["_class_name"] == "LCMScheduler":
+            shape = tuple(pipe.unet.config[k] for k in ("in_channels", "sample_size", "sample_size"))
+            x_T, _ = seeded_noise([row["seed"]], shape, steps)
+            with our_renoise(seeded_renoise([row["seed"]], shape, steps)):
+                images.append(pipe(row["prompt"], latents=x_T, **kwargs).images[0])
+        else:
+            images.append(pipe(row["prompt"], **kwargs).images[0])
+    return np.round(np.stack(images) * 255).astype(int)
+
+
+@pytest.mark.parametrize("name", ["pd", "lcm", "dmd2"])
+def test_diffusers_load_lora_weights_reproduces_ddil_sample(tiny, tmp_path, capsys, name):
+    run_distill(_config(tiny, name, tmp_path / "run", max_updates=2, lr=0.02))  # a LoRA far from zero
+    student = tmp_path / "run/student"
+    assert not (student / "unet").exists() and (student / "pytorch_lora_weights.safetensors").is_file()
+    code, err = cli(["sample", "--quiet", "--teacher", str(tiny / "teacher"), "--student", str(student),
+                     "--steps", "2", "--prompt", "a cat", "--prompt", "a dog", "--num-per-prompt", "1",
+                     "--out", str(tmp_path / "samples")], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in open(tmp_path / "samples/samples.jsonl")]
+    assert all(r["guidance"] == 1.0 for r in rows)  # guidance folded in: one pass, as guidance_scale=1
+    ours = np.stack([np.asarray(Image.open(tmp_path / "samples" / r["file"])) for r in rows]).astype(int)
+    theirs = _diffusers_images(tiny, student, rows, 2)
+    assert np.abs(ours - theirs).max() <= 1
+    assert np.abs(ours - _diffusers_images(tiny, student, rows, 2, lora=False)).max() > 8  # the adapter mattered
+
+
+def test_merge_lora_saves_a_full_folder_equal_to_base_plus_adapter(tiny, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    cfg = _config(tiny, "lcm", tmp_path / "lora", max_updates=2, lr=0.02)
+    run_distill(cfg)
+    run_distill(replace(cfg, merge_lora=True, out=str(tmp_path / "merged")))
+    merged = StableDiffusionPipeline.from_pretrained(tmp_path / "merged/student", safety_checker=None,
+                                                     requires_safety_checker=False).unet
+    lora = StableDiffusionPipeline.from_pretrained(tiny / "teacher", safety_checker=None,
+                                                   requires_safety_checker=False)
+    lora.load_lora_weights(tmp_path / "lora/student")
+    x, t, e = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 16)
+    with torch.no_grad():
+        out = merged(x, t, e).sample
+        assert torch.allclose(out, lora.unet(x, t, e).sample, atol=1e-5)
+        lora.unet.disable_lora()
+        assert (out - lora.unet(x, t, e).sample).abs().max() > 1e-2  # the adapter is in the merged weights
+
+
+def test_pd_stage_teacher_loads_onto_the_run_s_base(tiny, tmp_path):
+    from ddil_cli.models import load_denoiser
+
+    run_distill(_config(tiny, "pd", tmp_path / "run", max_updates=2, prior="teacher=1"))
+    teacher = load_denoiser(str(tiny / "teacher"))
+    stage = load_denoiser(str(tmp_path / "run/stages/pd-4"), base=teacher)
+    assert stage.network is teacher.network and stage.adapter and teacher.adapter is None
+    alone = load_denoiser(str(tmp_path / "run/stages/pd-4"))  # its own copy of the base, same outputs
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 499])
+    cond = teacher.encode(["a cat", "a dog"])
+    with torch.no_grad():
+        assert torch.equal(stage.predict_x0(x, t, cond, 4.0), alone.predict_x0(x, t, cond, 4.0))
+        assert not torch.equal(stage.predict_x0(x, t, cond), teacher.predict_x0(x, t, cond))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--teacher", "gmm:ring:8", "--lora-rank", "4"], "diffusers UNet"),
+    (["--merge-lora"], "--lora-rank R"),
+    (["--lora-rank", "2", "--lora-targets", "no_such_layer"], "--lora-targets"),
+    (["--optimizer", "sgd"], "--optimizer"),
+])
+def test_bad_lora_input_is_one_line(tiny, tmp_path, capsys, argv, needle):
+    base = ["distill", "--method", "lcm", "--teacher", str(tiny / "teacher"), "--prompts", str(tiny / "prompts.txt"),
+            "--prior", "student=1", "--max-updates", "1", "--batch-size", "1", "--quiet", "--out", str(tmp_path / "r")]
+    code, err = cli(base + argv, capsys)
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_adamw8bit_missing_is_one_line(tiny, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_bnb(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    from ddil_cli.train import check_optimizer
+
+    with pytest.raises(UserError, match="pip install 'ddil-cli\\[lean\\]'"):
+        check_optimizer("adamw8bit", "cpu")
+
+
+def test_adamw8bit_resumes_exactly(tiny, tmp_path, monkeypatch):
+    from ddil_cli.train import check_optimizer
+
+    try:
+        check_optimizer("adamw8bit", "cpu")
+    except UserError as exc:
+        pytest.skip(f"no 8-bit AdamW here: {exc}")
+    cfg = _config(tiny, "lcm", tmp_path / "full", checkpoint_every=1, max_updates=3, optimizer="adamw8bit", lora_rank=0)
+    run_distill(cfg)
+    crash_and_resume(cfg, tmp_path / "broken", monkeypatch, 1)
+    state = json.loads((tmp_path / "full/checkpoints/checkpoint-00000003/state.json").read_text())
+    assert "state1" in json.dumps(state["optimizer"])  # bitsandbytes' 8-bit moments were checkpointed
+    for name in ("student/unet/diffusion_pytorch_model.safetensors", "checkpoints/checkpoint-00000003/state.safetensors"):
+        full, resumed = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "broken" / name))
+        assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full), name
