@@ -234,3 +234,28 @@ def test_adamw8bit_resumes_exactly(tiny, tmp_path, monkeypatch):
     for name in ("student/unet/diffusion_pytorch_model.safetensors", "checkpoints/checkpoint-00000003/state.safetensors"):
         full, resumed = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "broken" / name))
         assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full), name
+
+
+def test_sdxl_lora_student_loads_in_the_sdxl_pipeline(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from ddil_cli.models import load_denoiser
+    from ddil_cli.models.diffusers_t2i import lora_student
+    from ddil_cli.models.lora import DEFAULT_TARGETS, LoraSpec, adapter_parameters
+    from tiny_models import build_tiny_sdxl
+
+    teacher = load_denoiser(str(build_tiny_sdxl(tmp_path / "sdxl")))
+    student = lora_student(teacher, LoraSpec(2, 4.0, DEFAULT_TARGETS))
+    with torch.no_grad():
+        for param in adapter_parameters(student.network, "student").values():
+            param.normal_(0, 0.2)
+    student.save_pretrained(tmp_path / "student", timesteps=[999, 499], scheduler="lcm")
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "sdxl")
+    pipe.load_lora_weights(tmp_path / "student")
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 499])
+    cond = teacher.encode(["a cat", "a dog"]).cond
+    added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+    with torch.no_grad():
+        theirs = pipe.unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added).sample
+        assert torch.allclose(student.forward(x, t, cond), theirs, atol=1e-5)
+        assert (teacher.forward(x, t, cond) - theirs).abs().max() > 1e-2  # the teacher runs the bare base

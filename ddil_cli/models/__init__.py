@@ -75,8 +75,9 @@ def load_teacher_and_student(teacher: str, student: str | None, *, device: str,
     from ddil_cli.models.precision import frozen_dtype
 
     dtype = frozen_dtype(frozen, device)
-    return (load_denoiser(teacher, device=device, dtype=dtype),
-            load_denoiser(student, device=device, dtype=dtype) if student else None)
+    first = load_denoiser(teacher, device=device, dtype=dtype)
+    # a LoRA student distilled from this teacher loads onto its UNet: one base in memory
+    return first, load_denoiser(student, device=device, dtype=dtype, base=first) if student else None
 
 
 def _diffusers(source, device, dtype) -> Denoiser:
