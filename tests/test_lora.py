@@ -259,3 +259,20 @@ def test_sdxl_lora_student_loads_in_the_sdxl_pipeline(tmp_path):
         theirs = pipe.unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added).sample
         assert torch.allclose(student.forward(x, t, cond), theirs, atol=1e-5)
         assert (teacher.forward(x, t, cond) - theirs).abs().max() > 1e-2  # the teacher runs the bare base
+
+
+def test_two_processes_train_one_lora_student(tmp_path):
+    """DDP wraps the shared UNet; only the adapter trains, so both ranks must hold the same one."""
+    from ddil_cli.data.digits import build_digits_shards
+    from ranks import assert_ranks_identical, launch
+    from tiny_models import build_tiny_pixel
+
+    build_tiny_pixel(tmp_path / "teacher")
+    build_digits_shards(tmp_path / "digits")
+    dump = tmp_path / "dump"
+    launch("torchrun", dump, ["distill", "--teacher", str(tmp_path / "teacher"), "--steps", "2", "--teacher-steps", "8",
+                              "--stage-updates", "2", "--batch-size", "2", "--lora-rank", "2", "--lr", "0.01",
+                              "--data", str(tmp_path / "digits/train-{000000..000001}.tar"), "--collect-every", "2",
+                              "--rollouts-per-collect", "2", "--device", "cpu", "--quiet", "--out", str(tmp_path / "run")])
+    assert_ranks_identical(dump, ["pd-4", "pd-2"])
+    assert (tmp_path / "run/student/pytorch_lora_weights.safetensors").is_file()
