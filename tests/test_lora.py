@@ -117,8 +117,10 @@ def _diffusers_images(tiny, student_dir, rows, steps, *, lora=True):
 
     from ddil_cli.rollout import seeded_noise, seeded_renoise
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny / "teacher", safety_checker=None, requires_safety_checker=False)
-    if lora:
+    full = (student_dir / "unet").is_dir()  # a full student is a pipeline itself
+    pipe = StableDiffusionPipeline.from_pretrained(student_dir if full else tiny / "teacher", safety_checker=None,
+                                                   requires_safety_checker=False)
+    if lora and not full:
         pipe.load_lora_weights(student_dir)
     config = json.loads((student_dir / "scheduler/scheduler_config.json").read_text())
     import diffusers
@@ -138,21 +140,24 @@ def _diffusers_images(tiny, student_dir, rows, steps, *, lora=True):
     return np.round(np.stack(images) * 255).astype(int)
 
 
-@pytest.mark.parametrize("name", ["pd", "lcm", "dmd2"])
-def test_diffusers_load_lora_weights_reproduces_ddil_sample(tiny, tmp_path, capsys, name):
-    run_distill(_config(tiny, name, tmp_path / "run", max_updates=2, lr=0.02))  # a LoRA far from zero
+@pytest.mark.parametrize("name, rank", [("pd", 2), ("lcm", 2), ("dmd2", 2), ("dmd2", 0)])
+def test_diffusers_load_lora_weights_reproduces_ddil_sample(tiny, tmp_path, capsys, name, rank):
+    """LoRA students through the teacher's pipeline; a full DMD2 student (its guidance embedding
+    taking w, beside a LoRA critic) through StableDiffusionPipeline itself."""
+    run_distill(_config(tiny, name, tmp_path / "run", max_updates=2, lr=0.02, lora_rank=rank))  # far from zero
     student = tmp_path / "run/student"
-    assert not (student / "unet").exists() and (student / "pytorch_lora_weights.safetensors").is_file()
+    assert (student / "unet").is_dir() == (rank == 0)
     code, err = cli(["sample", "--quiet", "--teacher", str(tiny / "teacher"), "--student", str(student),
                      "--steps", "2", "--prompt", "a cat", "--prompt", "a dog", "--num-per-prompt", "1",
                      "--out", str(tmp_path / "samples")], capsys)
     assert code == 0, err
     rows = [json.loads(line) for line in open(tmp_path / "samples/samples.jsonl")]
-    assert all(r["guidance"] == 1.0 for r in rows)  # guidance folded in: one pass, as guidance_scale=1
+    assert all((r["guidance"] == 1.0) == (rank > 0) for r in rows)  # LoRA: guidance folded in, guidance_scale=1
     ours = np.stack([np.asarray(Image.open(tmp_path / "samples" / r["file"])) for r in rows]).astype(int)
     theirs = _diffusers_images(tiny, student, rows, 2)
     assert np.abs(ours - theirs).max() <= 1
-    assert np.abs(ours - _diffusers_images(tiny, student, rows, 2, lora=False)).max() > 8  # the adapter mattered
+    if rank:
+        assert np.abs(ours - _diffusers_images(tiny, student, rows, 2, lora=False)).max() > 8  # the adapter mattered
 
 
 def test_merge_lora_saves_a_full_folder_equal_to_base_plus_adapter(tiny, tmp_path):
