@@ -165,8 +165,7 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
             raise UserError(f"--tracker {cfg.tracker} needs the {module} package; pip install {module}, "
                             "or use --tracker none")
     options = method.Options.from_dict(cfg.method, dict(cfg.options or {}))
-    lora = _lora_spec(cfg, teacher, options)
-    check_optimizer(cfg.optimizer, cfg.device)
+    lora = _lean_settings(cfg, teacher, options)
     if options.lab_init_steps and not is_lab(teacher):
         raise UserError(f"--lab-init-steps fits a lab MLP to an analytic lab teacher; {cfg.teacher} is not one "
                         "(its student starts from its weights): drop the flag")
@@ -230,8 +229,10 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
                 prompts, lora, sampling_guidance)
 
 
-def _lora_spec(cfg: DistillConfig, teacher: Denoiser, options: MethodOptions) -> LoraSpec | None:
-    """--lora-rank/--lora-alpha/--lora-targets (and DMD2's --critic-lora-rank) checked against the teacher."""
+def _lean_settings(cfg: DistillConfig, teacher: Denoiser, options: MethodOptions) -> LoraSpec | None:
+    """--optimizer, and --lora-rank/--lora-alpha/--lora-targets (and DMD2's --critic-lora-rank)
+    checked against the teacher: the student's LoRA, None for full fine-tuning."""
+    check_optimizer(cfg.optimizer, cfg.device)
     lora = LoraSpec.parse(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     adapters = lora is not None or getattr(options, "critic_lora_rank", 0) > 0
     if adapters and getattr(teacher, "kind", "") != "diffusers":
