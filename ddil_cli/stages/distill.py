@@ -342,10 +342,14 @@ class DaggerCollector:
         # crashed writers' files) cost as much as writing the states
         self._writers: dict[int, BufferWriter] = {}
 
+    def _subfolder(self, grid: Grid) -> str:
+        """'' for one grid; steps-N when the phase rolls out several, each into its own folder."""
+        return "" if len(self.grids) == 1 else f"steps-{grid.num_transitions}"
+
     def _writer(self, which: int) -> BufferWriter:
         if which not in self._writers:
             grid = self.grids[which]
-            folder = self.buffer_dir if len(self.grids) == 1 else self.buffer_dir / f"steps-{grid.num_transitions}"
+            folder = self.buffer_dir / self._subfolder(grid)
             self._writers[which] = BufferWriter(
                 folder, self.headers[which], rank=self.acc.process_index, world_size=self.acc.num_processes,
                 run_info={"command": "distill (DAgger)", "phase": self.phase}, on_commit=self.fifo).open()
@@ -379,8 +383,10 @@ class DaggerCollector:
         stored = states.numpy()
         for begin, end in record_spans(rows, stored[0].size):
             keys += writer.write_group(stored[begin:end], metas[begin:end])
+        # pool keys name the subfolder: each folder numbers its shards from 0, so bare keys repeat
+        prefix = f"{self._subfolder(grid)}/" if self._subfolder(grid) else ""
         self.pool.add(states, [r[1] for r in records], guidance[rows],
-                      [prompts[r] for r in rows], [r[3] for r in records], keys)
+                      [prompts[r] for r in rows], [r[3] for r in records], [prefix + k for k in keys])
         return len(keys)
 
     def __call__(self, update: int) -> float:
@@ -466,14 +472,14 @@ class _RunState:
         self.buffer_dir = buffer_dir
         self._checkpointed: set[str] = set()  # the shards the latest checkpoint reads
         if buffer_dir is not None and fifo is not None:
-            fifo.pinned = lambda: self._checkpointed | {shard_of_key(k) for k in self.pool.keys}
+            fifo.pinned = lambda: self._checkpointed | self._shards(self.pool.keys)
 
     def state(self):
         tensors, info = self.pool.state()
         if self.buffer_dir is not None:
             tensors.pop("states", None)
             info["states"] = "shards"
-            self._checkpointed = {shard_of_key(k) for k in self.pool.keys}
+            self._checkpointed = self._shards(self.pool.keys)
         tensors = {f"pool.{k}": v for k, v in tensors.items()}
         tensors["generator"] = self.assembler.generator.get_state()
         return tensors, {"pool": info, "data_index": self.assembler.data_index}
@@ -486,18 +492,27 @@ class _RunState:
         self.assembler.generator.set_state(tensors["generator"])
         self.assembler.data_index = info["data_index"]
 
+    @staticmethod
+    def _shards(keys) -> set[str]:
+        """Shard names of pool keys ('steps-N/KEY' in a multi-grid phase; the FIFO sees bare names)."""
+        return {shard_of_key(k.rpartition("/")[2]) for k in keys}
+
     def _states_by_key(self, keys: list[str]) -> torch.Tensor:
         """The states of `keys`, in order: the pool's own (--buffer's), the rest from the run's shards."""
         from ddil_cli.buffer.reader import BufferReader
 
         found = dict(zip(self.pool.keys, self.pool.states)) if self.pool.states is not None else {}
-        wanted = {k for k in keys if k not in found}
-        shards = {shard_of_key(k) for k in wanted}
-        paths = [str(p) for p in sorted(Path(self.buffer_dir or ".").rglob("shard-*.tar")) if p.name in shards]
-        if wanted and paths:
-            for sample in BufferReader(paths, shuffle=0, split_by_node=False, split_by_worker=False):
+        by_folder: dict[str, dict[str, str]] = {}  # subfolder -> bare key -> pool key
+        for key in keys:
+            if key not in found:
+                folder, _, bare = key.rpartition("/")
+                by_folder.setdefault(folder, {})[bare] = key
+        for folder, wanted in by_folder.items():
+            paths = [str(self.buffer_dir / folder / name) for name in sorted(self._shards(wanted))
+                     if (self.buffer_dir / folder / name).is_file()]
+            for sample in BufferReader(paths, shuffle=0, split_by_node=False, split_by_worker=False) if paths else ():
                 if sample.key in wanted:
-                    found[sample.key] = sample.state.to(torch.float16)
+                    found[wanted[sample.key]] = sample.state.to(torch.float16)
         missing = [k for k in keys if k not in found]
         if missing:
             raise CheckpointError(f"{len(missing)} replay states this checkpoint reads (e.g. {missing[0]}) are no "
