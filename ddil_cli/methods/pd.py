@@ -93,6 +93,7 @@ class PDMethod(DistillMethod):
     name = "pd"
     Options = PDOptions
     student_scheduler = "ddim"
+    plans_stages = True
 
     @classmethod
     def plan(cls, request: PlanRequest, teacher: Denoiser, options: PDOptions) -> list[Phase]:

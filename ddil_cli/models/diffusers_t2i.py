@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddil_cli.atomic import to_json
 from ddil_cli.diffusion.parameterization import PREDICTION_TYPES
 from ddil_cli.diffusion.schedule import NoiseSchedule
 from ddil_cli.errors import UserError
@@ -444,9 +445,9 @@ class DiffusersDenoiser(Denoiser):
                   "guidance_conditioned": self.guidance_conditioned,
                   "timesteps": list(timesteps) if timesteps is not None else self.student_timesteps,
                   "scheduler": type(sched).__name__}
-        (path / STUDENT_FILE).write_text(json.dumps(record, indent=2))
+        (path / STUDENT_FILE).write_text(to_json(record, indent=2))
         if self.sampling_defaults:
-            (path / DEFAULTS_FILE).write_text(json.dumps(self.sampling_defaults, indent=2))
+            (path / DEFAULTS_FILE).write_text(to_json(self.sampling_defaults, indent=2))
         from ddil_cli.atomic import follow_umask
 
         follow_umask(path)  # safetensors writes private files; a saved model is an ordinary output
