@@ -130,6 +130,16 @@ def to_json(data: Any, **kwargs) -> str:
     return json.dumps(json_safe(data), allow_nan=False, **kwargs)
 
 
+def _refuse_constant(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+def from_json(text: str) -> Any:
+    """Parse strict JSON: Python's json reads a bare NaN or Infinity, which no file we write
+    holds (a ValueError here, as for any other syntax error)."""
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON under a temporary name and rename: a reader never sees half a file."""
     write_text_atomic(path, to_json(data, indent=2, sort_keys=False) + "\n")
@@ -196,9 +206,12 @@ def output_lock(out: str | os.PathLike, what: str) -> Iterator[None]:
     import time
 
     path = lock_name(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        handle = open(path, "a+")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+")
+        except OSError as exc:
+            raise UserError(f"cannot write to {path.parent} ({exc.strerror}); choose a writable --out") from None
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -326,6 +339,6 @@ def disk_full_error(exc: BaseException) -> UserError | None:
 
 
 __all__ = ["atomic_file", "atomic_folder", "current_umask", "disk_full_error", "follow_umask", "fsync_path",
-           "json_safe", "kept_if_interrupted", "lock_name", "one_line", "output_lock", "remove_path",
+           "from_json", "json_safe", "kept_if_interrupted", "lock_name", "one_line", "output_lock", "remove_path",
            "remove_stale_partials", "what_an_interrupt_kept", "save_tensors_atomic", "temp_name", "to_json", "write_bytes_atomic",
            "unreadable_file", "write_json_atomic", "write_text_atomic"]

@@ -100,7 +100,9 @@ def world(tmp_path_factory) -> Path:
     (w / "bad_metrics.json").write_text("{")
     (w / "bad_stats.npz").write_bytes(b"not an npz")
     _second_round_world(w)
-    return w
+    yield w
+    for handle in _HELD:
+        handle.close()
 
 
 _HELD = []  # the lock a "running" ddil process holds on {w}/held for the whole module
@@ -158,6 +160,8 @@ def _second_round_world(w: Path) -> None:
     (w / "cfgdir/ok.toml").write_text("seed = 1\n")
     (w / "link_to_samples").symlink_to(w / "samples", target_is_directory=True)
     (w / "options_text.toml").write_text('options = "abc"\n')
+    (w / "metrics_list.json").write_text('{"metrics": [1, 2]}')
+    (w / "metrics_nan.json").write_text('{"metrics": {"quality": {"available": true, "value": NaN}}}')
     (w / "dup.yaml").write_text("steps: 4\nsteps: 8\n")
     (w / "class99.txt").write_text("class 99\n")
     shutil.copytree(w / "run", w / "run_foreignphase")
@@ -340,6 +344,8 @@ CASES = [
                                 "--out", "{w}/run/student"], "is the input --student"),
     ("shift-out-holds-student", [*H, "--student", "{w}/run/student", "--out", "{w}/run"],
      "holds the input --student"),
+    ("sample-out-root", [*S, "--overwrite", "--out", "/"], "names no folder"),
+    ("sample-out-holds-the-current-folder", [*S, "--overwrite", "--out", ".."], "current folder"),
     # one writer per output
     ("sample-out-held", [*S, "--out", "{w}/held"], "pid 4242"),
     ("evaluate-out-held", [*E, "--samples", "{w}/samples", "--reference", "gmm:ring:8", "--out", "{w}/held"],
@@ -365,6 +371,8 @@ CASES = [
     ("distill-priority-alpha-huge-overwrite", [*D, "--replay", "prioritised", "--priority-alpha", "1e308",
                                                "--overwrite", "--out", "{w}/run"], "--priority-alpha"),
     ("distill-max-grad-norm-inf", [*D, "--max-grad-norm", "inf", "--out", "{o}"], "finite"),
+    ("distill-stage-updates-huge", [*D, "--stage-updates", "99999999999999999999", "--out", "{o}"],
+     "--stage-updates"),
     ("distill-prior-schedule-unsorted", [*D, "--prior-schedule", "0:data=1;0.6:data=0.5,student=0.5;0.2:data=1",
                                          "--out", "{o}"], "increasing"),
     ("distill-student-prob-unsorted", [*D, "--student-prob", "0:0.5;0.8:0.6;0.4:0.7", "--out", "{o}"],
@@ -423,6 +431,10 @@ CASES = [
     ("evaluate-stats-bad-meta", [*E, "--samples", "{w}/images", "--reference", "{w}/stats_badmeta.npz",
                                  "--out", "{o}"], "meta"),
     # config details
+    ("evaluate-compare-metrics-not-a-table", [*E, "--samples", "{w}/samples", "--reference", "gmm:ring:8",
+                                             "--compare", "{w}/metrics_list.json", "--out", "{o}"], "metrics_list.json"),
+    ("evaluate-compare-bare-nan", [*E, "--samples", "{w}/samples", "--reference", "gmm:ring:8", "--compare",
+                                   "{w}/metrics_nan.json", "--out", "{o}"], "NaN is not JSON"),
     ("distill-config-options-text", [*D, "--config", "{w}/options_text.toml", "--out", "{o}"], "table"),
     ("sample-config-yaml-duplicate-key", [*S, "--config", "{w}/dup.yaml", "--out", "{o}"], "twice"),
     ("sample-config-is-a-folder", [*S, "--config", "{w}/cfgdir", "--out", "{o}"], "is a folder"),
@@ -497,6 +509,16 @@ def test_damaged_buffer_shard_is_skipped_and_counted_in_training(world, tmp_path
     assert reader.stats.corrupt_shards == 1 and samples
 
 
+def test_a_metric_that_comes_out_nan_is_unavailable_not_null():
+    from ddil_cli.evaluate import metrics as M
+
+    nan = M.Metric("nan-probe", lambda ctx, needs: {"value": float("nan"), "n": 3}, "lab")
+    fine = M.Metric("fine-probe", lambda ctx, needs: {"value": 0.5}, "lab")
+    assert M.run_metric(None, fine) == {"available": True, "value": 0.5}
+    result = M.run_metric(None, nan)
+    assert result["available"] is False and "value" in result["reason"] and "NaN" in result["reason"]
+
+
 def test_outputs_follow_the_umask(tmp_path, capsys):
     old = os.umask(0o002)
     try:
@@ -515,7 +537,7 @@ def test_outputs_follow_the_umask(tmp_path, capsys):
 def test_json_written_is_strict(world):
     for path in world.rglob("*.json"):
         if "bad" in path.parent.name or path.name == "bad_metrics.json" or "badmanifest" in str(path) \
-                or path.parent.name == "teacher_defaults_nan":  # broken on purpose
+                or path.parent.name == "teacher_defaults_nan" or path.name.startswith("metrics_"):  # broken on purpose
             continue
         json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path} holds {c}"))
 

@@ -187,6 +187,10 @@ def check_out_apart(out: str | Path, inputs: dict[str, Any]) -> None:
     each input flag to its value (a path, a list of them, or None). Checked before anything is
     written, with or without --overwrite."""
     target = Path(out).expanduser().resolve()
+    if not str(out).strip() or not target.name:
+        raise UserError(f"--out {str(out)!r} names no folder of its own; give one such as runs/name")
+    if Path.cwd().resolve().is_relative_to(target):  # replacing it would take the user's files with it
+        raise UserError(f"--out {out} is or holds the current folder; give a folder of its own such as runs/name")
     for flag, values in inputs.items():
         for value in values if isinstance(values, (list, tuple)) else [values]:
             path = _local_path(value)

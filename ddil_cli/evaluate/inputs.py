@@ -60,11 +60,10 @@ def load_sample_set(folder: str) -> SampleSet:
     index = root / "samples.jsonl"
     if not index.is_file():
         raise UserError(f"--samples {root} has no samples.jsonl; pass a `ddil sample` output folder")
-    def strict(constant: str):  # Python's json reads a bare NaN; no tool of ours writes one
-        raise ValueError(f"{constant} is not JSON")
+    from ddil_cli.atomic import from_json
 
     try:
-        rows = [json.loads(line, parse_constant=strict) for line in index.read_text().splitlines() if line.strip()]
+        rows = [from_json(line) for line in index.read_text().splitlines() if line.strip()]
     except ValueError as exc:
         raise UserError(f"{index} is not valid JSON lines ({exc}); regenerate it with ddil sample") from None
     if not rows:
