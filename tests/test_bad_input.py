@@ -509,6 +509,32 @@ def test_damaged_buffer_shard_is_skipped_and_counted_in_training(world, tmp_path
     assert reader.stats.corrupt_shards == 1 and samples
 
 
+def test_shard_metadata_of_the_wrong_shape_is_damage_not_a_traceback(world, tmp_path):
+    """meta.json that parses but is not a list of states: the reader skips the shard as damaged,
+    and a writer adopting such an orphan shard leaves it out with a warning."""
+    import tarfile
+
+    from ddil_cli.buffer import BufferReader
+    from ddil_cli.buffer.writer import META_KEY, shard_counts
+
+    buffer = tmp_path / "buffer"
+    shutil.copytree(world / "buffer", buffer)
+    shard = sorted(buffer.glob("shard-*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            data = b'[{"no": "source"}]' if member.name.endswith(META_KEY) else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    with pytest.raises(ValueError, match="source"):
+        shard_counts(buffer, shard.name)
+    reader = BufferReader(str(buffer), shuffle=0, split_by_node=False, split_by_worker=False)
+    with pytest.warns(UserWarning, match="damaged"):
+        list(reader)
+    assert reader.stats.corrupt_shards == 1
+
+
 def test_a_metric_that_comes_out_nan_is_unavailable_not_null():
     from ddil_cli.evaluate import metrics as M
 
