@@ -616,8 +616,6 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
 
 
 def _run_locked(cfg: DistillConfig, run: Path, plan: Plan, teacher: Denoiser, accelerator, progress) -> dict:
-    from accelerate.utils import set_seed
-
     resume_from = check_resume(cfg, run, plan)
     # the data source opens for forward-diffused inputs, for a loss that draws data, and, with
     # --data and no --prompts, as the rollouts' captions (a student- or teacher-only prior: DMD2's)
@@ -639,6 +637,7 @@ def _run_locked(cfg: DistillConfig, run: Path, plan: Plan, teacher: Denoiser, ac
 def _train(cfg, run: Path, plan: Plan, teacher: Denoiser, accelerator, resume_from, data, external, progress) -> dict:
     from accelerate.utils import set_seed
 
+    frozen = frozen_dtype(cfg.frozen_dtype, accelerator.device)
     set_seed(cfg.seed)
     # a resume that fails on its checkpoint leaves the run's manifest (its original command) as it was
     previous_manifest = (run / "manifest.json").read_bytes() if resume_from is not None else None
