@@ -10,6 +10,7 @@ so every stage behaves the same (docs/troubleshooting.md: disk full, interrupted
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ddil_cli.errors import UserError
 
@@ -129,6 +130,16 @@ def to_json(data: Any, **kwargs) -> str:
     return json.dumps(json_safe(data), allow_nan=False, **kwargs)
 
 
+def _refuse_constant(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+def from_json(text: str) -> Any:
+    """Parse strict JSON: Python's json reads a bare NaN or Infinity, which no file we write
+    holds (a ValueError here, as for any other syntax error)."""
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON under a temporary name and rename: a reader never sees half a file."""
     write_text_atomic(path, to_json(data, indent=2, sort_keys=False) + "\n")
@@ -169,6 +180,112 @@ def atomic_folder(path: str | os.PathLike, *, replace: bool = True) -> Iterator[
         remove_path(work)
         raise
     fsync_path(final.parent)
+
+
+# ---- one writer per output ----------------------------------------------------------------------
+def lock_name(out: str | os.PathLike) -> Path:
+    """The lock file of an output: a hidden sibling, so it outlives the output's atomic swap."""
+    out = Path(out).absolute()
+    return out.with_name(f".{out.name}.lock")
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        holder = json.loads(path.read_text() or "{}")
+        return f"pid {holder['pid']}, `{holder['command']}`, since {holder['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not written its name yet"
+
+
+@contextmanager
+def output_lock(out: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold the one lock on output `out` (an exclusive flock on its hidden sibling .NAME.lock)
+    while the block runs; a second holder is refused in one line naming the first (`what`: the
+    command, e.g. "ddil sample"). The lock file is removed on release; a lock taken on a file
+    that a releasing holder has just unlinked is retried, so two processes never both hold it."""
+    import time
+
+    path = lock_name(out)
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+")
+        except OSError as exc:
+            raise UserError(f"cannot write to {path.parent} ({exc.strerror}); choose a writable --out") from None
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise UserError(f"--out {out} is being written by another ddil run ({_lock_holder(path)}); wait "
+                            "for it to finish or choose another --out") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    try:
+        handle.truncate(0)
+        handle.write(json.dumps({"pid": os.getpid(), "command": what,
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        handle.flush()
+        yield
+    finally:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        handle.close()  # unlinked before the flock is released: a waiter retries on a fresh file
+
+
+def remove_stale_partials(out: str | os.PathLike) -> list[Path]:
+    """Delete the hidden partial folders and files a dead process left beside `out` (a SIGKILL
+    gives no chance to clean up). Call it holding `output_lock(out)`: every live writer of `out`
+    holds that lock, so whatever partial is there belongs to nobody."""
+    out = Path(out).absolute()
+    stale = sorted(out.parent.glob(f".{out.name}.partial-*")) if out.parent.is_dir() else []
+    for path in stale:
+        remove_path(path)
+    return stale
+
+
+# ---- what an interrupt keeps --------------------------------------------------------------------
+_KEPT: list[Callable[[], str]] = []
+_SAID_WHEN_INTERRUPTED: list[str] = []  # what the innermost block said as the interrupt passed it
+
+
+def _describe(describe: Callable[[], str]) -> str:
+    try:
+        return describe()
+    except Exception:  # reporting must not fail on the way out
+        return "see the output folder"
+
+
+@contextmanager
+def kept_if_interrupted(describe: Callable[[], str] | str) -> Iterator[None]:
+    """While the block runs, an interrupt (Ctrl-C, SIGTERM: KeyboardInterrupt) reports
+    `describe()`: what of the output survives it. Evaluated as the interrupt leaves the block
+    (the innermost block's word counts), so it can look at what is on disk then."""
+    describe = describe if callable(describe) else (lambda text=describe: text)
+    _KEPT.append(describe)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not _SAID_WHEN_INTERRUPTED:
+            _SAID_WHEN_INTERRUPTED.append(_describe(describe))
+        raise
+    finally:
+        _KEPT.pop()
+
+
+def what_an_interrupt_kept() -> str:
+    """What the interrupted command kept (and forget it: the next command starts afresh)."""
+    said = list(_SAID_WHEN_INTERRUPTED)
+    _SAID_WHEN_INTERRUPTED.clear()
+    if said:
+        return said[0]
+    return _describe(_KEPT[-1]) if _KEPT else "nothing was written"
 
 
 # ---- checking on read what publishing promised -------------------------------------------------
@@ -222,5 +339,6 @@ def disk_full_error(exc: BaseException) -> UserError | None:
 
 
 __all__ = ["atomic_file", "atomic_folder", "current_umask", "disk_full_error", "follow_umask", "fsync_path",
-           "json_safe", "one_line", "remove_path", "save_tensors_atomic", "temp_name", "to_json", "write_bytes_atomic",
+           "from_json", "json_safe", "kept_if_interrupted", "lock_name", "one_line", "output_lock", "remove_path",
+           "remove_stale_partials", "what_an_interrupt_kept", "save_tensors_atomic", "temp_name", "to_json", "write_bytes_atomic",
            "unreadable_file", "write_json_atomic", "write_text_atomic"]

@@ -92,6 +92,10 @@ class PhaseSchedule:
             raise UserError(f"{flag} is empty; write START:VALUE;START:VALUE, e.g. {example}")
         if starts[0] != 0:
             raise UserError(f"{flag} must start its first phase at 0, not {starts[0]}")
+        for a, b in zip(starts, starts[1:]):  # a fraction and an update count compare only at run time
+            if (a == 0 or type(a) is type(b)) and not b > a:
+                raise UserError(f"{flag} phases must start in increasing order, but {b} follows {a}; "
+                                f"sort them, e.g. {example}")
         return cls(tuple(starts), tuple(values))
 
     def start_update(self, index: int, total_updates: int | None) -> int:

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ddil_cli.atomic import to_json
 from ddil_cli.diffusion.threshold import parse_threshold
 from ddil_cli.errors import UserError
 from ddil_cli.manifest import write_manifest
 from ddil_cli.models import load_teacher_and_student
 from ddil_cli.models.precision import frozen_autocast, held_dtype
 from ddil_cli.models.base import Denoiser
+from ddil_cli.models.checks import check_student_of
 from ddil_cli.rollout import Grid, rollout_seeds, sampling_grid
 from ddil_cli.specs import parse_switch, read_prompts
 
@@ -76,9 +78,7 @@ def plan_sampling(cfg: SampleConfig, teacher: Denoiser, student: Denoiser | None
             raise UserError("--teacher-prob below 1 and --switch need a --student to hand transitions to")
         steps, teacher_prob, sampler = cfg.teacher_steps, 1.0, "teacher"
     else:
-        if tuple(student.state_shape) != tuple(teacher.state_shape):
-            raise UserError(f"student states {tuple(student.state_shape)} do not match the teacher's "
-                            f"{tuple(teacher.state_shape)}; give a student distilled from this teacher")
+        check_student_of(student, teacher)
         steps = cfg.steps
         teacher_prob = 0.0 if cfg.teacher_prob is None else cfg.teacher_prob
         sampler = "switch" if switch else ("student" if teacher_prob == 0 else
@@ -190,7 +190,7 @@ def write_sample_folder(cfg: SampleConfig, work: Path, teacher: Denoiser, studen
     seconds = time.perf_counter() - start
     with open(work / "samples.jsonl", "w") as f:
         for row in rows:
-            f.write(json.dumps(row) + "\n")
+            f.write(to_json(row) + "\n")
     if lab_states:
         states = np.stack(lab_states).astype(np.float32)
         np.save(work / "states.npy", states)

@@ -27,6 +27,8 @@ def read_prompts(prompt: list[str] | None, prompts_file: str | None, default: li
     found = list(prompt or [])
     if prompts_file:
         path = Path(prompts_file)
+        if path.is_dir():
+            raise UserError(f"prompts file {path} is a folder; give a text file with one prompt per line")
         if not path.is_file():
             raise UserError(f"prompts file {path} not found; give a text file with one prompt per line")
         try:

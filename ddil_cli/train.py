@@ -52,6 +52,11 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes: 8-bit moments, ~1/4 of AdamW's state)
 
 
+# every setting that can make the loss diverge, for the message that stops a diverged run
+NONFINITE_FIX = ("lower --lr (or a method's --critic-lr), --weight-decay, --max-grad-norm or --timestep-scaling, "
+                 "add --threshold, or use --mixed-precision no")
+
+
 class NonFiniteLoss(UserError):
     pass
 
@@ -271,6 +276,10 @@ class Trainer:
             tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra_tensors.items()})
             info["extra"] = extra_info
         return tensors, info
+
+    def _last_checkpoint_words(self) -> str:
+        last = newest_readable_checkpoint(self.checkpoint_dir) if self.checkpoint_dir.is_dir() else None
+        return f"the last checkpoint is {last}" if last is not None else "no checkpoint was written yet"
 
     def save_checkpoint(self) -> Path:
         """Everything a resumed run needs to continue exactly, under a temp name, then renamed.
@@ -501,8 +510,7 @@ class Trainer:
             if state.nonfinite_in_row >= cfg.max_nonfinite:
                 raise NonFiniteLoss(
                     f"the loss was non-finite for {state.nonfinite_in_row} updates in a row (update "
-                    f"{state.update}, phase {self.phase}); lower --lr, add --threshold, or use "
-                    f"--mixed-precision no; the last checkpoint is in {self.checkpoint_dir}")
+                    f"{state.update}, phase {self.phase}); {NONFINITE_FIX}; {self._last_checkpoint_words()}")
             if state.update % cfg.log_every == 0 or state.update == cfg.max_updates:
                 elapsed = time.perf_counter() - window_start
                 row = {"phase": self.phase, "update": state.update,

@@ -40,10 +40,11 @@ class Rule:
     def describe(self) -> str:
         if self.choices is not None:
             return "one of " + ", ".join(str(c) for c in self.choices)
-        if self.low is not None and (self.high is not None or self.below is not None):
-            return f"in [{self.low:g}, {self.high:g}]" if self.high is not None else f"in [{self.low:g}, {self.below:g})"
-        lower = f">= {self.low:g}" if self.low is not None else f"> {self.above:g}" if self.above is not None else None
-        upper = f"<= {self.high:g}" if self.high is not None else f"< {self.below:g}" if self.below is not None else None
+        low, high, above, below = (_shown(v) for v in (self.low, self.high, self.above, self.below))
+        if low is not None and (high is not None or below is not None):
+            return f"in [{low}, {high}]" if high is not None else f"in [{low}, {below})"
+        lower = f">= {low}" if low is not None else f"> {above}" if above is not None else None
+        upper = f"<= {high}" if high is not None else f"< {below}" if below is not None else None
         return " and ".join(p for p in (lower, upper) if p)
 
     def admits(self, value) -> bool:
@@ -54,9 +55,17 @@ class Rule:
                     or (self.below is not None and value >= self.below))
 
 
+def _shown(bound: float | None) -> str | None:
+    """A bound as the user would type it: whole numbers in full (2147483647, not 2.14748e+09)."""
+    if bound is None:
+        return None
+    return str(int(bound)) if float(bound).is_integer() and abs(bound) <= 2**53 else f"{bound:g}"
+
+
 # common rules, shared by several commands
-POSITIVE = Rule(low=1)
-NON_NEGATIVE = Rule(low=0)
+COUNT_MAX = 10**12  # counts beyond it are typos (and 20-digit ones overflow the int64s torch and numpy take)
+POSITIVE = Rule(low=1, high=COUNT_MAX)
+NON_NEGATIVE = Rule(low=0, high=COUNT_MAX)
 PROBABILITY = Rule(low=0, high=1)
 SEED = Rule(low=0, high=SEED_MAX)
 BATCH = Rule(low=1, high=65536)
@@ -108,6 +117,10 @@ def _typed(value, annotation, where: str):
             return str(value)
         if not isinstance(value, str):
             raise UserError(f"{where} must be text, got {value!r}")
+        return value
+    if kind is dict or typing.get_origin(kind) is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a table of settings (e.g. [options] in TOML), got {value!r}")
         return value
     if typing.get_origin(kind) is list and typing.get_args(kind) == (str,):
         if isinstance(value, str):

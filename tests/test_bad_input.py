@@ -5,6 +5,7 @@ SIGKILLs of distill and collect at random points that resume to the uninterrupte
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import importlib.util
 import io
@@ -98,7 +99,79 @@ def world(tmp_path_factory) -> Path:
     (w / "afile").write_text("a file, not a folder")
     (w / "bad_metrics.json").write_text("{")
     (w / "bad_stats.npz").write_bytes(b"not an npz")
-    return w
+    _second_round_world(w)
+    yield w
+    for handle in _HELD:
+        handle.close()
+
+
+_HELD = []  # the lock a "running" ddil process holds on {w}/held for the whole module
+
+
+def _second_round_world(w: Path) -> None:
+    """Inputs of the second reliability round: our own files with bad content, folders that
+    overlap, an output another run holds."""
+    from safetensors.torch import load_file, save_file
+
+    from ddil_cli.atomic import lock_name
+    from ddil_cli.models import EMBEDDED
+
+    weights = "model.safetensors"
+    student = w / "run/student"
+    for name in ("student_noweights", "student_badpred", "student_10step", "student_nan"):
+        shutil.copytree(student, w / name)
+    (w / "student_noweights" / weights).unlink()
+    config = json.loads((student / "ddil_mlp.json").read_text())
+    (w / "student_badpred/ddil_mlp.json").write_text(json.dumps({**config, "prediction_type": "x0"}))
+    (w / "student_10step/ddil_mlp.json").write_text(json.dumps(
+        {**config, "scheduler_config": {**config["scheduler_config"], "num_train_timesteps": 10}}))
+    tensors = load_file(str(student / weights))
+    first = next(iter(tensors))
+    tensors[first].view(-1)[0] = float("nan")
+    save_file(tensors, str(w / "student_nan" / weights))
+    digits = EMBEDDED["embedded:digits"]
+    for name in ("teacher_badbeta", "teacher_defaults_text", "teacher_defaults_nan"):
+        shutil.copytree(digits, w / name)
+    scheduler = json.loads((digits / "scheduler/scheduler_config.json").read_text())
+    (w / "teacher_badbeta/scheduler/scheduler_config.json").write_text(json.dumps({**scheduler, "beta_schedule": "bogus"}))
+    (w / "teacher_defaults_text/ddil_defaults.json").write_text('{"guidance": "high"}')
+    (w / "teacher_defaults_nan/ddil_defaults.json").write_text('{"guidance": NaN}')
+    manifest = json.loads((w / "buffer/manifest.json").read_text())
+    for name, broken in (("buffer_noheader", {k: v for k, v in manifest.items() if k != "header"}),
+                         ("buffer_shards_text", {**manifest, "shards": "all of them"})):
+        shutil.copytree(w / "buffer", w / name)
+        (w / name / "manifest.json").write_text(json.dumps(broken))
+    rows = [json.loads(line) for line in (w / "samples/samples.jsonl").read_text().splitlines()]
+    for name, edit in (("samples_rowtext", {"row": "a"}), ("samples_rowneg", {"row": -1}),
+                       ("samples_barenan", {"guidance": float("nan")})):
+        shutil.copytree(w / "samples", w / name)
+        (w / name / "samples.jsonl").write_text("".join(json.dumps({**r, **edit}) + "\n" for r in rows))
+    shutil.copytree(w / "samples", w / "samples_nan")
+    states = np.load(w / "samples/states.npy")
+    states[0, 0] = np.nan
+    np.save(w / "samples_nan/states.npy", states)
+    mu, sigma = np.zeros(4), np.eye(4)
+    np.savez(w / "stats_badshape.npz", mu=mu, sigma=np.eye(3))
+    np.savez(w / "stats_nan.npz", mu=np.full(4, np.nan), sigma=sigma)
+    np.savez(w / "stats_badmeta.npz", mu=mu, sigma=sigma, meta=np.array("{not json"))
+    (w / "shards").mkdir()
+    shutil.copy(w / "tiny.tar", w / "shards/tiny.tar")
+    (w / "cfgdir").mkdir()
+    (w / "cfgdir/ok.toml").write_text("seed = 1\n")
+    (w / "link_to_samples").symlink_to(w / "samples", target_is_directory=True)
+    (w / "options_text.toml").write_text('options = "abc"\n')
+    (w / "metrics_list.json").write_text('{"metrics": [1, 2]}')
+    (w / "metrics_nan.json").write_text('{"metrics": {"quality": {"available": true, "value": NaN}}}')
+    (w / "dup.yaml").write_text("steps: 4\nsteps: 8\n")
+    (w / "class99.txt").write_text("class 99\n")
+    shutil.copytree(w / "run", w / "run_foreignphase")
+    state = json.loads((w / "run_foreignphase" / CKPT / "state.json").read_text())
+    (w / "run_foreignphase" / CKPT / "state.json").write_text(json.dumps({**state, "phase": "dmd2-4"}))
+    handle = open(lock_name(w / "held"), "a+")
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    handle.write(json.dumps({"pid": 4242, "command": "ddil sample", "started": "2026-01-01 00:00:00"}))
+    handle.flush()
+    _HELD.append(handle)
 
 
 S = ["sample", "--quiet", "--teacher-steps", "8"]
@@ -188,7 +261,7 @@ CASES = [
     ("distill-resume-truncated-checkpoint", [*D, "--resume", "{w}/run_truncated/" + CKPT, "--out",
                                              "{w}/run_truncated"], "student.safetensors"),
     ("distill-resume-other-shape", [*D, "--resume", "{w}/run_d8/" + CKPT, "--out", "{w}/run_unfinished"],
-     "another shape"),
+     "teacher='gmm:ring:8:d8'"),
     ("distill-resume-other-settings", [*D, "--teacher-steps", "16", "--resume", "latest", "--out", "{w}/run"],
      "teacher_steps"),
     ("distill-resume-not-a-checkpoint", [*D, "--resume", "{w}/samples", "--out", "{w}/run"], "state.json"),
@@ -215,7 +288,7 @@ CASES = [
                                   "{w}/bad_metrics.json", "--out", "{o}"], "bad_metrics.json"),
     ("evaluate-stats-corrupt", [*E, "--samples", "{w}/images", "--reference", "{w}/bad_stats.npz", "--out", "{o}"],
      "bad_stats.npz"),
-    ("evaluate-out-exists", [*E, "--samples", "{w}/samples", "--reference", "gmm:ring:8", "--out", "{w}/samples"],
+    ("evaluate-out-exists", [*E, "--samples", "{w}/samples", "--reference", "gmm:ring:8", "--out", "{w}/run"],
      "--overwrite"),
     # covariate-shift
     ("shift-betas", [*H, "--student", "{w}/run/student", "--betas", "1.5", "--out", "{o}"], "1.5"),
@@ -243,6 +316,130 @@ CASES = [
                                               "--out", "{o}"], "--resume-from"),
     ("teacher-data-random-tar", [*T, "--data", "{w}/random.tar", "--out", "{o}"], "random.tar"),
     ("teacher-out-exists", [*T, "--data", "{w}/tiny.tar", "--out", "{w}/samples"], "--overwrite"),
+    # ---- second round (issue 24) ----
+    # an output never overlaps an input, with or without --overwrite
+    ("sample-out-is-student", [*S, "--student", "{w}/run/student", "--overwrite", "--out", "{w}/run/student"],
+     "is the input --student"),
+    ("sample-out-holds-student", [*S, "--student", "{w}/run/student", "--overwrite", "--out", "{w}/run"],
+     "holds the input --student"),
+    ("sample-out-inside-student", [*S, "--student", "{w}/run/student", "--out", "{w}/run/student/s"],
+     "lies inside the input --student"),
+    ("sample-out-holds-config", [*S, "--config", "{w}/cfgdir/ok.toml", "--overwrite", "--out", "{w}/cfgdir"],
+     "holds the input --config"),
+    ("evaluate-out-is-samples", [*E, "--samples", "{w}/samples", "--reference", "gmm:ring:8", "--overwrite",
+                                 "--out", "{w}/samples"], "is the input --samples"),
+    ("evaluate-out-symlink-to-samples", [*E, "--samples", "{w}/samples", "--reference", "gmm:ring:8",
+                                         "--overwrite", "--out", "{w}/link_to_samples"], "is the input --samples"),
+    ("evaluate-out-holds-compare", [*E, "--samples", "{w}/images", "--reference", "gmm:ring:8", "--compare",
+                                    "{w}/samples", "--overwrite", "--out", "{w}/samples"], "--compare"),
+    ("teacher-out-is-data", [*T, "--data", "{w}/shards", "--overwrite", "--out", "{w}/shards"],
+     "is the input --data"),
+    ("teacher-out-inside-data-pattern", [*T, "--data", "{w}/shards/*.tar", "--out", "{w}/shards/t"],
+     "lies inside the input --data"),
+    ("distill-out-holds-teacher", [*D, "--teacher", "{w}/run/student", "--overwrite", "--out", "{w}/run"],
+     "holds the input --teacher"),
+    ("distill-buffer-inside-run", [*D, "--prior", "data=0.5,student=0.5", "--buffer", "{w}/run/buffer/pd-4",
+                                   "--overwrite", "--out", "{w}/run"], "holds the input --buffer"),
+    ("collect-out-is-student", [*C, "--student", "{w}/run/student", "--prior", "student=1", "--teacher-prob", "0",
+                                "--out", "{w}/run/student"], "is the input --student"),
+    ("shift-out-holds-student", [*H, "--student", "{w}/run/student", "--out", "{w}/run"],
+     "holds the input --student"),
+    ("sample-out-root", [*S, "--overwrite", "--out", "/"], "names no folder"),
+    ("sample-out-holds-the-current-folder", [*S, "--overwrite", "--out", ".."], "current folder"),
+    # one writer per output
+    ("sample-out-held", [*S, "--out", "{w}/held"], "pid 4242"),
+    ("evaluate-out-held", [*E, "--samples", "{w}/samples", "--reference", "gmm:ring:8", "--out", "{w}/held"],
+     "being written by another ddil run"),
+    ("teacher-out-held", [*T, "--data", "{w}/tiny.tar", "--out", "{w}/held"], "being written by another ddil run"),
+    ("distill-out-held", [*D, "--out", "{w}/held"], "being written by another ddil run"),
+    ("shift-out-held", [*H, "--student", "{w}/run/student", "--out", "{w}/held"], "being written by another ddil run"),
+    # numbers: upper bounds, inf and nan, sorted schedules
+    ("sample-threads-huge", [*S, "--threads", "99999999999999999999", "--out", "{o}"], "--threads"),
+    ("collect-threads-huge", [*C, "--threads", "99999999999999999999", "--out", "{o}"], "--threads"),
+    ("sample-guidance-huge", [*S, "--guidance", "1e308", "--out", "{o}"], "--guidance"),
+    ("distill-weight-decay-huge", [*D, "--weight-decay", "1e308", "--out", "{o}"], "--weight-decay"),
+    ("distill-critic-lr-huge", [*D, "--method", "dmd2", "--critic-lr", "1e308", "--out", "{o}"], "--critic-lr"),
+    ("distill-real-guidance-huge", [*D, "--method", "dmd2", "--real-guidance", "1e6", "--out", "{o}"],
+     "--real-guidance"),
+    ("distill-timestep-scaling-huge", [*D, "--method", "lcm", "--timestep-scaling", "1e308", "--out", "{o}"],
+     "--timestep-scaling"),
+    ("distill-w-max-huge", [*D, "--method", "lcm", "--w-max", "1e308", "--out", "{o}"], "--w-max"),
+    ("distill-huber-c-inf", [*D, "--method", "lcm", "--huber-c", "inf", "--out", "{o}"], "finite"),
+    ("distill-guidance-range-inf-overwrite", [*D, "--guidance-range", "1,inf", "--overwrite", "--out", "{w}/run"],
+     "--guidance-range"),
+    ("distill-guidance-range-nan", [*D, "--guidance-range", "nan,2", "--out", "{o}"], "--guidance-range"),
+    ("distill-priority-alpha-huge-overwrite", [*D, "--replay", "prioritised", "--priority-alpha", "1e308",
+                                               "--overwrite", "--out", "{w}/run"], "--priority-alpha"),
+    ("distill-max-grad-norm-inf", [*D, "--max-grad-norm", "inf", "--out", "{o}"], "finite"),
+    ("distill-stage-updates-huge", [*D, "--stage-updates", "99999999999999999999", "--out", "{o}"],
+     "--stage-updates"),
+    ("distill-prior-schedule-unsorted", [*D, "--prior-schedule", "0:data=1;0.6:data=0.5,student=0.5;0.2:data=1",
+                                         "--out", "{o}"], "increasing"),
+    ("distill-student-prob-unsorted", [*D, "--student-prob", "0:0.5;0.8:0.6;0.4:0.7", "--out", "{o}"],
+     "increasing"),
+    ("teacher-weight-decay-huge", [*T, "--data", "{w}/tiny.tar", "--weight-decay", "1e308", "--out", "{o}"],
+     "--weight-decay"),
+    # method flags and resumes that do not belong
+    ("distill-dmd2-stage-updates", [*D, "--method", "dmd2", "--stage-updates", "5", "--out", "{o}"],
+     "--stage-updates"),
+    ("distill-dmd2-guided-updates", [*D, "--method", "dmd2", "--guided-updates", "5", "--out", "{o}"],
+     "--guided-updates"),
+    ("distill-lcm-stage-updates", [*D, "--method", "lcm", "--stage-updates", "5", "--out", "{o}"],
+     "--stage-updates"),
+    ("distill-resume-unknown-phase", [*D, "--resume", "latest", "--out", "{w}/run_foreignphase"], "dmd2-4"),
+    ("distill-resume-other-method", [*D, "--method", "dmd2", "--resume", "latest", "--out", "{w}/run"], "method"),
+    ("distill-resume-past-max-updates", [*D, "--max-updates", "5", "--resume", "latest", "--out",
+                                         "{w}/run_unfinished"], "--max-updates"),
+    ("distill-prompt-not-a-class-overwrite", [*D, "--prompts", "{w}/class99.txt", "--overwrite", "--out",
+                                              "{w}/run"], "class 99"),
+    ("distill-prompt-not-a-class-new", [*D, "--prompts", "{w}/class99.txt", "--out", "{o}"], "class 99"),
+    ("sample-student-of-another-teacher", [*S, "--teacher", "gmm:ring:4", "--student", "{w}/run/student",
+                                           "--out", "{o}"], "distilled from"),
+    ("collect-student-of-another-teacher", [*C, "--teacher", "gmm:ring:4", "--student", "{w}/run/student",
+                                            "--prior", "student=1", "--teacher-prob", "0", "--out", "{o}"],
+     "distilled from"),
+    # our own files, checked for content
+    ("sample-student-no-weights", [*S, "--student", "{w}/student_noweights", "--out", "{o}"],
+     "model.safetensors is missing"),
+    ("sample-student-bad-prediction", [*S, "--student", "{w}/student_badpred", "--out", "{o}"], "prediction type"),
+    ("sample-student-10-step-scheduler", [*S, "--student", "{w}/student_10step", "--out", "{o}"], "timesteps"),
+    ("sample-student-nan-weight", [*S, "--student", "{w}/student_nan", "--out", "{o}"], "NaN"),
+    ("shift-student-nan-weight", [*H, "--student", "{w}/student_nan", "--out", "{o}"], "NaN"),
+    ("sample-teacher-unknown-beta-schedule", [*S, "--teacher", "{w}/teacher_badbeta", "--out", "{o}"],
+     "teacher_badbeta"),
+    ("sample-teacher-defaults-text", [*S, "--teacher", "{w}/teacher_defaults_text", "--out", "{o}"],
+     "ddil_defaults.json"),
+    ("sample-teacher-defaults-nan", [*S, "--teacher", "{w}/teacher_defaults_nan", "--out", "{o}"],
+     "ddil_defaults.json"),
+    ("distill-buffer-no-header", [*D, "--prior", "data=0.5,student=0.5", "--buffer", "{w}/buffer_noheader",
+                                  "--out", "{o}"], "no header"),
+    ("distill-buffer-shards-text", [*D, "--prior", "data=0.5,student=0.5", "--buffer", "{w}/buffer_shards_text",
+                                    "--out", "{o}"], "shards"),
+    ("collect-buffer-no-header", [*C, "--out", "{w}/buffer_noheader"], "no header"),
+    ("evaluate-row-text", [*E, "--samples", "{w}/samples_rowtext", "--reference", "gmm:ring:8", "--out", "{o}"],
+     "row"),
+    ("evaluate-row-negative", [*E, "--samples", "{w}/samples_rowneg", "--reference", "gmm:ring:8", "--out", "{o}"],
+     "row must be a whole number >= 0"),
+    ("evaluate-bare-nan-in-jsonl", [*E, "--samples", "{w}/samples_barenan", "--reference", "gmm:ring:8", "--out",
+                                    "{o}"], "NaN is not JSON"),
+    ("evaluate-nan-states", [*E, "--samples", "{w}/samples_nan", "--reference", "gmm:ring:8", "--out", "{o}"],
+     "NaN"),
+    ("evaluate-stats-bad-shape", [*E, "--samples", "{w}/images", "--reference", "{w}/stats_badshape.npz",
+                                  "--out", "{o}"], "sigma"),
+    ("evaluate-stats-nan", [*E, "--samples", "{w}/images", "--reference", "{w}/stats_nan.npz", "--out", "{o}"],
+     "NaN"),
+    ("evaluate-stats-bad-meta", [*E, "--samples", "{w}/images", "--reference", "{w}/stats_badmeta.npz",
+                                 "--out", "{o}"], "meta"),
+    # config details
+    ("evaluate-compare-metrics-not-a-table", [*E, "--samples", "{w}/samples", "--reference", "gmm:ring:8",
+                                             "--compare", "{w}/metrics_list.json", "--out", "{o}"], "metrics_list.json"),
+    ("evaluate-compare-bare-nan", [*E, "--samples", "{w}/samples", "--reference", "gmm:ring:8", "--compare",
+                                   "{w}/metrics_nan.json", "--out", "{o}"], "NaN is not JSON"),
+    ("distill-config-options-text", [*D, "--config", "{w}/options_text.toml", "--out", "{o}"], "table"),
+    ("sample-config-yaml-duplicate-key", [*S, "--config", "{w}/dup.yaml", "--out", "{o}"], "twice"),
+    ("sample-config-is-a-folder", [*S, "--config", "{w}/cfgdir", "--out", "{o}"], "is a folder"),
+    ("sample-prompts-is-a-folder", [*S, "--prompts", "{w}/cfgdir", "--out", "{o}"], "is a folder"),
+    ("distill-prompts-is-a-folder", [*D, "--prompts", "{w}/cfgdir", "--out", "{o}"], "is a folder"),
 ]
 
 
@@ -255,7 +452,7 @@ def snapshot(folder: Path) -> dict[str, str]:
 def test_the_matrix_covers_every_command():
     commands = {argv[0] for _, argv, _ in CASES}
     assert commands == {"sample", "collect", "distill", "evaluate", "covariate-shift", "teacher"}
-    assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
+    assert len(CASES) >= 160 and len({c[0] for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("argv,words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -312,6 +509,42 @@ def test_damaged_buffer_shard_is_skipped_and_counted_in_training(world, tmp_path
     assert reader.stats.corrupt_shards == 1 and samples
 
 
+def test_shard_metadata_of_the_wrong_shape_is_damage_not_a_traceback(world, tmp_path):
+    """meta.json that parses but is not a list of states: the reader skips the shard as damaged,
+    and a writer adopting such an orphan shard leaves it out with a warning."""
+    import tarfile
+
+    from ddil_cli.buffer import BufferReader
+    from ddil_cli.buffer.writer import META_KEY, shard_counts
+
+    buffer = tmp_path / "buffer"
+    shutil.copytree(world / "buffer", buffer)
+    shard = sorted(buffer.glob("shard-*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            data = b'[{"no": "source"}]' if member.name.endswith(META_KEY) else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    with pytest.raises(ValueError, match="source"):
+        shard_counts(buffer, shard.name)
+    reader = BufferReader(str(buffer), shuffle=0, split_by_node=False, split_by_worker=False)
+    with pytest.warns(UserWarning, match="damaged"):
+        list(reader)
+    assert reader.stats.corrupt_shards == 1
+
+
+def test_a_metric_that_comes_out_nan_is_unavailable_not_null():
+    from ddil_cli.evaluate import metrics as M
+
+    nan = M.Metric("nan-probe", lambda ctx, needs: {"value": float("nan"), "n": 3}, "lab")
+    fine = M.Metric("fine-probe", lambda ctx, needs: {"value": 0.5}, "lab")
+    assert M.run_metric(None, fine) == {"available": True, "value": 0.5}
+    result = M.run_metric(None, nan)
+    assert result["available"] is False and "value" in result["reason"] and "NaN" in result["reason"]
+
+
 def test_outputs_follow_the_umask(tmp_path, capsys):
     old = os.umask(0o002)
     try:
@@ -329,7 +562,8 @@ def test_outputs_follow_the_umask(tmp_path, capsys):
 
 def test_json_written_is_strict(world):
     for path in world.rglob("*.json"):
-        if "bad" in path.parent.name or path.name == "bad_metrics.json" or "badmanifest" in str(path):
+        if "bad" in path.parent.name or path.name == "bad_metrics.json" or "badmanifest" in str(path) \
+                or path.parent.name == "teacher_defaults_nan" or path.name.startswith("metrics_"):  # broken on purpose
             continue
         json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path} holds {c}"))
 

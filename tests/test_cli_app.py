@@ -35,7 +35,7 @@ def test_threads_option_sets_torch_threads_and_rejects_zero(tmp_path, capsys):
         assert torch.get_num_threads() == 2
         code, err = run_cli(["sample", "--teacher", "gmm:ring:8", "--threads", "0", "--out", str(tmp_path / "t")],
                             capsys)
-        assert code == 2 and err.startswith("error: --threads must be >= 1") and len(err.strip().splitlines()) == 1
+        assert code == 2 and err.startswith("error: --threads must be in [1, 1024], got 0") and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "t").exists()
     finally:
         torch.set_num_threads(before)

@@ -87,7 +87,41 @@ def check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
         raise UserError(f"{path} is buffer format version {manifest.get('version')}, this ddil-cli reads "
                         f"versions {', '.join(map(str, READABLE_VERSIONS))}; upgrade ddil-cli or collect "
                         "into a new folder")
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise UserError(f"{path} is damaged: {problem}; restore it or collect into a new folder")
     return manifest
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What in a manifest's content breaks the schema above (the fields readers and writers use)."""
+    header = manifest.get("header")
+    if not isinstance(header, dict):
+        return "it has no header"
+    state, teacher, grid = header.get("state"), header.get("teacher"), header.get("grid")
+    if not (isinstance(state, dict) and isinstance(state.get("shape"), list) and state["shape"]
+            and all(_is_count(n) and n > 0 for n in state["shape"])):
+        return "header.state.shape is not a list of positive sizes"
+    if not (isinstance(teacher, dict) and isinstance(teacher.get("spec"), str)
+            and isinstance(teacher.get("fingerprint"), str)):
+        return "header.teacher lacks its spec or fingerprint"
+    if not (isinstance(grid, dict) and _is_count(grid.get("steps")) and isinstance(grid.get("timesteps"), list)
+            and all(_is_count(t) for t in grid["timesteps"])):
+        return "header.grid lacks its steps or timesteps"
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        return f"shards is {shards!r}, not a list"
+    for shard in shards:
+        if not (isinstance(shard, dict) and isinstance(shard.get("name"), str) and _is_count(shard.get("samples"))
+                and isinstance(shard.get("counts"), dict)):
+            return f"the shard entry {str(shard)[:80]} lacks its name, samples or counts"
+    if not (isinstance(manifest.get("runs", []), list) and _is_count(manifest.get("next_run", 0))):
+        return "runs or next_run are not a list and a count"
+    return None
 
 
 def check_compatible(existing: dict[str, Any], header: dict[str, Any], where: Path) -> None:

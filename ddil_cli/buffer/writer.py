@@ -40,7 +40,7 @@ import numpy as np
 
 from ddil_cli.buffer import manifest as mf
 from ddil_cli.errors import UserError
-from ddil_cli.atomic import write_json_atomic
+from ddil_cli.atomic import to_json, write_json_atomic
 
 STATE_KEY = "state.npy"  # format version 1: one state per record
 STATES_KEY = "states.npy"
@@ -127,7 +127,10 @@ def check_writable(root: Path) -> None:
 
 def record_metas(meta: dict[str, Any]) -> list[dict[str, Any]]:
     """The per-state metadata of a record's meta.json (format 2: a list; format 1: one dict)."""
-    return meta["states"] if "states" in meta else [meta]
+    metas = meta.get("states") if isinstance(meta, dict) and "states" in meta else [meta]
+    if not isinstance(metas, list) or not all(isinstance(m, dict) and "source" in m and "t" in m for m in metas):
+        raise ValueError("its meta.json is not a list of states each with a source and a t")
+    return metas
 
 
 def shard_counts(root: Path, name: str) -> tuple[int, dict[str, dict[str, int]]]:
@@ -279,7 +282,7 @@ class BufferWriter:
                 self._prompts[meta["prompt_id"]] = meta["prompt"]
             self._counts.setdefault(meta["source"], Counter())[str(meta["t"])] += 1
         self._tar.write({"__key__": key, STATES_KEY: encode_state(states),
-                         META_KEY: json.dumps({"states": metas}, sort_keys=True).encode("utf-8")})
+                         META_KEY: to_json({"states": metas}, sort_keys=True).encode("utf-8")})
         self._records += 1
         self._count += len(metas)
         self.written += len(metas)

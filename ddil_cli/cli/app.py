@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -121,8 +122,50 @@ def _quiet_library_bars() -> None:
             module.utils.logging.disable_progress_bar()
 
 
+_SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as shells report it
+_received: list[str] = []
+
+
+def _interrupt(signum, _frame) -> None:
+    """Ctrl-C and SIGTERM alike raise KeyboardInterrupt, so every `finally` and atomic publisher
+    cleans up (a SIGTERM's default action kills the process without that); the name is kept
+    for the exit status."""
+    import signal
+
+    _received.append(signal.Signals(signum).name)
+    raise KeyboardInterrupt
+
+
+def _report_interrupt() -> None:
+    from ddil_cli.atomic import what_an_interrupt_kept
+
+    name = _received[-1] if _received else "SIGINT"
+    print_error(f"interrupted ({'Ctrl-C' if name == 'SIGINT' else name}); kept: {what_an_interrupt_kept()}")
+    sys.exit(_SIGNAL_EXIT.get(name, 130))
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """Route SIGINT and SIGTERM to `_interrupt` while the app runs (main thread only: a program
+    calling main() from another thread keeps its own handling)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    _received.clear()
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run the app; problems the user can fix end in one line on stderr and exit code 2."""
+    """Run the app; problems the user can fix end in one line on stderr and exit code 2; an
+    interrupt in one line saying what was kept, exit code 130 (Ctrl-C) or 143 (SIGTERM)."""
     import warnings
 
     from ddil_cli.atomic import disk_full_error
@@ -131,8 +174,15 @@ def main(argv: list[str] | None = None) -> None:
     warnings.formatwarning = _one_line_warning
     _quiet_library_bars()
     try:
-        set_threads(default_threads())
-        app(args=argv, standalone_mode=False, prog_name="ddil")
+        with _signals_interrupt():
+            set_threads(default_threads())
+            code = app(args=argv, standalone_mode=False, prog_name="ddil")
+            if _received or code == 130:  # typer turns KeyboardInterrupt into a returned 130
+                _report_interrupt()
+            if isinstance(code, int) and code:
+                sys.exit(code)
+    except KeyboardInterrupt:  # one outside the command (while arguments are parsed)
+        _report_interrupt()
     except UserError as exc:
         print_error(str(exc))
         sys.exit(2)
@@ -146,8 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     except _EXIT as exc:
         sys.exit(exc.exit_code)
     except _ABORT:
-        console.print("aborted")
-        sys.exit(130)
+        _report_interrupt()
     except Exception as exc:  # a full disk is the user's to fix; anything else is a bug and raises
         full = disk_full_error(exc)
         if full is None:

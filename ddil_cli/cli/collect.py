@@ -9,8 +9,9 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_FROZEN_DTYPE, HELP_QUIET, HELP_SEED, console, progress,
-                                 resolve_config, resolve_device)
+from ddil_cli.atomic import kept_if_interrupted
+from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_FROZEN_DTYPE, HELP_QUIET, HELP_SEED, check_out_apart,
+                                 console, progress, resolve_config, resolve_device)
 from ddil_cli.models import MODEL_HELP
 from ddil_cli.stages.collect import CollectConfig, load_models, run_collect
 from ddil_cli.validate import BATCH, FROZEN_DTYPE, GUIDANCE, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, STEPS, Rule
@@ -91,12 +92,17 @@ def collect_command(
     config: Optional[Path] = typer.Option(None, help=HELP_CONFIG),
 ):
     cfg = resolve_config(ctx, CollectConfig, config, RULES)
+    check_out_apart(cfg.out, {"--teacher": cfg.teacher, "--student": cfg.student, "--data": cfg.data,
+                              "--prompts": cfg.prompts, "--config": config})
     rank, world_size, local_rank, launch_key = distributed_context()
     cfg.device = resolve_device(cfg.device)
     if cfg.device == "cuda" and world_size > 1:
         cfg.device = f"cuda:{local_rank}"
     models = load_models(cfg, cfg.device)  # load (and fail) before the buffer is touched
-    with progress(cfg.quiet or rank > 0) as bar:
+    # no output lock: collect runs append to one buffer concurrently by design (own run numbers,
+    # shard names that never clash, manifest updates under the buffer's own lock; docs/buffer.md)
+    kept = f"the shards already committed to {cfg.out} (run collect again to add more)"
+    with progress(cfg.quiet or rank > 0) as bar, kept_if_interrupted(kept):
         summary = run_collect(cfg, models=models, progress=bar, rank=rank, world_size=world_size,
                               launch_key=launch_key)
     if not cfg.quiet:

@@ -15,7 +15,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
 
-from ddil_cli.atomic import atomic_folder
+from ddil_cli.atomic import atomic_folder, kept_if_interrupted, output_lock, remove_stale_partials
 from ddil_cli.errors import UserError
 from ddil_cli.validate import Rule, check_values
 
@@ -36,14 +36,35 @@ HELP_THREADS = ("torch CPU threads. Default: 1 where 2 cores or fewer are availa
                 "at most 8; with OMP_NUM_THREADS set and no --threads, torch's own count.")
 
 
+def _unique_key_loader():
+    """yaml's SafeLoader, refusing a key given twice in one table (it would keep the last one
+    silently; TOML refuses it too)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
 def load_config_file(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path} is a folder; pass a .toml or .yaml file to --config")
     if not path.is_file():
         raise UserError(f"config file {path} not found; pass an existing .toml or .yaml file to --config")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not syntax
         if path.suffix.lower() == ".toml":
             if sys.version_info >= (3, 11):
                 import tomllib
@@ -53,7 +74,7 @@ def load_config_file(path: Path | None) -> dict[str, Any]:
         elif path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_unique_key_loader()) or {}
         else:
             raise UserError(f"config file {path} must end in .toml, .yaml or .yml")
     except UserError:
@@ -120,6 +141,9 @@ def resolve_device(device: str) -> str:
     return device
 
 
+MAX_THREADS = 1024  # more is a typo (torch overflows on a 64-bit count)
+
+
 def default_threads() -> int | None:
     """The torch thread count a run gets without --threads; None leaves OMP_NUM_THREADS's choice."""
     if os.environ.get("OMP_NUM_THREADS"):
@@ -135,24 +159,66 @@ def set_threads(threads: int | None) -> None:
     """Use `threads` torch CPU threads from here on (None: change nothing)."""
     if threads is None:
         return
-    if threads < 1:
-        raise UserError(f"--threads must be >= 1, got {threads}")
+    if not 1 <= threads <= MAX_THREADS:
+        raise UserError(f"--threads must be in [1, {MAX_THREADS}], got {threads}")
     import torch
 
     torch.set_num_threads(threads)
 
 
+def _local_path(value: Any) -> Path | None:
+    """The existing local file or folder an input option names, or None (a lab spec, a hub id, a
+    pipe: URL). A shard pattern ('data/train-{0..9}.tar', 'data/*.tar') names its folder."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (str, Path)):
+        return None
+    text = str(value)
+    if "=" in text and not Path(text).exists():  # covariate-shift's LABEL=DIR
+        text = text.split("=", 1)[1]
+    if text.startswith("pipe:") or not text:
+        return None
+    wild = min((i for i in (text.find(c) for c in "{*?[") if i >= 0), default=-1)
+    path = Path(os.path.dirname(text[:wild]) or ".") if wild >= 0 else Path(text).expanduser()
+    return path.resolve() if path.exists() else None
+
+
+def check_out_apart(out: str | Path, inputs: dict[str, Any]) -> None:
+    """UserError when --out (resolved, symlinks followed) is an input, lies inside one or holds
+    one: writing it (with --overwrite, replacing it) would destroy that input. `inputs` maps
+    each input flag to its value (a path, a list of them, or None). Checked before anything is
+    written, with or without --overwrite."""
+    target = Path(out).expanduser().resolve()
+    if not str(out).strip() or not target.name:
+        raise UserError(f"--out {str(out)!r} names no folder of its own; give one such as runs/name")
+    if Path.cwd().resolve().is_relative_to(target):  # replacing it would take the user's files with it
+        raise UserError(f"--out {out} is or holds the current folder; give a folder of its own such as runs/name")
+    for flag, values in inputs.items():
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            path = _local_path(value)
+            if path is None:
+                continue
+            how = ("is" if path == target else "lies inside" if target.is_relative_to(path)
+                   else "holds" if path.is_relative_to(target) else None)
+            if how is not None:
+                raise UserError(f"--out {out} {how} the input {flag} {value}; writing it would destroy that "
+                                "input: choose an --out apart from every input")
+
+
 @contextmanager
-def output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def output_dir(out: str | Path, *, overwrite: bool = False, what: str = "ddil") -> Iterator[Path]:
     """Yield a hidden work folder beside `out`, renamed to `out` only when the block succeeds.
 
     A failure or interrupt leaves `out` as it was (absent, or the old one with --overwrite).
+    One writer at a time (`output_lock`); partial folders of a dead earlier run are removed.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder path")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out} already exists and is not empty; choose another folder or pass --overwrite")
+
+    def check_free() -> None:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file; give a folder path")
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise UserError(f"--out {out} already exists and is not empty; choose another folder or pass --overwrite")
+
+    check_free()
     parent = out.absolute().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -160,8 +226,12 @@ def output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
             raise PermissionError(13, "permission denied")
     except OSError as exc:
         raise UserError(f"cannot write to {parent} ({exc.strerror}); choose a writable --out") from None
-    with atomic_folder(out, replace=True) as work:
-        yield work
+    kept = f"nothing: --out {out} is as it was" if out.exists() else f"nothing: --out {out} was not created"
+    with output_lock(out, what), kept_if_interrupted(kept):
+        check_free()  # again under the lock: a run that just finished may have written it
+        remove_stale_partials(out)
+        with atomic_folder(out, replace=True) as work:
+            yield work
 
 
 class RateColumn(ProgressColumn):

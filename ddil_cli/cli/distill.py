@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, HELP_SEED, console, progress,
+from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, HELP_SEED, check_out_apart, console, progress,
                                  resolve_config, resolve_device)
 from ddil_cli.methods import METHODS
 from ddil_cli.models import MODEL_HELP
@@ -23,11 +23,12 @@ D = DistillConfig()
 RULES = {"steps": STEPS, "teacher_steps": STEPS, "max_updates": Rule(low=1, high=10**9),
          "guided_updates": Rule(low=0, high=10**9), "batch_size": BATCH,
          "lr": Rule(above=0, high=10, hint="; try 1e-4 (diffusers) or 1e-3 (the lab)"), "warmup": NON_NEGATIVE,
-         "weight_decay": NON_NEGATIVE, "max_grad_norm": Rule(above=0), "grad_accum": Rule(low=1, high=4096),
+         "weight_decay": Rule(low=0, high=10), "max_grad_norm": Rule(above=0), "grad_accum": Rule(low=1, high=4096),
          "mixed_precision": Rule(choices=("no", "fp16", "bf16")), "ema_decay": Rule(low=0, below=1),
          "frozen_dtype": FROZEN_DTYPE, "rollout_batch_size": BATCH,
          "collect_every": NON_NEGATIVE, "rollouts_per_collect": Rule(low=1, high=65536),
-         "replay": Rule(choices=("fifo", "prioritised")), "buffer_size": POSITIVE, "priority_alpha": NON_NEGATIVE,
+         "replay": Rule(choices=("fifo", "prioritised")), "buffer_size": POSITIVE,
+         "priority_alpha": Rule(low=0, high=10),
          "guidance": GUIDANCE, "student_prediction": Rule(choices=("epsilon", "v_prediction", "sample")),
          "checkpoint_every": NON_NEGATIVE, "keep_checkpoints": POSITIVE, "log_every": POSITIVE,
          "max_nonfinite": POSITIVE, "tracker": Rule(choices=("none", "tensorboard", "wandb")), "seed": SEED,
@@ -193,6 +194,8 @@ def distill_command(
 ):
     cfg = resolve_config(ctx, DistillConfig, config, RULES, options_keys=METHOD_OPTION_KEYS)
     cfg.device = resolve_device(cfg.device)
+    check_out_apart(cfg.out, {"--teacher": cfg.teacher, "--data": cfg.data, "--buffer": cfg.buffer,
+                              "--prompts": cfg.prompts, "--config": config})
     with progress(cfg.quiet) as bar:
         summary = run_distill(cfg, progress=bar)
     if not cfg.quiet:

@@ -8,13 +8,16 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED, console,
-                                 output_dir, progress, resolve_config, resolve_device)
+from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED, check_out_apart,
+                                 console, output_dir, progress, resolve_config, resolve_device)
 from ddil_cli.evaluate.run import ALL_METRICS, EvaluateConfig
 from ddil_cli.stages.evaluate import run_evaluate
 from ddil_cli.validate import BATCH, POSITIVE, SEED, Rule
 
 D = EvaluateConfig()
+# the files and folders evaluate reads: --out may be none of them, nor inside or around one
+INPUTS = ("samples", "reference", "compare", "inception", "dinov2", "dinov2_repo", "clip", "lpips_backbone",
+          "digits_classifier", "cache_dir")
 
 # what each option must satisfy beyond its type (validate.py), checked before anything is written
 RULES = {"eval_res": Rule(low=8, high=4096), "num_reference": POSITIVE, "prdc_max": Rule(low=2),
@@ -84,7 +87,8 @@ def evaluate_command(
 
     cfg = resolve_config(ctx, EvaluateConfig, config, RULES)
     cfg.device = resolve_device(cfg.device)
-    with output_dir(cfg.out, overwrite=cfg.overwrite) as work, progress(cfg.quiet) as bar:
+    check_out_apart(cfg.out, {f"--{name.replace('_', '-')}": getattr(cfg, name) for name in INPUTS} | {"--config": config})
+    with output_dir(cfg.out, overwrite=cfg.overwrite, what="ddil evaluate") as work, progress(cfg.quiet) as bar:
         result = run_evaluate(cfg, work, progress=bar)
         write_manifest(work, "evaluate", cfg, inputs={"samples": cfg.samples, "compare": cfg.compare},
                        extra={"reference": result["reference"], "unavailable": result["unavailable"]})

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_FROZEN_DTYPE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED,
-                                 console, output_dir, progress, resolve_config, resolve_device)
+                                 check_out_apart, console, output_dir, progress, resolve_config, resolve_device)
 from ddil_cli.models import MODEL_HELP
 from ddil_cli.sampling import SampleConfig, load_models
 from ddil_cli.stages.sample import run_sample
@@ -66,8 +66,10 @@ def sample_command(
     cfg = resolve_config(ctx, SampleConfig, config, RULES)
     cfg.device = resolve_device(cfg.device)
     cfg.prompt = cfg.prompt or []
+    check_out_apart(cfg.out, {"--teacher": cfg.teacher, "--student": cfg.student, "--prompts": cfg.prompts,
+                              "--config": config})
     models = load_models(cfg, cfg.device)  # load (and fail) before any folder is made
-    with output_dir(cfg.out, overwrite=cfg.overwrite) as work, progress(cfg.quiet) as bar:
+    with output_dir(cfg.out, overwrite=cfg.overwrite, what="ddil sample") as work, progress(cfg.quiet) as bar:
         summary = run_sample(cfg, work, progress=bar, models=models)
     if not cfg.quiet:
         console.print(f"[green]wrote[/] {summary['samples']} samples ({summary['sampler']}, "

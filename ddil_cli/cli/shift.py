@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, HELP_SEED, console, progress, resolve_config,
-                                 resolve_device)
+from ddil_cli.atomic import kept_if_interrupted, output_lock
+from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, HELP_SEED, check_out_apart, console, progress,
+                                 resolve_config, resolve_device)
 from ddil_cli.evaluate.run import ALL_METRICS
 from ddil_cli.models import MODEL_HELP
 from ddil_cli.stages.shift import ShiftConfig, resolve_inputs, run_shift
@@ -91,8 +92,12 @@ def covariate_shift_command(
     cfg = resolve_config(ctx, ShiftConfig, config, RULES)
     cfg.device = resolve_device(cfg.device)
     cfg.prompt, cfg.compare_student, cfg.settings = cfg.prompt or [], cfg.compare_student or [], cfg.settings or []
+    check_out_apart(cfg.out, {"--teacher": cfg.teacher, "--student": cfg.student,
+                              "--compare-student": cfg.compare_student, "--reference": cfg.reference,
+                              "--data": cfg.data, "--prompts": cfg.prompts, "--config": config})
     inputs = resolve_inputs(cfg)  # load and validate everything before anything is written
-    with progress(cfg.quiet) as bar:
+    kept = f"the settings finished so far in {cfg.out} (run the command again: it reuses them)"
+    with output_lock(cfg.out, "ddil covariate-shift"), kept_if_interrupted(kept), progress(cfg.quiet) as bar:
         summary = run_shift(cfg, progress=bar, inputs=inputs)
     if not cfg.quiet:
         from rich.markdown import Markdown

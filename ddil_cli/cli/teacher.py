@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED, HELP_THREADS,
-                                 console, output_dir, progress, resolve_config, resolve_device)
+                                 check_out_apart, console, output_dir, progress, resolve_config, resolve_device)
 from ddil_cli.errors import UserError
 from ddil_cli.stages.teacher import TeacherCommandConfig, parse_channels, run_teacher
 from ddil_cli.validate import BATCH, NON_NEGATIVE, POSITIVE, SEED, Rule
@@ -20,7 +20,7 @@ D = TeacherCommandConfig()
 RULES = {"resolution": Rule(low=4, high=1024), "channels": Rule(choices=(1, 3)), "layers_per_block": Rule(low=1, high=16),
          "attention_heads": Rule(low=1, high=64), "text_width": Rule(low=1, high=4096), "text_layers": Rule(low=1, high=64),
          "max_length": Rule(low=2, high=1024), "steps": Rule(low=1, high=10**9), "batch_size": BATCH,
-         "lr": Rule(above=0, high=10), "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+         "lr": Rule(above=0, high=10), "warmup_steps": NON_NEGATIVE, "weight_decay": Rule(low=0, high=10),
          "grad_clip": NON_NEGATIVE, "caption_dropout": Rule(low=0, below=1), "ema_decay": Rule(low=0, below=1),
          "checkpoint_every": POSITIVE, "keep_checkpoints": POSITIVE, "log_every": POSITIVE, "max_samples": POSITIVE,
          "default_guidance": Rule(low=1, high=100), "mixed_precision": Rule(choices=("no", "fp16", "bf16")),
@@ -97,7 +97,9 @@ def teacher_command(
     from ddil_cli.data.shards import resolve_shards
 
     resolve_shards(cfg.data)  # a missing or empty data path fails before any folder is made
-    with output_dir(cfg.out, overwrite=cfg.overwrite) as work, progress(cfg.quiet) as bar:
+    check_out_apart(cfg.out, {"--data": cfg.data, "--default-prompts": cfg.default_prompts,
+                              "--resume-from": cfg.resume_from, "--checkpoints": cfg.checkpoints, "--config": config})
+    with output_dir(cfg.out, overwrite=cfg.overwrite, what="ddil teacher") as work, progress(cfg.quiet) as bar:
         summary = run_teacher(cfg, work, progress=bar, console=None if cfg.quiet else console)
     if not cfg.quiet:
         data = summary["data"]

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from ddil_cli.atomic import to_json
 from ddil_cli.errors import UserError
 from ddil_cli.evaluate.features import (ExtractorOptions, FeatureExtractor, WeightsUnavailable,
                                         build_feature_extractor, default_cache_dir)
 from ddil_cli.evaluate.frechet import GaussianStats
 from ddil_cli.evaluate.images import prep_description
-from ddil_cli.evaluate.inputs import GMMReference, ImageReference, SampleSet, StatsReference
+from ddil_cli.evaluate.inputs import GMMReference, ImageReference, SampleSet, StatsReference, stats_problem
 
 if TYPE_CHECKING:
     from ddil_cli.evaluate.run import EvaluateConfig
@@ -89,10 +90,13 @@ def reference_stats(reference: ImageReference, extractor: FeatureExtractor, res:
     if path.is_file() and not cfg.no_cache:
         try:
             with np.load(path, allow_pickle=False) as data:
+                problem = stats_problem(data)
+                if problem is not None:
+                    raise ValueError(problem)
                 meta = json.loads(str(data["meta"]))
                 return (GaussianStats(data["mu"], data["sigma"], int(meta["num"])), data["features"],
                         {"cache": str(path), "cache_hit": True})
-        except (OSError, ValueError, KeyError, EOFError) as exc:  # a damaged cache entry is recomputed
+        except (OSError, ValueError, KeyError, EOFError, TypeError) as exc:  # a damaged cache entry is recomputed
             warnings.warn(f"reference statistics cache {path} is unreadable ({exc}); recomputing it")
     task = progress.add_task(f"reference {extractor.name}", total=len(reference.source)) if progress else None
     feats = []
@@ -109,7 +113,7 @@ def reference_stats(reference: ImageReference, extractor: FeatureExtractor, res:
     if not cfg.no_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.partial.npz")
-        np.savez(tmp, mu=stats.mu, sigma=stats.sigma, features=kept, meta=np.array(json.dumps(meta)))
+        np.savez(tmp, mu=stats.mu, sigma=stats.sigma, features=kept, meta=np.array(to_json(meta)))
         tmp.replace(path)
     return stats, kept, {"cache": None if cfg.no_cache else str(path), "cache_hit": False}
 

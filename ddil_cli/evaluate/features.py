@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ddil_cli.atomic import to_json
 from ddil_cli.errors import UserError
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
@@ -96,7 +97,7 @@ def file_sha256(path: str | Path, cache_dir: str | Path | None = None) -> str:
     try:
         memo_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo, indent=1))
+        tmp.write_text(to_json(memo, indent=1))
         tmp.replace(memo_file)
     except OSError:
         pass  # a read-only cache only costs a re-hash next time

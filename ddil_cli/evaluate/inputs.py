@@ -60,12 +60,23 @@ def load_sample_set(folder: str) -> SampleSet:
     index = root / "samples.jsonl"
     if not index.is_file():
         raise UserError(f"--samples {root} has no samples.jsonl; pass a `ddil sample` output folder")
+    from ddil_cli.atomic import from_json
+
     try:
-        rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+        rows = [from_json(line) for line in index.read_text().splitlines() if line.strip()]
     except ValueError as exc:
         raise UserError(f"{index} is not valid JSON lines ({exc}); regenerate it with ddil sample") from None
     if not rows:
         raise UserError(f"{index} lists no samples")
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise UserError(f"{index} line {number} is not a JSON object; regenerate it with ddil sample")
+        if "file" in row and not isinstance(row["file"], str):
+            raise UserError(f"{index} line {number}: its file must be text, got {row['file']!r}; regenerate it "
+                            "with ddil sample")
+        if "row" in row and (isinstance(row["row"], bool) or not isinstance(row["row"], int) or row["row"] < 0):
+            raise UserError(f"{index} line {number}: its row must be a whole number >= 0, got {row['row']!r}; "
+                            "regenerate it with ddil sample")
     if all(r.get("file") == "states.npy" for r in rows):
         try:
             states = np.load(root / "states.npy", allow_pickle=False)
@@ -77,7 +88,11 @@ def load_sample_set(folder: str) -> SampleSet:
         rows_idx = [int(r.get("row", i)) for i, r in enumerate(rows)]
         if max(rows_idx) >= len(states):
             raise UserError(f"{index} refers to row {max(rows_idx)} but states.npy has {len(states)} rows")
-        return SampleSet(root, rows, states[rows_idx])
+        picked = states[rows_idx]
+        if not np.isfinite(picked).all():  # a diverged student's NaN states would score as 0.0
+            raise UserError(f"{root / 'states.npy'} holds NaN or infinite states; they come from a diverged model: "
+                            "sample again with a finite student")
+        return SampleSet(root, rows, picked)
     missing = [r.get("file") for r in rows if not r.get("file") or not (root / r["file"]).is_file()]
     if missing:
         raise UserError(f"{len(missing)} sample image(s) listed in {index} are missing (first: {missing[0]}); "
@@ -93,6 +108,27 @@ class ImageReference:
         return {**self.source.describe(), "manifest_hash": self.source.manifest_hash()}
 
 
+def stats_problem(data) -> str | None:
+    """What is wrong with the content of a statistics .npz (ours or clean-fid's), or None: mu a
+    finite vector, sigma a finite square matrix of its size, features (ours) rows of that size,
+    meta (ours) a JSON object."""
+    mu, sigma = np.asarray(data["mu"]), np.asarray(data["sigma"])
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        return f"mu of shape {mu.shape} and sigma of shape {sigma.shape} are not a vector and its square matrix"
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        return "mu or sigma hold NaN or infinite values"
+    if "features" in data and (data["features"].ndim != 2 or data["features"].shape[1] != len(mu)):
+        return f"features of shape {data['features'].shape} do not have mu's {len(mu)} columns"
+    if "meta" in data:
+        try:
+            meta = json.loads(str(data["meta"]))
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict):
+            return "meta is not a JSON object"
+    return None
+
+
 class StatsReference:
     """A statistics .npz: clean-fid's (mu, sigma) or ours (+ features, + meta)."""
 
@@ -104,6 +140,10 @@ class StatsReference:
             raise UserError(f"--reference {path} is not a readable .npz ({exc})") from None
         if "mu" not in data or "sigma" not in data:
             raise UserError(f"--reference {path} holds no mu/sigma; pass statistics written by ddil evaluate "
+                            "or clean-fid")
+        problem = stats_problem(data)
+        if problem is not None:
+            raise UserError(f"--reference {path} is damaged: {problem}; pass statistics written by ddil evaluate "
                             "or clean-fid")
         self.mu, self.sigma = data["mu"], data["sigma"]
         self.features = data["features"] if "features" in data else None

@@ -75,9 +75,14 @@ def run_metric(ctx: EvaluationContext, m: Metric) -> dict:
             if m.reference_stats:
                 needs.reference_stats, needs.reference_features, needs.reference_info = \
                     ctx.reference_for(needs.extractor)
-        return {"available": True, **m.compute(ctx, needs)}
+        values = m.compute(ctx, needs)
     except Unavailable as exc:
         return {"available": False, "reason": str(exc)}
+    bad = [k for k, v in values.items() if isinstance(v, float) and not np.isfinite(v)]
+    if bad:  # strict JSON would write null beside `available: true`: a score nobody can read
+        return {"available": False, "reason": f"{', '.join(bad)} came out NaN or infinite (degenerate inputs, "
+                                              "e.g. too few distinct samples)"}
+    return {"available": True, **values}
 
 
 # ---- image metrics ----------------------------------------------------------------------------

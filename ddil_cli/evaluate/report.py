@@ -35,12 +35,18 @@ def load_metrics_json(path: str | Path) -> dict:
         path = path / "metrics.json"
     if not path.is_file():
         raise UserError(f"--compare {path} not found; pass a metrics.json or an evaluate output folder")
+    from ddil_cli.atomic import from_json
+
     try:
-        data = json.loads(path.read_text())
+        data = from_json(path.read_text())
     except ValueError as exc:
         raise UserError(f"--compare {path} is not valid JSON ({exc})") from None
     if not isinstance(data, dict) or "metrics" not in data:
         raise UserError(f"--compare {path} is not a ddil evaluate metrics.json")
+    metrics = data["metrics"]
+    if not isinstance(metrics, dict) or not all(isinstance(v, dict) for v in metrics.values()):
+        raise UserError(f"--compare {path}: its metrics are not a table of metric entries; pass a metrics.json "
+                        "written by ddil evaluate")
     return data
 
 

@@ -118,6 +118,9 @@ class MethodOptions:
     # (models.mlp.fit_to_teacher). Real students start as copies of their teacher's weights; an
     # analytic teacher has none, so 0 starts from a fresh MLP
     lab_init_steps: int = 0
+    # ranges (validate.py Rules) by field, upper bounds included: a learning rate of 1e308 or a
+    # guidance of 1e6 can only be a typo, and overflows
+    RULES: ClassVar[dict] = {}
 
     @classmethod
     def from_dict(cls, method: str, given: dict[str, Any]) -> "MethodOptions":
@@ -132,7 +135,10 @@ class MethodOptions:
 
         # types from the dataclass fields, as for every command's own config (a config file's
         # `solver_steps = "fifty"` is one line, not a TypeError later)
-        values = check_values(cls, {k: v for k, v in given.items() if k in names and v is not None}, {})
+        from ddil_cli.validate import Rule
+
+        values = check_values(cls, {k: v for k, v in given.items() if k in names and v is not None},
+                              {"lab_init_steps": Rule(low=0, high=10**7), **cls.RULES})
         options = cls(**values)
         if options.lab_init_steps < 0:
             raise UserError(f"--lab-init-steps must be >= 0, got {options.lab_init_steps}")
@@ -173,6 +179,9 @@ class DistillMethod:
     # the prior schedule when the user gives neither --prior nor --prior-schedule (None: the stage's)
     default_prior_schedule: ClassVar[str | None] = None
     default_student_prob: ClassVar[str | None] = None  # None: the stage's default
+    # the method plans several training stages (--stage-updates, --guided-updates); the others
+    # train one phase, and the distill stage refuses those flags for them alike
+    plans_stages: ClassVar[bool] = False
 
     def __init__(self, *, teacher: Denoiser, student: Denoiser, phase: Phase, options: MethodOptions,
                  threshold: Threshold | None = None, original_teacher: Denoiser | None = None,

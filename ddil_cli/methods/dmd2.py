@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ from ddil_cli.errors import UserError
 from ddil_cli.methods.base import Batch, DistillMethod, MethodOptions, Phase, PlanRequest, TrainedGroup
 from ddil_cli.models.base import Conditioning, Denoiser
 from ddil_cli.rollout import Grid
+from ddil_cli.validate import GUIDANCE, Rule
 
 CRITIC_ADAPTER = "critic"
 
@@ -59,6 +61,9 @@ class DMD2Options(MethodOptions):
     # lab_init_steps (every method's option) fits the critic too: DMD2 starts generator and critic
     # from the teacher. 0, fresh MLPs, stays the default: on the lab the fitted start was not better
     # (docs/distill.md, "DMD2")
+    RULES: ClassVar[dict] = {"real_guidance": GUIDANCE, "critic_lr": Rule(above=0, high=10),
+                             "critic_updates": Rule(low=1, high=1000), "gan_weight": Rule(low=0, high=1000),
+                             "critic_gan_weight": Rule(low=0, high=1000), "timestep_scaling": Rule(above=0, high=1000)}
 
     def validate(self) -> None:
         if self.critic_updates < 1:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -40,6 +41,7 @@ from ddil_cli.methods.base import Batch, DistillMethod, MethodOptions, Phase, Pl
 from ddil_cli.models.base import Denoiser
 from ddil_cli.models.lora import add_adapter, ema_pairs, load_trained_state, trained_state
 from ddil_cli.rollout import Grid
+from ddil_cli.validate import GUIDANCE, Rule
 
 TARGET_ADAPTER = "target"
 
@@ -89,6 +91,8 @@ class LCMOptions(MethodOptions):
     # used only where the buffer holds one at it; batch: the prior splits the batch (the paper's
     # wording), so the rollouts' 10 timesteps take half of every batch from the other 40
     ddil_mix: str = "matched"
+    RULES: ClassVar[dict] = {"solver_steps": Rule(low=1, high=1000), "w_min": GUIDANCE, "w_max": GUIDANCE,
+                             "timestep_scaling": Rule(above=0, high=1000), "huber_c": Rule(above=0, high=10)}
 
     def validate(self) -> None:
         if self.solver_steps < 1:
@@ -136,9 +140,6 @@ class LCMMethod(DistillMethod):
     @classmethod
     def plan(cls, request: PlanRequest, teacher: Denoiser, options: LCMOptions) -> list[Phase]:
         num_train = teacher.schedule.num_train_timesteps
-        if request.stage_updates or request.guided_updates:
-            raise UserError("--stage-updates and --guided-updates are progressive distillation's; LCM trains one "
-                            "phase of --max-updates updates (w comes from --w-min / --w-max)")
         if options.solver_steps > num_train:
             raise UserError(f"--solver-steps {options.solver_steps} exceeds the teacher's {num_train} timesteps")
         if options.unroll_steps is None:  # resolved here, where --steps is known, so the manifest records it

@@ -56,8 +56,8 @@ def stage_budgets(max_updates: int, stage_updates: str | None, stages: int) -> l
             budgets = []
         if len(budgets) == 1:
             budgets *= stages
-        if len(budgets) != stages or min(budgets) < 1:
-            raise UserError(f"--stage-updates {stage_updates!r}: give one positive count, or one per "
+        if len(budgets) != stages or min(budgets) < 1 or max(budgets) > 10**9:  # --max-updates' bound
+            raise UserError(f"--stage-updates {stage_updates!r}: give one count in [1, 1000000000], or one per "
                             f"halving stage ({stages} here)")
         return budgets
     base = max_updates // stages
@@ -93,6 +93,7 @@ class PDMethod(DistillMethod):
     name = "pd"
     Options = PDOptions
     student_scheduler = "ddim"
+    plans_stages = True
 
     @classmethod
     def plan(cls, request: PlanRequest, teacher: Denoiser, options: PDOptions) -> list[Phase]:

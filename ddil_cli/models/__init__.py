@@ -22,7 +22,7 @@ def load_denoiser(spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.
     """Load whatever the user named (see MODEL_HELP) as a Denoiser. A LoRA student folder loads
     onto `base`'s UNet when `base` is the pipeline it was distilled from (the base held once)."""
     from ddil_cli.models.gmm import GMMDenoiser, is_gmm_spec
-    from ddil_cli.models.mlp import CONFIG_NAME, MLPDenoiser
+    from ddil_cli.models.mlp import CONFIG_NAME, WEIGHTS_NAME, MLPDenoiser
 
     spec = str(spec)
     if is_gmm_spec(spec):
@@ -43,22 +43,30 @@ def load_denoiser(spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.
         if problem is not None:
             raise UserError(f"model folder {path}: {problem}; re-create it (e.g. re-run the ddil distill that "
                             "made it) or restore the file")
+        from ddil_cli.models.checks import check_loaded
         from ddil_cli.models.lora import is_lora_folder
 
         if is_lora_folder(path):
             from ddil_cli.models.diffusers_t2i import DiffusersDenoiser
 
-            return DiffusersDenoiser.from_lora_folder(path, device=device, dtype=dtype,
-                                                      base=base if getattr(base, "kind", "") == "diffusers" else None)
+            return check_loaded(DiffusersDenoiser.from_lora_folder(
+                path, device=device, dtype=dtype, base=base if getattr(base, "kind", "") == "diffusers" else None), path)
         if (path / CONFIG_NAME).is_file():
+            if not (path / WEIGHTS_NAME).is_file():
+                raise UserError(f"model folder {path}: {WEIGHTS_NAME} is missing; re-create it (re-run the ddil "
+                                "distill that made it) or restore the file")
             try:
-                return MLPDenoiser.from_pretrained(path).to(device)
-            except (TypeError, KeyError, ValueError, RuntimeError) as exc:  # another format or other shapes
+                return check_loaded(MLPDenoiser.from_pretrained(path).to(device), path)
+            except (TypeError, KeyError, ValueError, RuntimeError, OSError) as exc:  # another format, other shapes
                 raise UserError(f"model folder {path} does not hold a loadable ddil MLP student "
                                 f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); re-create it with "
                                 "ddil distill") from None
         if (path / "model_index.json").is_file() or (path / "unet").is_dir():
-            return _diffusers(path, device, dtype)
+            try:
+                return check_loaded(_diffusers(path, device, dtype), path)
+            except (NotImplementedError, KeyError, TypeError, ValueError) as exc:  # e.g. an unknown beta_schedule
+                raise UserError(f"model folder {path} cannot be loaded ({type(exc).__name__}: "
+                                f"{' '.join(str(exc).split())[:160]}); re-create it or restore its files") from None
         raise UserError(f"{path} is a folder but holds no model (no model_index.json, unet/ or "
                         f"{CONFIG_NAME}); give {MODEL_HELP}")
     if path.exists():

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddil_cli.atomic import to_json
 from ddil_cli.diffusion.parameterization import PREDICTION_TYPES
 from ddil_cli.diffusion.schedule import NoiseSchedule
 from ddil_cli.errors import UserError
@@ -482,9 +483,9 @@ class DiffusersDenoiser(Denoiser):
         else:
             self._save_pipeline(path, merged_copy(self.unet, self.adapter) if self.adapter else self.unet, sched)
         sched.save_pretrained(path / "scheduler")
-        (path / STUDENT_FILE).write_text(json.dumps(record, indent=2))
+        (path / STUDENT_FILE).write_text(to_json(record, indent=2))
         if self.sampling_defaults:
-            (path / DEFAULTS_FILE).write_text(json.dumps(self.sampling_defaults, indent=2))
+            (path / DEFAULTS_FILE).write_text(to_json(self.sampling_defaults, indent=2))
         from ddil_cli.atomic import follow_umask
 
         follow_umask(path)  # safetensors writes private files; a saved model is an ordinary output

@@ -10,6 +10,7 @@ import torch
 from diffusers.models.embeddings import get_timestep_embedding
 from safetensors.torch import load_file, save_file
 
+from ddil_cli.atomic import to_json
 from ddil_cli.diffusion.schedule import NoiseSchedule
 from ddil_cli.models.base import Conditioning, Denoiser
 from ddil_cli.models.gmm import class_ids_from_prompts, class_prompts
@@ -117,7 +118,7 @@ class MLPDenoiser(Denoiser):
                                              if k in self.scheduler_config}}
         save_file({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()},
                   str(path / WEIGHTS_NAME))
-        (path / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        (path / CONFIG_NAME).write_text(to_json(config, indent=2))
         from ddil_cli.atomic import follow_umask
 
         follow_umask(path)  # safetensors writes private files; a saved model is an ordinary output

@@ -38,6 +38,7 @@ from ddil_cli.manifest import build_manifest, fingerprint
 from ddil_cli.models import EMBEDDED, load_teacher_and_student
 from ddil_cli.models.precision import held_dtype
 from ddil_cli.models.base import Denoiser
+from ddil_cli.models.checks import check_student_of
 from ddil_cli.priors import format_prior, parse_prior, require_sources
 from ddil_cli.rollout import Grid
 from ddil_cli.specs import read_prompts
@@ -122,9 +123,8 @@ def plan_collect(cfg: CollectConfig, teacher: Denoiser, student: Denoiser | None
     if cfg.rollouts < 1 or cfg.batch_size < 1 or cfg.shard_samples < 1 or cfg.shard_mb <= 0:
         raise UserError("--rollouts, --batch-size and --shard-samples must be >= 1 and --shard-mb > 0")
     FIFOPolicy(cfg.max_samples)  # validates the bound
-    if student is not None and tuple(student.state_shape) != tuple(teacher.state_shape):
-        raise UserError(f"student states {tuple(student.state_shape)} do not match the teacher's "
-                        f"{tuple(teacher.state_shape)}; give a student distilled from this teacher")
+    if student is not None:
+        check_student_of(student, teacher)
     try:
         grid = Grid.make(cfg.steps, cfg.teacher_steps, teacher.schedule.num_train_timesteps)
     except ValueError as exc:

@@ -15,6 +15,8 @@ import json
 import os
 import shutil
 import time
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -28,7 +30,8 @@ from ddil_cli.buffer.sources import (DataStates, forward_diffuse, is_lab, rollou
 from ddil_cli.buffer.writer import BufferWriter, prompt_id
 from ddil_cli.diffusion.threshold import Threshold, parse_threshold
 from ddil_cli.errors import UserError
-from ddil_cli.atomic import atomic_folder, to_json, unreadable_file, write_bytes_atomic, write_json_atomic
+from ddil_cli.atomic import (atomic_folder, kept_if_interrupted, output_lock, remove_path, to_json, unreadable_file,
+                             write_bytes_atomic, write_json_atomic)
 from ddil_cli.manifest import build_manifest, fingerprint
 from ddil_cli.methods import METHODS, PLANNED, Batch, DistillMethod, MethodOptions, Phase, PlanRequest
 from ddil_cli.models import load_denoiser
@@ -39,6 +42,7 @@ from ddil_cli.priors import PhaseSchedule, PriorSchedule
 from ddil_cli.rollout import Grid
 from ddil_cli.specs import read_prompts
 from ddil_cli.train import CheckpointError, MetricsLog, TrainConfig, Trainer, check_optimizer, latest_checkpoint
+from ddil_cli.validate import GUIDANCE
 
 # The default DDIL schedule, chosen by the lab map (docs/distill.md, "Priors"; docs/results.md):
 # data only for the first 20% of each stage, then data 0.5 / student states 0.5 (the student
@@ -144,6 +148,14 @@ def method_class(name: str) -> type[DistillMethod]:
     return METHODS[name]
 
 
+def _refuse_stage_flags(cfg: DistillConfig, method: type[DistillMethod]) -> None:
+    """Every one-phase method refuses the stage flags alike (DMD2 used to ignore them)."""
+    if (cfg.stage_updates or cfg.guided_updates) and not method.plans_stages:
+        given = [f for f, v in (("--stage-updates", cfg.stage_updates), ("--guided-updates", cfg.guided_updates)) if v]
+        raise UserError(f"{' and '.join(given)}: --method {cfg.method} trains one phase of --max-updates updates; "
+                        "only --method pd plans stages: drop the flag")
+
+
 def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
     method = method_class(cfg.method)
     for flag, value in (("--batch-size", cfg.batch_size), ("--max-updates", cfg.max_updates),
@@ -164,6 +176,7 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
         if importlib.util.find_spec(module) is None:
             raise UserError(f"--tracker {cfg.tracker} needs the {module} package; pip install {module}, "
                             "or use --tracker none")
+    _refuse_stage_flags(cfg, method)
     options = method.Options.from_dict(cfg.method, dict(cfg.options or {}))
     lora = _lean_settings(cfg, teacher, options)
     if options.lab_init_steps and not is_lab(teacher):
@@ -203,8 +216,9 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
             low, high = (float(v) for v in cfg.guidance_range.split(","))
         except ValueError:
             raise UserError(f"bad --guidance-range {cfg.guidance_range!r}; write MIN,MAX such as 2,8") from None
-        if not 1 <= low <= high:
-            raise UserError(f"--guidance-range {cfg.guidance_range}: need 1 <= MIN <= MAX")
+        if not 1 <= low <= high <= GUIDANCE.high:  # nan fails every comparison
+            raise UserError(f"--guidance-range {cfg.guidance_range}: need 1 <= MIN <= MAX <= {GUIDANCE.high:g} "
+                            "(finite CFG scales), e.g. 2,8")
         guidance_range = (low, high)
     elif method_range is not None:
         guidance_range = method_range
@@ -222,6 +236,8 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
         raise UserError(f"--student-prediction {cfg.student_prediction!r}: use epsilon, v_prediction or sample")
     prompts = read_prompts([], cfg.prompts, getattr(teacher, "default_prompts", lambda: None)()) \
         if (cfg.prompts or not cfg.data) else None
+    if prompts and is_lab(teacher):
+        teacher.encode(prompts)  # a prompt that is no class of the mixture fails now, not at the first batch
     # a student that folded the guidance in samples in one pass: guidance 1 (diffusers' guidance_scale=1)
     sampling_guidance = 1.0 if lora is not None and not teacher.guidance_conditioned else \
         min(max(float(default_w), guidance_range[0]), guidance_range[1])
@@ -530,13 +546,8 @@ COMPATIBLE_KEYS = ("method", "teacher", "steps", "teacher_steps", "guided_update
                    "lora_rank", "lora_alpha", "lora_targets")
 
 
-def check_resume(cfg: DistillConfig, run: Path) -> Path | None:
-    """The checkpoint to resume from (None: start fresh), after checking the run matches."""
-    if cfg.resume is None:
-        if run.exists() and any(run.iterdir()) and not cfg.overwrite:
-            raise UserError(f"run folder {run} already exists; pass --resume latest to continue it, "
-                            "another --out, or --overwrite to start again")
-        return None
+def _run_config(run: Path) -> dict:
+    """The config a distill run folder was started with (its manifest), checked to be one."""
     manifest_path = run / "manifest.json"
     if not manifest_path.is_file():
         raise UserError(f"--resume: {run} is not a ddil distill run (no manifest.json); check --out")
@@ -548,29 +559,129 @@ def check_resume(cfg: DistillConfig, run: Path) -> Path | None:
         if manifest.get("stage") != "distill":
             raise UserError(f"--resume: {run} is not a ddil distill run (its manifest is a "
                             f"{manifest.get('stage')!r} output's); check --out")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"--resume: {manifest_path} is damaged ({exc}); restore it, or start again with "
                         "--overwrite or another --out") from None
+    return old
+
+
+def _check_same_settings(cfg: DistillConfig, run: Path) -> None:
+    old = _run_config(run)
     for key in COMPATIBLE_KEYS:
         if old.get(key, {"options": {}, "lora_rank": 0}.get(key)) != getattr(cfg, key):
             raise UserError(f"--resume: the run in {run} has {key}={old.get(key)!r}, this command "
                             f"{getattr(cfg, key)!r}; resume with the same settings or use another --out")
+
+
+def _check_checkpoint_fits(path: Path, plan: Plan) -> None:
+    """A checkpoint resumes only a phase of this plan, within that phase's updates."""
+    try:
+        info = json.loads((path / "state.json").read_text())
+        phase_name, update = info["phase"], int(info["train"]["update"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--resume {path}: {path / 'state.json'} is not a checkpoint's state ({exc}); use "
+                        "--resume latest or another checkpoint") from None
+    phases = {p.name: p for p in plan.phases}
+    if phase_name not in phases:
+        raise UserError(f"--resume {path}: its phase {phase_name!r} is not one of this run's "
+                        f"({', '.join(phases)}); it comes from another method or step layout: resume with the "
+                        "flags that made it or start a new --out")
+    if update > phases[phase_name].updates:
+        raise UserError(f"--resume {path}: the checkpoint is at update {update} of phase {phase_name}, past this "
+                        f"run's {phases[phase_name].updates} for it; raise --max-updates (or --stage-updates) "
+                        "to at least the checkpoint's")
+
+
+def check_resume(cfg: DistillConfig, run: Path, plan: Plan | None = None) -> Path | None:
+    """The checkpoint to resume from (None: start fresh), after checking the run matches."""
+    if cfg.resume is None:
+        if run.exists() and any(run.iterdir()) and not cfg.overwrite:
+            raise UserError(f"run folder {run} already exists; pass --resume latest to continue it, "
+                            "another --out, or --overwrite to start again")
+        return None
+    _check_same_settings(cfg, run)
     if cfg.resume == "latest":
-        return latest_checkpoint(run)
-    path = Path(cfg.resume)
-    if not (path / "state.json").is_file():
-        raise UserError(f"--resume {path}: not a checkpoint folder (no state.json); use latest or "
-                        f"a folder under {run / 'checkpoints'}")
-    problem = unreadable_file(path)
-    if problem is not None:
-        raise UserError(f"--resume {path}: {problem}; use --resume latest (it skips damaged checkpoints) "
-                        f"or another folder under {run / 'checkpoints'}")
+        path = latest_checkpoint(run)
+    else:
+        path = Path(cfg.resume)
+        if not (path / "state.json").is_file():
+            raise UserError(f"--resume {path}: not a checkpoint folder (no state.json); use latest or "
+                            f"a folder under {run / 'checkpoints'}")
+        problem = unreadable_file(path)
+        if problem is not None:
+            raise UserError(f"--resume {path}: {problem}; use --resume latest (it skips damaged checkpoints) "
+                            f"or another folder under {run / 'checkpoints'}")
+        origin = path.absolute().parent.parent  # RUN/checkpoints/checkpoint-N
+        if origin != run.absolute() and (origin / "manifest.json").is_file():
+            _check_same_settings(cfg, origin)  # a checkpoint of another run: the same method and teacher
+    if path is not None and plan is not None:
+        _check_checkpoint_fits(path, plan)
     return path
+
+
+def _replaced_runs(run: Path) -> list[Path]:
+    return sorted(run.absolute().parent.glob(f".{run.name}.replaced-*"))
+
+
+def _what_a_run_kept(run: Path) -> str:
+    checkpoint = latest_checkpoint(run) if run.is_dir() else None
+    if checkpoint is None:
+        return f"no checkpoint yet, so {run} is as it was before this command"
+    return f"the checkpoint {checkpoint}; continue with the same flags plus --resume latest"
+
+
+@contextmanager
+def _one_writer(run: Path, accelerator):
+    """The run's output lock (main process; every command takes it on its --out), after putting
+    back an old run that an --overwrite killed before its first checkpoint set aside. The other
+    processes of a launch wait for that before they look at the run."""
+    main = accelerator.is_main_process
+    with output_lock(run, "ddil distill") if main else nullcontext():
+        for old in _replaced_runs(run) if main else []:  # their process is dead: live ones hold the lock
+            if run.is_dir() and latest_checkpoint(run) is not None:
+                remove_path(old)
+            else:
+                remove_path(run)
+                os.rename(old, run)
+                warnings.warn(f"restored {run}: an earlier --overwrite of it was killed before its first checkpoint")
+        accelerator.wait_for_everyone()
+        yield
+
+
+@contextmanager
+def _run_folder(run: Path, *, fresh: bool, accelerator):
+    """The run folder while the run trains. A fresh run that fails or is interrupted before its
+    first checkpoint leaves nothing behind; an --overwrite sets the old run aside (a hidden
+    sibling) and deletes it only once the new run has a checkpoint, else puts it back."""
+    main = accelerator.is_main_process
+    old, created = None, False
+    accelerator.wait_for_everyone()  # every process has checked the folder before anything is written
+    if main:
+        if fresh and run.is_dir() and any(run.iterdir()):  # --overwrite: check_resume refused it otherwise
+            old = run.absolute().with_name(f".{run.name}.replaced-{os.getpid()}")
+            os.rename(run, old)
+        created = not run.exists()
+        run.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    try:
+        with kept_if_interrupted(lambda: _what_a_run_kept(run)):
+            yield
+    except BaseException:
+        if main and fresh and latest_checkpoint(run) is None:
+            remove_path(run)
+            if old is not None:
+                os.rename(old, run)
+                old = None
+            elif not created:
+                run.mkdir()  # it was an empty folder
+        raise
+    finally:
+        if main and old is not None:
+            remove_path(old)
 
 
 def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     run = Path(cfg.out)
     # first: under a launcher every process validates, and only the main process writes
@@ -580,7 +691,12 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
     frozen = frozen_dtype(cfg.frozen_dtype, accelerator.device)
     teacher = load_denoiser(cfg.teacher, device=str(accelerator.device), dtype=frozen)
     plan = make_plan(cfg, teacher)
-    resume_from = check_resume(cfg, run)
+    with _one_writer(run, accelerator):
+        return _run_locked(cfg, run, plan, teacher, accelerator, progress)
+
+
+def _run_locked(cfg: DistillConfig, run: Path, plan: Plan, teacher: Denoiser, accelerator, progress) -> dict:
+    resume_from = check_resume(cfg, run, plan)
     # the data source opens for forward-diffused inputs, for a loss that draws data, and, with
     # --data and no --prompts, as the rollouts' captions (a student- or teacher-only prior: DMD2's)
     uses_data = (any(p["data"] > 0 for p in plan.schedule.priors) or plan.method.needs_data(plan.options)
@@ -594,13 +710,14 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
     existing = next((p for p in [run, *run.absolute().parents] if p.exists()), Path("/"))
     if not os.access(existing, os.W_OK | os.X_OK) or (existing == run and not run.is_dir()):
         raise UserError(f"cannot write to {run} ({existing} is not a writable folder); choose a writable --out")
-    accelerator.wait_for_everyone()  # every process has checked the folder before anything is written
-    if accelerator.is_main_process:
-        run.mkdir(parents=True, exist_ok=True)
-        if resume_from is None and cfg.overwrite:
-            for child in run.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-    accelerator.wait_for_everyone()
+    with _run_folder(run, fresh=resume_from is None, accelerator=accelerator):
+        return _train(cfg, run, plan, teacher, accelerator, resume_from, data, external, progress)
+
+
+def _train(cfg, run: Path, plan: Plan, teacher: Denoiser, accelerator, resume_from, data, external, progress) -> dict:
+    from accelerate.utils import set_seed
+
+    frozen = frozen_dtype(cfg.frozen_dtype, accelerator.device)
     set_seed(cfg.seed)
     # a resume that fails on its checkpoint leaves the run's manifest (its original command) as it was
     previous_manifest = (run / "manifest.json").read_bytes() if resume_from is not None else None
