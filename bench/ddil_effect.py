@@ -21,6 +21,7 @@ markdown file plus a PNG heat map of the paired relative difference, regimes x m
     python bench/ddil_effect.py --method pd --suite digits --seeds 3 --work runs/effect-pd
     python bench/ddil_effect.py --method pd --quick          # a smoke run of both suites
     python bench/ddil_effect.py --method pd --suite lab --timing 3   # wall-clock overhead only
+    python bench/ddil_effect.py --method pd --suite lab --jumps --takeover   # one PD stage, 32 -> 16/8/4/2
 
 The map's wall-clock column compares runs that may have run at different times (a rerun reuses
 finished arms); `--timing K` measures the overhead apart: K paired repeats per regime, both
@@ -109,6 +110,11 @@ DIGITS_REGIMES = {
     # a harder setting: four halvings on a small budget, where the student's states may drift
     "2 steps, short (160 upd, 32->2)": {"steps": 2, "max_updates": 160},
 }
+# `--jumps`: one PD stage from the teacher's 32 steps, each student step spanning 2, 4, 8 or 16
+# teacher steps (--pd-stages 32,N), at the suite's base budget: does covariate shift grow with
+# the jump, and does DDIL remove it?
+JUMP_REGIMES = {f"jump {32 // steps} (1 stage 32->{steps})": {"steps": steps, "options": {"pd_stages": f"32,{steps}"}}
+                for steps in (16, 8, 4, 2)}
 QUICK = {"lab": ({**LAB_BASE, "max_updates": 300},
                  {"base": {}, "2 steps": {"steps": 2, "max_updates": 200}}),
          "digits": ({**DIGITS_BASE, "max_updates": 24, "collect_every": 8, "rollouts_per_collect": 4,
@@ -134,9 +140,11 @@ class Suite:
     metrics: list[str] | None = None
 
 
-def make_suite(name: str, quick: bool, work: Path) -> Suite:
+def make_suite(name: str, quick: bool, work: Path, jumps: bool = False) -> Suite:
     base, regimes = QUICK[name] if quick else ((LAB_BASE, LAB_REGIMES) if name == "lab" else
                                                (DIGITS_BASE, DIGITS_REGIMES))
+    if jumps:
+        regimes = JUMP_REGIMES
     if name == "lab":
         return Suite(name, base, regimes, per_prompt=64 if quick else 256, shift_samples=256 if quick else 1000)
     from ddil_cli.data.digits import build_digits_shards, digit_prompt, split_source
@@ -155,6 +163,18 @@ def make_suite(name: str, quick: bool, work: Path) -> Suite:
 
 def _numbers(result: dict) -> dict[str, list]:
     return {k: [v, higher] for k, (v, higher) in headline_numbers(result).items()}
+
+
+def merged(*layers: dict) -> dict:
+    """Distill settings layered left to right; the method's `options` merge key by key, so that
+    an arm's or --set's options (ddil_from_stage) keep a regime's (pd_stages)."""
+    out: dict = {}
+    for layer in layers:
+        options = {**(out.get("options") or {}), **(layer.get("options") or {})}
+        out.update(layer)
+        if options:
+            out["options"] = options
+    return out
 
 
 def _sample_and_evaluate(suite: Suite, work: Path, folder: Path, teacher: str, student: str | None, steps: int,
@@ -199,7 +219,7 @@ def run_arm(suite: Suite, work: Path, method: str, regime: str, settings: dict, 
     folder = arm_folder(work, suite, regime, seed, arm, tag)
     done = folder / "result.json"
     cfg = DistillConfig(**{"method": method, "data": suite.data, "seed": seed, "quiet": True,
-                           "out": str(folder / "run"), "overwrite": True, **settings, **overrides})
+                           "out": str(folder / "run"), "overwrite": True, **merged(settings, overrides)})
     if done.is_file():
         record = json.loads(done.read_text())
         if cache_matches(record, cfg):
@@ -483,7 +503,7 @@ def timing(suite: Suite, method: str, regimes: dict[str, dict], arms: dict[str, 
     def run(settings: dict, arm: str, seed: int) -> tuple[float, float, dict]:
         with tempfile.TemporaryDirectory(dir=work) as tmp:
             cfg = DistillConfig(**{"method": method, "data": suite.data, "seed": seed, "quiet": True,
-                                   "out": str(Path(tmp) / "run"), **settings, **arms[arm]})
+                                   "out": str(Path(tmp) / "run"), **merged(settings, arms[arm])})
             # CPU time beside wall-clock: on a shared machine identical work took 8% more wall
             # time from one run to the next; the process's CPU seconds do not count others' load
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -493,11 +513,11 @@ def timing(suite: Suite, method: str, regimes: dict[str, dict], arms: dict[str, 
     if not regimes:
         return "\nNo regime matched --regimes.\n"
     # a short discarded run of each arm: the first pays for imports and lazily built kernels
-    first = {**suite.base, **next(iter(regimes.values())), **shared}
+    first = merged(suite.base, next(iter(regimes.values())), shared)
     for arm in ("base", "ddil"):
         run({**first, "max_updates": max(1, first["max_updates"] // 10)}, arm, 0)
     for regime, override in regimes.items():
-        settings = {**suite.base, **override, **shared}
+        settings = merged(suite.base, override, shared)
         walls: dict[str, list[float]] = {"base": [], "ddil": []}
         cpus: dict[str, list[float]] = {"base": [], "ddil": []}
         shares = []
@@ -552,6 +572,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ddil-arg", action="append", default=[], help="KEY=VALUE distill override, DDIL arm")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE distill override, both arms")
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
+    parser.add_argument("--jumps", action="store_true",
+                        help="the jump map instead of the suite's regimes: one PD stage 32 -> 16, 8, 4, 2 "
+                             "(each student step spanning 2 to 16 teacher steps) at the suite's base budget")
     parser.add_argument("--takeover", action="store_true",
                         help="also score teacher/student hand-overs at the last student timestep (who makes "
                              "the error: covariate shift or the last step itself)")
@@ -584,7 +607,7 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work / args.method
     work.mkdir(parents=True, exist_ok=True)
     for name in ("lab", "digits") if args.suite == "all" else (args.suite,):
-        suite = make_suite(name, args.quick, work)
+        suite = make_suite(name, args.quick, work, args.jumps)
         seeds = args.seeds or (2 if args.quick else (5 if name == "lab" else 3))
         regimes = {r: s for r, s in suite.regimes.items()
                    if not args.regimes or any(p.strip() in r for p in args.regimes.split(","))}
@@ -599,7 +622,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         results, teachers, all_records = {pair: {} for pair in comparisons}, {}, {}
         for regime, override in regimes.items():
-            settings = {**suite.base, **override, **shared}
+            settings = merged(suite.base, override, shared)
             teachers[regime] = teacher_row(suite, work, settings)
             records = {arm: [] for arm in arms}
             for seed in range(seeds):

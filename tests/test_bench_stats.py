@@ -96,3 +96,12 @@ def test_overrides_take_each_field_s_type_optional_ones_included():
                                                                                    "prior_schedule": "0:data=1"}
     with pytest.raises(SystemExit):
         ddil_effect._parse_overrides(["no_such_field=1"])
+
+
+def test_an_arm_s_options_keep_the_jump_regime_s_stages():
+    regime = ddil_effect.JUMP_REGIMES["jump 8 (1 stage 32->4)"]
+    settings = ddil_effect.merged(ddil_effect.LAB_BASE, regime, {"options": {"lab_init_steps": 5}})
+    arm = ddil_effect.merged(settings, {"prior": "data=1", "options": {"ddil_from_stage": 1}})
+    assert arm["options"] == {"pd_stages": "32,4", "lab_init_steps": 5, "ddil_from_stage": 1}
+    assert arm["steps"] == 4 and arm["prior"] == "data=1" and arm["teacher"] == ddil_effect.LAB_BASE["teacher"]
+    assert "options" not in ddil_effect.merged(ddil_effect.LAB_BASE, {"prior": "data=1"})

@@ -44,7 +44,8 @@ student (it takes each transition with probability --student-prob, default {DEFA
 into run/buffer/. `--prior data=1` is plain teacher-forced distillation. Models: {MODEL_HELP}.
 
 PD halves the steps stage by stage (--teacher-steps 32 -> 16 -> 8 -> --steps 4), each stage's
-teacher being the previous student; --max-updates is split over the stages. Under the default
+teacher being the previous student; --max-updates is split over the stages. --pd-stages 32,4
+jumps further: one stage whose student step matches 8 teacher steps. Under the default
 schedule DDIL starts at the second halving stage (--ddil-from-stage); the first trains on data.
 
 LCM (consistency distillation) trains one phase on the teacher's 50-step DDIM solver grid
@@ -185,6 +186,10 @@ def distill_command(
                                                   "prior; earlier stages train on data alone (default 2 under the "
                                                   "default schedule, 1 with --prior / --prior-schedule; at most the "
                                                   "last stage)."),
+    pd_stages: Optional[str] = typer.Option(None, help="PD: the stages as step counts from --teacher-steps to "
+                                            "--steps, each a multiple of the next: 32,4 is one stage whose "
+                                            "student step spans 8 teacher steps; 32,8,4 two (default: halving, "
+                                            "32,16,8,4)."),
     seed: int = typer.Option(D.seed, help=HELP_SEED),
     device: str = typer.Option("auto", help=HELP_DEVICE),
     out: Path = typer.Option(Path(D.out), help="Run folder."),
