@@ -24,7 +24,7 @@ from ddil_cli.buffer.pool import ReplayPool
 from ddil_cli.buffer.replay import FIFOPolicy, PrioritizedPolicy
 from ddil_cli.buffer.manifest import buffer_header
 from ddil_cli.buffer.sources import (DataStates, forward_diffuse, is_lab, rollout_records, sources_for_batch,
-                                     record_spans)
+                                     record_spans, without_vae_on_device)
 from ddil_cli.buffer.writer import BufferWriter, prompt_id
 from ddil_cli.diffusion.threshold import Threshold, parse_threshold
 from ddil_cli.errors import UserError
@@ -541,7 +541,7 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
     if resume_info is not None and not isinstance(resume_info, dict):
         resume_info = {"phase": None}  # not a checkpoint's state: load_checkpoint names the problem
 
-    teacher = teacher.to(accelerator.device)
+    teacher = without_vae_on_device(teacher.to(accelerator.device), data)
     original_source = str(getattr(teacher, "spec", "") or cfg.teacher)  # normalised lab spec
     previous, previous_source = teacher, original_source  # the last finished phase's student
     offset, summaries = 0, []
@@ -549,8 +549,9 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
         stage_dir = run / "stages" / phase.name
         done = (stage_dir / "ddil_phase.json").is_file()
         if done and cfg.resume is not None:
-            previous, previous_source = load_denoiser(str(stage_dir), device=accelerator.device,
-                                                      dtype=frozen), str(stage_dir)
+            previous = without_vae_on_device(load_denoiser(str(stage_dir), device=accelerator.device,
+                                                           dtype=frozen), data)
+            previous_source = str(stage_dir)
             offset += phase.updates
             summaries.append(json.loads((stage_dir / "ddil_phase.json").read_text()))
             continue
@@ -568,8 +569,8 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
         # keeps every prepared model and optimiser until told (an SD-size stage's ~10 GB each)
         previous = phase_teacher = None
         accelerator.free_memory()
-        previous, previous_source = load_denoiser(str(stage_dir), device=accelerator.device,
-                                                  dtype=frozen), str(stage_dir)
+        previous = without_vae_on_device(load_denoiser(str(stage_dir), device=accelerator.device, dtype=frozen), data)
+        previous_source = str(stage_dir)
         offset += phase.updates
     final = run / "student"
     if accelerator.is_main_process:
