@@ -122,11 +122,22 @@ def default_threads() -> int | None:
     """The torch thread count a run gets without --threads; None leaves OMP_NUM_THREADS's choice."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity API (macOS)
-        cores = os.cpu_count() or 1
+    cores = available_cores()
     return 1 if cores <= 2 else min(cores // 2, 8)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS)
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Data loader worker processes: none on 2 cores or fewer (they would take the cores the
+    networks run on), else half the cores, at most 8."""
+    cores = available_cores()
+    return 0 if cores <= 2 else min(cores // 2, 8)
 
 
 def set_threads(threads: int | None) -> None:
