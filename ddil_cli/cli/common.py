@@ -106,6 +106,18 @@ def resolve_config(ctx: typer.Context, cls: type[Config], config_file: Path | No
     return cls(**values)
 
 
+def distributed_context() -> tuple[int, int, int, str | None]:
+    """(rank, world size, local rank, launch key) from the torchrun / accelerate launch environment.
+
+    The launch key (the rendezvous id and master address) lets every rank of one launch join one
+    collect run without a process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1, 0, None
+    key = ":".join(os.environ.get(name, "") for name in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"))
+    return int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")), key
+
+
 def resolve_device(device: str) -> str:
     import torch
 

@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from ddil_cli.cli.collect import distributed_context
-from ddil_cli.cli.common import HELP_CONFIG, HELP_DEVICE, HELP_QUIET, console, progress, resolve_config, resolve_device
+from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, console, distributed_context, progress,
+                                 resolve_config, resolve_device)
 from ddil_cli.models import MODEL_HELP, load_denoiser
 from ddil_cli.stages.encode import EncodeConfig, run_encode
 from ddil_cli.validate import BATCH

@@ -8,9 +8,8 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from ddil_cli.cli.collect import distributed_context
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED, console,
-                                 progress, resolve_config, resolve_device)
+                                 distributed_context, progress, resolve_config, resolve_device)
 from ddil_cli.models import MODEL_HELP
 from ddil_cli.sampling import SampleConfig, load_models
 from ddil_cli.stages.sample import sample_to_folder
