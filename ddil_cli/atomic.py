@@ -165,20 +165,28 @@ def atomic_folder(path: str | os.PathLike, *, replace: bool = True) -> Iterator[
     work.mkdir()
     try:
         yield work
-        _fsync_tree(work)
-        follow_umask(work)
-        if final.exists():
-            if not replace:
-                raise FileExistsError(errno.EEXIST, "already exists", str(final))
-            old = temp_name(final).with_suffix(".old")
-            os.rename(final, old)
-            os.rename(work, final)
-            remove_path(old)
-        else:
-            os.rename(work, final)
+        publish_folder(work, final, replace=replace)
     except BaseException:
         remove_path(work)
         raise
+
+
+def publish_folder(work: str | os.PathLike, final: str | os.PathLike, *, replace: bool = True) -> None:
+    """Rename the finished folder `work` to `final` (a sibling), its files flushed and given the
+    umask's permissions; an existing `final` is swapped out and deleted (replace=True) or is an
+    error. `atomic_folder`'s last step, and `ddil sample`'s, whose work folder outlives a crash."""
+    work, final = Path(work), Path(final)
+    _fsync_tree(work)
+    follow_umask(work)
+    if final.exists():
+        if not replace:
+            raise FileExistsError(errno.EEXIST, "already exists", str(final))
+        old = temp_name(final).with_suffix(".old")
+        os.rename(final, old)
+        os.rename(work, final)
+        remove_path(old)
+    else:
+        os.rename(work, final)
     fsync_path(final.parent)
 
 
@@ -339,6 +347,7 @@ def disk_full_error(exc: BaseException) -> UserError | None:
 
 
 __all__ = ["atomic_file", "atomic_folder", "current_umask", "disk_full_error", "follow_umask", "fsync_path",
-           "from_json", "json_safe", "kept_if_interrupted", "lock_name", "one_line", "output_lock", "remove_path",
-           "remove_stale_partials", "what_an_interrupt_kept", "save_tensors_atomic", "temp_name", "to_json", "write_bytes_atomic",
+           "from_json", "json_safe", "kept_if_interrupted", "lock_name", "one_line", "output_lock", "publish_folder",
+           "remove_path", "remove_stale_partials", "what_an_interrupt_kept", "save_tensors_atomic", "temp_name",
+           "to_json", "write_bytes_atomic",
            "unreadable_file", "write_json_atomic", "write_text_atomic"]

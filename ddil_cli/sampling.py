@@ -46,6 +46,7 @@ class SampleConfig:
     out: str = "samples"
     quiet: bool = False
     overwrite: bool = False
+    resume: bool = False
 
 
 def sample_seed(base_seed: int, index: int) -> int:
@@ -151,52 +152,179 @@ def sample_threshold(cfg: SampleConfig):
         raise UserError(f"--threshold: {exc}") from None
 
 
-def write_sample_folder(cfg: SampleConfig, work: Path, teacher: Denoiser, student: Denoiser | None, *,
-                        progress=None) -> dict:
-    """Generate into the (empty, private) folder `work`. Returns a summary."""
+PARTS_DIR = "parts"  # rows and lab states of an unfinished folder; removed when it is finished
+
+
+def batch_ranges(num_samples: int, batch_size: int, part: int = 0, parts: int = 1) -> list[range]:
+    """The batches (consecutive global indices) one of `parts` processes generates: whole batches
+    dealt round-robin, so a batch is the same batch however many processes share the work and
+    every image is computed exactly as one process computes it."""
+    starts = range(0, num_samples, batch_size)
+    return [range(b, min(b + batch_size, num_samples)) for i, b in enumerate(starts) if i % parts == part]
+
+
+def read_rows(work: Path) -> dict[int, dict]:
+    """Every sample row written so far into an unfinished folder, by global index. A row is
+    appended only after its image (or states) is on disk; a line cut short by a crash is ignored
+    (its sample is generated again)."""
+    rows: dict[int, dict] = {}
+    for path in sorted((work / PARTS_DIR).glob("rows-*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("index"), int):
+                rows[row["index"]] = row
+    return {i: r for i, r in rows.items() if r.get("file") == "states.npy" or (work / r["file"]).is_file()}
+
+
+class SampleWriter:
+    """Writes PNGs (or the lab's states) and their rows on a thread while the next batch is
+    generated; at most `depth` batches wait, so memory does not grow with the number of samples.
+    An error on the thread (a full disk) is raised in the caller at the next call."""
+
+    def __init__(self, work: Path, part: int, depth: int = 2):
+        import queue
+        import threading
+
+        (work / PARTS_DIR).mkdir(exist_ok=True)
+        self.work, self.rows_path = work, work / PARTS_DIR / f"rows-{part:05d}.jsonl"
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="ddil-sample-writer", daemon=True)
+        self.thread.start()
+
+    def _write(self, files: list[tuple[str, object]], rows: list[dict]) -> None:
+        from PIL import Image
+
+        from ddil_cli.atomic import atomic_file
+
+        for name, value in files:
+            # each file published whole (temporary name, rename); the folder is flushed when finished
+            with atomic_file(self.work / name, fsync=False) as tmp:
+                if isinstance(value, np.ndarray) and value.dtype == np.uint8:
+                    Image.fromarray(value).save(tmp, format="PNG")
+                else:
+                    with open(tmp, "wb") as f:
+                        np.save(f, value)
+        with open(self.rows_path, "a") as f:
+            f.write("".join(to_json(row) + "\n" for row in rows))
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self._write(*item)
+                except BaseException as exc:  # raised in the caller
+                    self.error = exc
+
+    def put(self, files: list[tuple[str, object]], rows: list[dict]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((files, rows))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _settings(cfg: SampleConfig, plan: SamplePlan, threshold) -> dict:
+    return {"sampler": plan.sampler, "steps": plan.grid.num_transitions, "teacher_steps": cfg.teacher_steps,
+            "teacher_prob": plan.teacher_prob, "switch": cfg.switch, "guidance": plan.guidance,
+            "threshold": str(threshold)}
+
+
+def generate_part(cfg: SampleConfig, work: Path, teacher: Denoiser, student: Denoiser | None, *, part: int = 0,
+                  parts: int = 1, progress=None) -> dict:
+    """Generate this process's batches into the unfinished folder `work`, skipping samples
+    already written there (a resumed run). Returns {'written', 'seconds'}."""
     threshold = sample_threshold(cfg)
     plan = plan_sampling(cfg, teacher, student)
-    jobs = [(p_idx, prompt, k) for p_idx, prompt in enumerate(plan.prompts) for k in range(cfg.num_per_prompt)]
-    settings = {"sampler": plan.sampler, "steps": plan.grid.num_transitions, "teacher_steps": cfg.teacher_steps,
-                "teacher_prob": plan.teacher_prob, "switch": cfg.switch, "guidance": plan.guidance,
-                "threshold": str(threshold)}
-    task = progress.add_task("sampling", total=len(jobs)) if progress is not None else None
-    rows, lab_states, images = [], [], []
-    start = time.perf_counter()
-    for begin in range(0, len(jobs), cfg.batch_size):
-        batch = jobs[begin:begin + cfg.batch_size]
-        seeds = [sample_seed(cfg.seed, begin + j) for j in range(len(batch))]
-        result = generate(plan, teacher, seeds, [b[1] for b in batch], threshold, cfg.device)
-        decoded = teacher.decode(result.final)
-        for j, (p_idx, prompt, _k) in enumerate(batch):
-            index = begin + j
-            row = {"index": index, "prompt": prompt, "prompt_index": p_idx, "seed": seeds[j], **settings,
-                   "teacher_transitions": int(result.teacher_mask[j].sum())}
-            if decoded is None:
-                row.update(file="states.npy", row=index)
-                if prompt.startswith("class "):
-                    row["class"] = int(prompt.split()[1])
-                lab_states.append(result.final[j].float().cpu().numpy())
-            else:
-                from PIL import Image
-
+    jobs = [(p_idx, prompt) for p_idx, prompt in enumerate(plan.prompts) for _ in range(cfg.num_per_prompt)]
+    settings = _settings(cfg, plan, threshold)
+    done = set(read_rows(work))
+    todo = [b for b in batch_ranges(len(jobs), cfg.batch_size, part, parts) if not set(b) <= done]
+    task = progress.add_task("sampling" if parts == 1 else f"sampling (rank {part})",
+                             total=sum(len(b) for b in todo)) if progress is not None else None
+    writer, written, start = SampleWriter(work, part), 0, time.perf_counter()
+    try:
+        for batch in todo:
+            seeds = [sample_seed(cfg.seed, index) for index in batch]
+            result = generate(plan, teacher, seeds, [jobs[i][1] for i in batch], threshold, cfg.device)
+            decoded = teacher.decode(result.final)
+            files, rows = [], []
+            if decoded is None:  # lab states: one small file per batch, joined into states.npy at the end
+                files.append((f"{PARTS_DIR}/states-{batch[0]:09d}.npy", result.final.float().cpu().numpy()))
+            for j, index in enumerate(batch):
+                if index in done:
+                    continue
+                p_idx, prompt = jobs[index]
+                row = {"index": index, "prompt": prompt, "prompt_index": p_idx, "seed": seeds[j], **settings,
+                       "teacher_transitions": int(result.teacher_mask[j].sum())}
+                if decoded is None:
+                    row.update(file="states.npy", row=index, part_file=files[0][0], part_row=j)
+                    if prompt.startswith("class "):
+                        row["class"] = int(prompt.split()[1])
+                else:
+                    row["file"] = f"images/{index:06d}.png"
+                    files.append((row["file"], decoded[j]))
+                rows.append(row)
+            if decoded is not None:
                 (work / "images").mkdir(exist_ok=True)
-                row["file"] = f"images/{index:06d}.png"
-                Image.fromarray(decoded[j]).save(work / row["file"])
-                images.append(decoded[j])
-            rows.append(row)
-        if task is not None:
-            progress.advance(task, len(batch))
-    seconds = time.perf_counter() - start
-    with open(work / "samples.jsonl", "w") as f:
-        for row in rows:
-            f.write(to_json(row) + "\n")
-    if lab_states:
-        states = np.stack(lab_states).astype(np.float32)
+            writer.put(files, rows)
+            written += len(rows)
+            if task is not None:
+                progress.advance(task, len(batch))
+    finally:
+        writer.close()
+    return {"written": written, "seconds": time.perf_counter() - start}
+
+
+def is_complete(cfg: SampleConfig, work: Path, num_prompts: int) -> bool:
+    return len(read_rows(work)) == num_prompts * cfg.num_per_prompt
+
+
+def _grid_images(work: Path, rows: list[dict], num_per_prompt: int) -> tuple[list[np.ndarray], int]:
+    """The images the grid shows (up to 8 prompts x 8 samples), read back from disk: the grid
+    needs no image kept in memory while sampling."""
+    from PIL import Image
+
+    shown = {r * num_per_prompt + c for r in range(8) for c in range(min(num_per_prompt, 8))}
+    images = []
+    for index in range(min(len(rows), 8 * num_per_prompt)):
+        if index in shown:
+            with Image.open(work / rows[index]["file"]) as img:
+                images.append(np.asarray(img.convert("RGB")))
+        else:
+            images.append(None)
+    return images, num_per_prompt
+
+
+def finish_folder(cfg: SampleConfig, work: Path, teacher: Denoiser, student: Denoiser | None,
+                  seconds: float) -> dict:
+    """Turn a folder whose every sample is written into the `ddil sample` format: samples.jsonl
+    (by index), states.npy (lab), grid.png, manifest.json. Returns the summary."""
+    from ddil_cli.atomic import remove_path
+
+    plan = plan_sampling(cfg, teacher, student)
+    found = read_rows(work)
+    rows = [found[i] for i in range(len(found))]
+    if rows and rows[0]["file"] == "states.npy":
+        parts = {name: np.load(work / name) for name in {r["part_file"] for r in rows}}
+        states = np.stack([parts[r["part_file"]][r["part_row"]] for r in rows]).astype(np.float32)
         np.save(work / "states.npy", states)
         _lab_grid_png(states, [r.get("class", 0) for r in rows], teacher, work / "grid.png")
     else:
-        _image_grid_png(images, cfg.num_per_prompt, work / "grid.png")
+        _image_grid_png(*_grid_images(work, rows, cfg.num_per_prompt), work / "grid.png")
+    with open(work / "samples.jsonl", "w") as f:
+        for row in rows:
+            f.write(to_json({k: v for k, v in row.items() if k not in ("part_file", "part_row")}) + "\n")
     summary = {"samples": len(rows), "prompts": len(plan.prompts), "sampler": plan.sampler,
                "seconds": round(seconds, 3), "seconds_per_sample": round(seconds / max(len(rows), 1), 5),
                "nfe_per_sample": _nfe(plan)}
@@ -204,7 +332,18 @@ def write_sample_folder(cfg: SampleConfig, work: Path, teacher: Denoiser, studen
                                                 "prompts": cfg.prompts},
                    extra={"summary": summary, "teacher": teacher.describe(),
                           "student": student.describe() if student else None})
+    # last: until here the rows are on disk, so a failure above (a full disk) can be finished again
+    remove_path(work / PARTS_DIR)
+    for leftover in (work / "images").glob(".*") if (work / "images").is_dir() else []:
+        remove_path(leftover)  # a temporary image of an interrupted run
     return summary
+
+
+def write_sample_folder(cfg: SampleConfig, work: Path, teacher: Denoiser, student: Denoiser | None, *,
+                        progress=None) -> dict:
+    """Generate into the (empty, private) folder `work` in this one process. Returns a summary."""
+    generated = generate_part(cfg, work, teacher, student, progress=progress)
+    return finish_folder(cfg, work, teacher, student, generated["seconds"])
 
 
 def _nfe(plan: SamplePlan) -> float:

@@ -198,3 +198,32 @@ def test_shard_reference_by_relative_path_and_brace_pattern(tmp_path, monkeypatc
     assert len(plain.source) == 297
     with pytest.raises(UserError, match="does not exist"):
         resolve_reference("digits/heldout-{000001..000002}.tar", None)
+
+
+def test_one_pass_opens_every_image_once_and_scores_as_separate_runs(tmp_path, capsys, weights, monkeypatch):
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (12, 40, 40, 3), dtype=np.uint8)
+    _image_samples(tmp_path / "s", images, [f"prompt {i // 3}" for i in range(12)])
+    (tmp_path / "ref").mkdir()
+    for i, img in enumerate(rng.integers(0, 256, (10, 40, 40, 3), dtype=np.uint8)):
+        Image.fromarray(img).save(tmp_path / "ref" / f"{i}.png")
+    args = ["evaluate", "--samples", str(tmp_path / "s"), "--reference", str(tmp_path / "ref"), "--eval-res", "32",
+            "--batch-size", "5", "--no-cache", "--quiet", *weights]
+    opened, real_open = [], Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(str(fp)) or real_open(fp, *a, **k))
+    assert run([*args, "--metrics", "fid,pr,clip", "--out", str(tmp_path / "all")], capsys)[0] == 0
+    assert sorted(opened) == sorted(str(p) for p in [*(tmp_path / "s/images").iterdir(), *(tmp_path / "ref").iterdir()])
+    together = json.loads((tmp_path / "all/metrics.json").read_text())["metrics"]
+    assert all(together[k]["available"] for k in ("fid", "pr", "clip"))
+    alone = {}
+    for name in ("fid", "pr", "clip"):
+        assert run([*args, "--metrics", name, "--out", str(tmp_path / name)], capsys)[0] == 0
+        alone[name] = json.loads((tmp_path / name / "metrics.json").read_text())["metrics"][name]
+    assert together["fid"]["value"] == pytest.approx(alone["fid"]["value"], rel=1e-6)
+    assert together["pr"]["precision"] == alone["pr"]["precision"] and together["pr"]["recall"] == alone["pr"]["recall"]
+    assert together["clip"]["value"] == pytest.approx(alone["clip"]["value"], rel=1e-6)
+    # decoding in DataLoader worker processes gives the same numbers
+    assert run([*args, "--metrics", "fid,pr,clip", "--workers", "2", "--out", str(tmp_path / "w")], capsys)[0] == 0
+    workers = json.loads((tmp_path / "w/metrics.json").read_text())["metrics"]
+    assert workers["fid"]["value"] == pytest.approx(together["fid"]["value"], rel=1e-6)
+    assert workers["clip"]["value"] == pytest.approx(together["clip"]["value"], rel=1e-6)

@@ -100,3 +100,89 @@ def test_console_script_help_lists_stages():
         assert stage in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "ddil_cli", "sample", "--help"], capture_output=True, text=True)
     assert "Examples" in proc.stdout
+
+
+# ---- at scale: processes, streaming, resume -----------------------------------------------------
+def _folder_bytes(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from tiny_models import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "teacher")
+
+
+def _sd_config(teacher, out, **kw):
+    from ddil_cli.sampling import SampleConfig
+
+    return SampleConfig(teacher=str(teacher), teacher_steps=2, prompt=["a cat", "a dog", "a boat"], num_per_prompt=5,
+                        batch_size=4, quiet=True, out=str(out), **kw)
+
+
+def test_two_processes_write_the_files_one_process_writes(tmp_path, tiny_sd):
+    from ddil_cli.stages.sample import sample_to_folder
+
+    one = sample_to_folder(_sd_config(tiny_sd, tmp_path / "one"))
+    assert one["published"] and one["samples"] == 15
+    # rank 1 first: it cannot publish (rank 0's batches are missing); rank 0 then finishes and publishes
+    ranks = [sample_to_folder(_sd_config(tiny_sd, tmp_path / "two"), rank=r, world_size=2, launch_key="L")
+             for r in (1, 0)]
+    assert [r["published"] for r in ranks] == [False, True] and [r["written"] for r in ranks] == [7, 8]
+    assert _folder_bytes(tmp_path / "one") == _folder_bytes(tmp_path / "two")
+    assert len(list((tmp_path / "one/images").iterdir())) == 15 and not list(tmp_path.glob(".*"))
+
+
+def test_resume_finishes_an_interrupted_run_without_redoing_written_samples(tmp_path, tiny_sd, monkeypatch, capsys):
+    import ddil_cli.sampling as sampling
+    from ddil_cli.stages.sample import sample_to_folder
+
+    sample_to_folder(_sd_config(tiny_sd, tmp_path / "whole"))
+    real, calls = sampling.generate, []
+
+    def interrupted(plan, teacher, seeds, *args):
+        calls.append(len(seeds))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(plan, teacher, seeds, *args)
+
+    monkeypatch.setattr(sampling, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sample_to_folder(_sd_config(tiny_sd, tmp_path / "cut"))
+    assert not (tmp_path / "cut").exists() and (tmp_path / ".cut.sampling").is_dir()
+    # without --resume the leftover is named; a resume with other settings is refused
+    argv = ["sample", "--quiet", "--teacher", str(tiny_sd), "--teacher-steps", "2", "--prompt", "a cat", "--prompt",
+            "a dog", "--prompt", "a boat", "--num-per-prompt", "5", "--batch-size", "4", "--out", str(tmp_path / "cut")]
+    code, err = run(argv, capsys)
+    assert code == 2 and "--resume" in err and err.count("error:") == 1 and "Traceback" not in err, err
+    code, err = run([*argv[:-2], "--seed", "3", "--out", str(tmp_path / "cut"), "--resume"], capsys)
+    assert code == 2 and "seed" in err, err
+    calls.clear()
+    monkeypatch.setattr(sampling, "generate", lambda *a: calls.append(len(a[2])) or real(*a))
+    assert run([*argv, "--resume"], capsys)[0] == 0
+    assert calls == [4, 3]  # the two batches not written before the interruption (8 of 15 were)
+    assert _folder_bytes(tmp_path / "whole") == _folder_bytes(tmp_path / "cut")
+    assert not (tmp_path / ".cut.sampling").exists()
+
+
+def test_memory_does_not_hold_every_image(tmp_path, tiny_sd, monkeypatch):
+    """The grid is drawn from the first images, read back: no decoded image outlives its batch."""
+    import gc
+
+    import ddil_cli.sampling as sampling
+    from ddil_cli.stages.sample import sample_to_folder
+
+    alive, real = [], sampling.SampleWriter.put
+
+    def put(self, files, rows):
+        import weakref
+
+        alive.extend(weakref.ref(v) for _, v in files if isinstance(v, np.ndarray))
+        return real(self, files, rows)
+
+    monkeypatch.setattr(sampling.SampleWriter, "put", put)
+    sample_to_folder(_sd_config(tiny_sd, tmp_path / "s"))
+    gc.collect()
+    assert len(alive) == 15 and sum(ref() is not None for ref in alive) == 0

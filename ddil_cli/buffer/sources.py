@@ -61,7 +61,7 @@ class DataStates:
     """Clean states and their prompts, batch by batch, from the lab mixture or image shards.
 
     `prompts` are the lab's conditioning (cycled over the examples); image data bring their own
-    captions. `part`/`parts` read every parts-th shard (one process's share of the data).
+    captions. Data encoded by `ddil encode` (a folder with encoded.json) are read as stored. `part`/`parts` read every parts-th shard (one process's share of the data).
     """
 
     def __init__(self, teacher: Denoiser, *, data=None, prompts: list[str] | None = None,
@@ -70,6 +70,7 @@ class DataStates:
         self.prompts = list(prompts or [])
         self._reader = None
         self._iter: Iterator | None = None
+        self.encoded = False
         if is_lab(teacher):
             if data:
                 raise UserError("the Gaussian-mixture lab draws exact samples of its mixture as data; "
@@ -79,7 +80,13 @@ class DataStates:
             return
         if not data:
             raise UserError("the data source needs real images; pass --data SHARDS (image-caption webdataset)")
+        from ddil_cli.data.encoded import EncodedShards, is_encoded
         from ddil_cli.data.shards import ImageCaptionShards, resolve_shards
+
+        self.encoded = is_encoded(data)
+        if self.encoded:  # `ddil encode`'s output: clean states already, no VAE in the step
+            self._reader = EncodedShards(data, teacher, part=part, parts=parts)
+            return
 
         height, width = getattr(teacher, "image_hw", teacher.state_shape[-2:])
         if height != width:
@@ -99,6 +106,9 @@ class DataStates:
         try:
             return next(self._iter)
         except StopIteration:
+            if self.encoded:
+                raise UserError(f"the encoded data {self._reader.folder} holds no samples for this process; "
+                                "encode more data (ddil encode)") from None
             raise UserError(f"no usable image-caption samples in --data ({self._reader.stats.summary()}); "
                             "each sample needs an image and a non-empty .txt caption") from None
 
@@ -116,8 +126,20 @@ class DataStates:
             x0, _ = self.teacher.mixture.sample(n, generator, classes)
             return x0.float(), prompts
         samples = [self._next_image() for _ in range(n)]
+        if self.encoded:
+            return torch.stack([s.latent for s in samples]).float(), [s.caption for s in samples]
         images = torch.stack([s.image for s in samples])
         return self.teacher.encode_images(images).cpu(), [s.caption for s in samples]
+
+
+def without_vae_on_device(model: Denoiser, data: DataStates | None) -> Denoiser:
+    """`model` with its VAE (if any) on the CPU when nothing in training encodes images (no data,
+    or data encoded by `ddil encode`): rollouts and losses live in latent space, and an SD VAE is
+    ~330 MB of device memory a run would otherwise hold for nothing. Saving still finds it."""
+    vae = getattr(model, "vae", None)
+    if vae is not None and (data is None or data.encoded):
+        vae.to("cpu")
+    return model
 
 
 def rollout_records(teacher: Denoiser, student: Denoiser | None, grid: Grid, prompts: list[str],

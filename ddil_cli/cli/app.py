@@ -63,6 +63,7 @@ def with_threads(command):
 def _register():
     from ddil_cli.cli.collect import collect_command
     from ddil_cli.cli.distill import distill_command
+    from ddil_cli.cli.encode import encode_command
     from ddil_cli.cli.evaluate import evaluate_command
     from ddil_cli.cli.sample import sample_command
     from ddil_cli.cli.shift import covariate_shift_command
@@ -70,7 +71,8 @@ def _register():
 
     for name, command in (("collect", collect_command), ("distill", distill_command),
                           ("sample", sample_command), ("evaluate", evaluate_command),
-                          ("covariate-shift", covariate_shift_command), ("teacher", teacher_command)):
+                          ("covariate-shift", covariate_shift_command), ("teacher", teacher_command),
+                          ("encode", encode_command)):
         app.command(name, help=keep_examples(command.__doc__))(with_threads(command))
 
 

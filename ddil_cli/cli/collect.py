@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +10,7 @@ from rich.markup import escape
 
 from ddil_cli.atomic import kept_if_interrupted
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_FROZEN_DTYPE, HELP_QUIET, HELP_SEED, check_out_apart,
-                                 console, progress, resolve_config, resolve_device)
+                                 console, distributed_context, progress, resolve_config, resolve_device)
 from ddil_cli.models import MODEL_HELP
 from ddil_cli.stages.collect import CollectConfig, load_models, run_collect
 from ddil_cli.validate import BATCH, FROZEN_DTYPE, GUIDANCE, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, STEPS, Rule
@@ -46,18 +45,6 @@ Examples:
 
   ddil collect --teacher embedded:digits --data data/digits --prior data=0.5,teacher=0.5 --out buffers/digits
 """
-
-
-def distributed_context() -> tuple[int, int, int, str | None]:
-    """(rank, world size, local rank, launch key) from the torchrun / accelerate launch environment.
-
-    The launch key (the rendezvous id and master address) lets every rank of one launch join one
-    collect run without a process group."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return 0, 1, 0, None
-    key = ":".join(os.environ.get(name, "") for name in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"))
-    return int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")), key
 
 
 def collect_command(

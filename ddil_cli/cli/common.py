@@ -129,6 +129,18 @@ def resolve_config(ctx: typer.Context, cls: type[Config], config_file: Path | No
     return cls(**values)
 
 
+def distributed_context() -> tuple[int, int, int, str | None]:
+    """(rank, world size, local rank, launch key) from the torchrun / accelerate launch environment.
+
+    The launch key (the rendezvous id and master address) lets every rank of one launch join one
+    collect run without a process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1, 0, None
+    key = ":".join(os.environ.get(name, "") for name in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"))
+    return int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")), key
+
+
 def resolve_device(device: str) -> str:
     import torch
 
@@ -148,11 +160,22 @@ def default_threads() -> int | None:
     """The torch thread count a run gets without --threads; None leaves OMP_NUM_THREADS's choice."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity API (macOS)
-        cores = os.cpu_count() or 1
+    cores = available_cores()
     return 1 if cores <= 2 else min(cores // 2, 8)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS)
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Data loader worker processes: none on 2 cores or fewer (they would take the cores the
+    networks run on), else half the cores, at most 8."""
+    cores = available_cores()
+    return 0 if cores <= 2 else min(cores // 2, 8)
 
 
 def set_threads(threads: int | None) -> None:

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED, check_out_apart,
-                                 console, output_dir, progress, resolve_config, resolve_device)
+                                 console, default_workers, output_dir, progress, resolve_config, resolve_device)
 from ddil_cli.evaluate.run import ALL_METRICS, EvaluateConfig
 from ddil_cli.stages.evaluate import run_evaluate
 from ddil_cli.validate import BATCH, POSITIVE, SEED, Rule
@@ -21,7 +21,7 @@ INPUTS = ("samples", "reference", "compare", "inception", "dinov2", "dinov2_repo
 
 # what each option must satisfy beyond its type (validate.py), checked before anything is written
 RULES = {"eval_res": Rule(low=8, high=4096), "num_reference": POSITIVE, "prdc_max": Rule(low=2),
-         "nearest_k": POSITIVE, "batch_size": BATCH, "seed": SEED}
+         "nearest_k": POSITIVE, "batch_size": BATCH, "seed": SEED, "workers": Rule(low=0, high=64)}
 
 EVALUATE_HELP = f"""Score a `ddil sample` folder against a reference; writes metrics.json and prints a table.
 
@@ -75,6 +75,8 @@ def evaluate_command(
     compare: Optional[Path] = typer.Option(None, help="Another metrics.json (or its folder): print deltas."),
     strict: bool = typer.Option(False, help="Unavailable metrics are an error instead of a table row."),
     batch_size: int = typer.Option(D.batch_size, help="Images per extractor batch."),
+    workers: Optional[int] = typer.Option(None, help="Image decoding processes (DataLoader workers); default 0 "
+                                          "on 2 cores or fewer, else half the cores, at most 8."),
     seed: int = typer.Option(D.seed, help=HELP_SEED),
     device: str = typer.Option("auto", help=HELP_DEVICE),
     out: Path = typer.Option(Path(D.out), help="Output folder (metrics.json, manifest.json)."),
@@ -88,6 +90,8 @@ def evaluate_command(
     cfg = resolve_config(ctx, EvaluateConfig, config, RULES)
     cfg.device = resolve_device(cfg.device)
     check_out_apart(cfg.out, {f"--{name.replace('_', '-')}": getattr(cfg, name) for name in INPUTS} | {"--config": config})
+    if cfg.workers is None:
+        cfg.workers = default_workers()
     with output_dir(cfg.out, overwrite=cfg.overwrite, what="ddil evaluate") as work, progress(cfg.quiet) as bar:
         result = run_evaluate(cfg, work, progress=bar)
         write_manifest(work, "evaluate", cfg, inputs={"samples": cfg.samples, "compare": cfg.compare},

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.markup import escape
 
+from ddil_cli.atomic import output_lock
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_FROZEN_DTYPE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED,
-                                 check_out_apart, console, output_dir, progress, resolve_config, resolve_device)
+                                 check_out_apart, console, distributed_context, progress, resolve_config,
+                                 resolve_device)
 from ddil_cli.models import MODEL_HELP
 from ddil_cli.sampling import SampleConfig, load_models
-from ddil_cli.stages.sample import run_sample
+from ddil_cli.stages.sample import sample_to_folder
 from ddil_cli.validate import BATCH, FROZEN_DTYPE, GUIDANCE, PROBABILITY, SEED, STEPS, Rule
 
 D = SampleConfig()
@@ -26,6 +29,12 @@ SAMPLE_HELP = f"""Generate with the teacher, the student, or both mixed on one t
 The student's --steps grid (trailing spacing: 4 steps = 999, 749, 499, 249) nests in the
 teacher's --teacher-steps grid; each student transition is taken by the student in one step or
 by the teacher in teacher-steps/steps steps. Models: {MODEL_HELP}.
+
+Each sample's seed comes from its index (prompt by prompt, --num-per-prompt each), and images are
+written as they come. Several processes: `accelerate launch -m ddil_cli sample ...` or `torchrun
+--nproc_per_node N -m ddil_cli sample ...` deal whole batches to the processes and write the files
+one process writes. --out appears when every sample is written; an interrupted run is finished by
+the same command with --resume.
 
 Examples:
 
@@ -61,19 +70,32 @@ def sample_command(
     out: Path = typer.Option(Path(D.out), help="Output folder."),
     quiet: bool = typer.Option(False, help=HELP_QUIET),
     overwrite: bool = typer.Option(False, help=HELP_OVERWRITE),
+    resume: bool = typer.Option(False, help="Finish an interrupted run into --out (same settings), generating only "
+                                "the samples not yet written."),
     config: Optional[Path] = typer.Option(None, help=HELP_CONFIG),
 ):
     cfg = resolve_config(ctx, SampleConfig, config, RULES)
+    rank, world_size, local_rank, launch_key = distributed_context()
     cfg.device = resolve_device(cfg.device)
+    if cfg.device == "cuda" and world_size > 1:
+        cfg.device = f"cuda:{local_rank}"
     cfg.prompt = cfg.prompt or []
     check_out_apart(cfg.out, {"--teacher": cfg.teacher, "--student": cfg.student, "--prompts": cfg.prompts,
                               "--config": config})
     models = load_models(cfg, cfg.device)  # load (and fail) before any folder is made
-    with output_dir(cfg.out, overwrite=cfg.overwrite, what="ddil sample") as work, progress(cfg.quiet) as bar:
-        summary = run_sample(cfg, work, progress=bar, models=models)
-    if not cfg.quiet:
+    # one process: one writer per output, as every command; the ranks of one launch share it
+    with (output_lock(cfg.out, "ddil sample") if world_size == 1 else nullcontext()), \
+            progress(cfg.quiet or rank > 0) as bar:
+        summary = sample_to_folder(cfg, models=models, progress=bar, rank=rank, world_size=world_size,
+                                   launch_key=launch_key)
+    if cfg.quiet:
+        return
+    if summary["published"]:
         console.print(f"[green]wrote[/] {summary['samples']} samples ({summary['sampler']}, "
                       f"{summary['seconds_per_sample']:.4f} s/sample, {summary['nfe_per_sample']:g} NFE) to {escape(str(cfg.out))}")
+    else:
+        console.print(f"rank {rank} of {world_size}: wrote {summary['written']} samples; the last process to finish "
+                      f"publishes {escape(str(cfg.out))}")
 
 
 sample_command.__doc__ = SAMPLE_HELP

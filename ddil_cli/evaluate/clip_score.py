@@ -26,6 +26,19 @@ def clip_cosines(clip: ClipModel, batches: Iterable[tuple[np.ndarray, list[str]]
     return np.concatenate(scores) if scores else np.zeros(0)
 
 
+def cosines_with_prompts(clip: ClipModel, image_embeddings: np.ndarray, prompts: list[str],
+                         batch_size: int = 64) -> np.ndarray:
+    """Per-sample cosine between already-computed (normalised) image embeddings and their
+    prompts' embeddings; each distinct prompt is encoded once."""
+    import torch
+
+    distinct = list(dict.fromkeys(prompts))
+    text = torch.cat([clip.text_embeddings(distinct[b:b + batch_size]).cpu()
+                      for b in range(0, len(distinct), batch_size)]).double().numpy()
+    row = {p: i for i, p in enumerate(distinct)}
+    return (image_embeddings.astype(np.float64) * text[[row[p] for p in prompts]]).sum(-1)
+
+
 def summarize_clip_scores(cosines: np.ndarray) -> dict:
     mean = float(cosines.mean())
     return {"clip_score": mean, "clip_score_x100": 100 * mean, "std": float(cosines.std()),

@@ -82,40 +82,64 @@ def subsample(x: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return x[idx]
 
 
-def reference_stats(reference: ImageReference, extractor: FeatureExtractor, res: int, cfg: "EvaluateConfig",
-                    progress=None) -> tuple[GaussianStats, np.ndarray, dict]:
-    """(Gaussian stats over all reference images, features subsampled to prdc_max, info)."""
+def _stats_path(reference: ImageReference, extractor: FeatureExtractor, res: int, cfg: "EvaluateConfig") -> Path:
     key = _stats_key(reference, extractor, res, cfg)
-    path = cache_dir(cfg) / "reference-stats" / f"{extractor.name.replace(':', '-')}-{res}-{key[:20]}.npz"
-    if path.is_file() and not cfg.no_cache:
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                problem = stats_problem(data)
-                if problem is not None:
-                    raise ValueError(problem)
-                meta = json.loads(str(data["meta"]))
-                return (GaussianStats(data["mu"], data["sigma"], int(meta["num"])), data["features"],
-                        {"cache": str(path), "cache_hit": True})
-        except (OSError, ValueError, KeyError, EOFError, TypeError) as exc:  # a damaged cache entry is recomputed
-            warnings.warn(f"reference statistics cache {path} is unreadable ({exc}); recomputing it")
-    task = progress.add_task(f"reference {extractor.name}", total=len(reference.source)) if progress else None
-    feats = []
-    for batch in reference.source.batches(res, cfg.batch_size):
-        feats.append(extractor.features(batch))
+    return cache_dir(cfg) / "reference-stats" / f"{extractor.name.replace(':', '-')}-{res}-{key[:20]}.npz"
+
+
+def cached_reference_stats(path: Path, cfg: "EvaluateConfig") -> tuple[GaussianStats, np.ndarray, dict] | None:
+    if not path.is_file() or cfg.no_cache:
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            problem = stats_problem(data)
+            if problem is not None:
+                raise ValueError(problem)
+            meta = json.loads(str(data["meta"]))
+            return (GaussianStats(data["mu"], data["sigma"], int(meta["num"])), data["features"],
+                    {"cache": str(path), "cache_hit": True})
+    except (OSError, ValueError, KeyError, EOFError, TypeError) as exc:  # a damaged cache entry is recomputed
+        warnings.warn(f"reference statistics cache {path} is unreadable ({exc}); recomputing it")
+        return None
+
+
+def reference_stats(reference: ImageReference, extractors: list[tuple[FeatureExtractor, int]], cfg: "EvaluateConfig",
+                    progress=None, workers: int = 0) -> dict[str, tuple[GaussianStats, np.ndarray, dict]]:
+    """{space: (Gaussian stats over all reference images, features subsampled to prdc_max, info)}
+    for (extractor, eval_res) pairs: read from the cache (keyed by the reference's content hash,
+    the weights and the protocol), the rest computed in one pass over the reference images."""
+    found, missing = {}, []
+    for extractor, res in extractors:
+        hit = cached_reference_stats(_stats_path(reference, extractor, res, cfg), cfg)
+        if hit is not None:
+            found[extractor.name] = hit
+        else:
+            missing.append((extractor, res))
+    if not missing:
+        return found
+    names = ", ".join(e.name for e, _ in missing)
+    task = progress.add_task(f"reference {names}", total=len(reference.source)) if progress else None
+    feats: dict[str, list] = {e.name: [] for e, _ in missing}
+    for batch in reference.source.prepared([res for _, res in missing], cfg.batch_size, workers):
+        for extractor, res in missing:
+            feats[extractor.name].append(extractor.features(batch[res]))
         if task is not None:
-            progress.advance(task, len(batch))
-    features = np.concatenate(feats)
-    stats = GaussianStats.from_features(features)
-    kept = subsample(features, cfg.prdc_max, cfg.seed).astype(np.float32)
-    meta = {"feature_space": extractor.name, "weights_sha256": extractor.weights_sha256, "eval_res": res,
-            "num": stats.num, "reference": reference.describe(), "image_prep": prep_description(res),
-            "stats_version": STATS_VERSION}
-    if not cfg.no_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.partial.npz")
-        np.savez(tmp, mu=stats.mu, sigma=stats.sigma, features=kept, meta=np.array(to_json(meta)))
-        tmp.replace(path)
-    return stats, kept, {"cache": None if cfg.no_cache else str(path), "cache_hit": False}
+            progress.advance(task, len(next(iter(batch.values()))))
+    for extractor, res in missing:
+        features = np.concatenate(feats[extractor.name])
+        stats = GaussianStats.from_features(features)
+        kept = subsample(features, cfg.prdc_max, cfg.seed).astype(np.float32)
+        meta = {"feature_space": extractor.name, "weights_sha256": extractor.weights_sha256, "eval_res": res,
+                "num": stats.num, "reference": reference.describe(), "image_prep": prep_description(res),
+                "stats_version": STATS_VERSION}
+        path = _stats_path(reference, extractor, res, cfg)
+        if not cfg.no_cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.stem}.partial.npz")
+            np.savez(tmp, mu=stats.mu, sigma=stats.sigma, features=kept, meta=np.array(to_json(meta)))
+            tmp.replace(path)
+        found[extractor.name] = (stats, kept, {"cache": None if cfg.no_cache else str(path), "cache_hit": False})
+    return found
 
 
 # ---- the context ------------------------------------------------------------------------------
@@ -130,6 +154,29 @@ class EvaluationContext:
         self._sample_features: dict[str, np.ndarray] = {}
         self._reference_stats: dict[str, tuple] = {}
         self._shared: dict[str, dict] = {}
+        self.planned: list[str] = []  # the image feature spaces the requested metrics use
+        self.alignment_space: str | None = None  # an embedded space whose prompt alignment is asked for
+        self._alignment: dict[str, np.ndarray] = {}
+
+    def plan(self, spaces: list[str], alignment: str | None = None) -> None:
+        """The feature spaces this run's metrics will ask for: the first ask extracts them all in
+        one pass over the images (each decoded once), the samples' and the reference's; in that
+        pass the space `alignment` also scores each sample against its prompt."""
+        self.planned = list(dict.fromkeys(spaces))
+        self.alignment_space = alignment
+
+    def _image_extractors(self, first: FeatureExtractor, done) -> list[FeatureExtractor]:
+        """`first` and every other planned image space that builds here and is not done yet."""
+        found = [first]
+        for space in self.planned:
+            try:
+                extractor = self.extractors.get(space)
+            except Unavailable:
+                continue  # its metrics report it
+            if extractor.input_kind == "images" and extractor.name not in done and \
+                    all(extractor.name != e.name for e in found):
+                found.append(extractor)
+        return found
 
     # what a metric may require
     def require_images(self) -> None:
@@ -164,15 +211,40 @@ class EvaluationContext:
                 self._sample_features[extractor.name] = extractor.features(samples.states)
             else:
                 self.require_images()
-                progress = self.progress
-                task = progress.add_task(f"samples {extractor.name}", total=len(samples.rows)) if progress else None
-                feats = []
-                for positions, batch in samples.batches(self.eval_res(extractor), self.cfg.batch_size):
-                    feats.append(extractor.features(batch))
-                    if task is not None:
-                        progress.advance(task, len(positions))
-                self._sample_features[extractor.name] = np.concatenate(feats)
+                self._extract_samples(self._image_extractors(extractor, self._sample_features))
         return self._sample_features[extractor.name]
+
+    def _extract_samples(self, extractors: list[FeatureExtractor]) -> None:
+        """Every extractor's features of the samples, in one pass: each image opened once."""
+        progress = self.progress
+        names = ", ".join(e.name for e in extractors)
+        task = progress.add_task(f"samples {names}", total=len(self.samples.rows)) if progress else None
+        feats: dict[str, list] = {e.name: [] for e in extractors}
+        resolutions = [self.eval_res(e) for e in extractors]
+        aligned = [e for e in extractors if e.name == self.alignment_space and hasattr(e, "prompt_alignment")]
+        scores: list = []
+        prompts = self.samples.prompts
+        for positions, batch in self.samples.prepared(resolutions, self.cfg.batch_size, self.cfg.workers or 0):
+            for extractor in extractors:
+                feats[extractor.name].append(extractor.features(batch[self.eval_res(extractor)]))
+            for extractor in aligned:
+                scores.append(extractor.prompt_alignment(batch[self.eval_res(extractor)], [prompts[i] for i in positions]))
+            if task is not None:
+                progress.advance(task, len(positions))
+        for extractor in extractors:
+            self._sample_features[extractor.name] = np.concatenate(feats[extractor.name])
+        for extractor in aligned:
+            self._alignment[extractor.name] = np.concatenate(scores)
+
+    def prompt_alignment(self, extractor: FeatureExtractor) -> np.ndarray:
+        """Each sample's `prompt_alignment` score in an embedded space (the CLIP-score analogue)."""
+        if extractor.name not in self._alignment:
+            if extractor.name in self._sample_features:  # extracted before the alignment was planned
+                del self._sample_features[extractor.name]
+            self.alignment_space = extractor.name
+            self.require_images()
+            self._extract_samples([extractor])
+        return self._alignment[extractor.name]
 
     def reference_for(self, extractor: FeatureExtractor) -> tuple[GaussianStats, np.ndarray | None, dict]:
         """(reference Gaussian stats, reference features or None, info) in `extractor`'s space."""
@@ -191,7 +263,9 @@ class EvaluationContext:
             stats = GaussianStats(ref.mu, ref.sigma, int(ref.meta.get("num", 0)) or -1)
             return stats, ref.features, {"statistics_file": str(ref.path)}
         if extractor.name not in self._reference_stats:
-            self._reference_stats[extractor.name] = reference_stats(ref, extractor, res, self.cfg, self.progress)
+            wanted = self._image_extractors(extractor, self._reference_stats)
+            self._reference_stats.update(reference_stats(ref, [(e, self.eval_res(e)) for e in wanted], self.cfg,
+                                                         self.progress, self.cfg.workers or 0))
         return self._reference_stats[extractor.name]
 
     def shared(self, key: str, compute: Callable[[], dict]) -> dict:

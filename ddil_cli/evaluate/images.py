@@ -48,12 +48,67 @@ def prepare_image(img: Image.Image, eval_res: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def prepare_all(img: Image.Image, resolutions: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    """One decoded image prepared at every resolution the run's feature spaces need."""
+    img = img.convert("RGB")
+    return tuple(prepare_image(img, res) for res in resolutions)
+
+
+def _unreadable(path, exc: BaseException) -> str:
+    return f"cannot read image {path}: {' '.join(str(exc).split())}; remove or replace the file"
+
+
 def load_prepared(path: str | Path, eval_res: int) -> np.ndarray:
     try:
         with Image.open(path) as img:
             return prepare_image(img, eval_res)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}; remove or replace the file") from None
+        raise UserError(_unreadable(path, exc)) from None
+
+
+class PreparedFiles:
+    """Image files, each opened and decoded once and prepared at every resolution asked for
+    (a map-style dataset for torch's DataLoader: its workers decode in parallel). A file that
+    cannot be read comes back as its error text, raised as one line by the reader."""
+
+    def __init__(self, paths: list[Path], resolutions: tuple[int, ...]):
+        self.paths, self.resolutions = list(paths), tuple(resolutions)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, ...] | str:
+        try:
+            with Image.open(self.paths[i]) as img:
+                return prepare_all(img, self.resolutions)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            return _unreadable(self.paths[i], exc)
+
+
+def _as_batch(items: list, resolutions: tuple[int, ...]) -> dict[int, np.ndarray]:
+    problem = next((item for item in items if isinstance(item, str)), None)
+    if problem is not None:
+        raise UserError(problem)
+    return {res: np.stack([item[k] for item in items]) for k, res in enumerate(resolutions)}
+
+
+def prepared_file_batches(paths: list[Path], resolutions, batch_size: int,
+                          workers: int = 0) -> Iterator[tuple[list[int], dict[int, np.ndarray]]]:
+    """(positions, {resolution: uint8 (B, res, res, 3)}) over `paths` in order, each file opened
+    once; `workers` > 0 decodes in that many DataLoader worker processes."""
+    resolutions = tuple(sorted(set(resolutions)))
+    dataset = PreparedFiles(paths, resolutions)
+    if workers > 0:
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list, prefetch_factor=4)
+    else:
+        loader = ([dataset[i] for i in range(b, min(b + batch_size, len(dataset)))]
+                  for b in range(0, len(dataset), batch_size))
+    start = 0
+    for items in loader:
+        yield list(range(start, start + len(items))), _as_batch(items, resolutions)
+        start += len(items)
 
 
 def list_image_files(folder: str | Path) -> list[Path]:
@@ -94,9 +149,13 @@ class ImageFolderSource:
     def describe(self) -> dict:
         return {"kind": self.kind, "path": str(self.root), "num_images": len(self.files)}
 
+    def prepared(self, resolutions, batch_size: int, workers: int = 0) -> Iterator[dict[int, np.ndarray]]:
+        for _, batch in prepared_file_batches(self.files, resolutions, batch_size, workers):
+            yield batch
+
     def batches(self, eval_res: int, batch_size: int) -> Iterator[np.ndarray]:
-        for start in range(0, len(self.files), batch_size):
-            yield np.stack([load_prepared(p, eval_res) for p in self.files[start:start + batch_size]])
+        for batch in self.prepared([eval_res], batch_size):
+            yield batch[eval_res]
 
 
 class ShardSource:
@@ -176,17 +235,24 @@ class ShardSource:
             self._count = sum(1 for _ in self._samples())
         return self._count
 
-    def batches(self, eval_res: int, batch_size: int) -> Iterator[np.ndarray]:
+    def prepared(self, resolutions, batch_size: int, workers: int = 0) -> Iterator[dict[int, np.ndarray]]:
+        """Each image decoded once, prepared at every resolution (`workers` unused: a tar is read
+        in order, by this process)."""
+        resolutions = tuple(sorted(set(resolutions)))
         batch = []
         for data, _ in self._samples():
             try:
                 with Image.open(io.BytesIO(data)) as img:
-                    batch.append(prepare_image(img, eval_res))
+                    batch.append(prepare_all(img, resolutions))
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 raise UserError(f"a reference image in {', '.join(str(s) for s in self.shards[:2])} cannot be "
                                 f"decoded ({exc}); a reference must be complete: fix or remove that sample") from None
             if len(batch) == batch_size:
-                yield np.stack(batch)
+                yield _as_batch(batch, resolutions)
                 batch = []
         if batch:
-            yield np.stack(batch)
+            yield _as_batch(batch, resolutions)
+
+    def batches(self, eval_res: int, batch_size: int) -> Iterator[np.ndarray]:
+        for batch in self.prepared([eval_res], batch_size):
+            yield batch[eval_res]

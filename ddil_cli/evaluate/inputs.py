@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ddil_cli.errors import UserError
-from ddil_cli.evaluate.images import ImageFolderSource, ShardSource, load_prepared
+from ddil_cli.evaluate.images import ImageFolderSource, ShardSource, load_prepared, prepared_file_batches
 
 @dataclass
 class SampleSet:
@@ -46,9 +46,12 @@ class SampleSet:
         return np.stack([load_prepared(self.root / self.rows[i]["file"], res) for i in positions])
 
     def batches(self, res: int, batch_size: int):
-        for start in range(0, len(self.rows), batch_size):
-            positions = list(range(start, min(start + batch_size, len(self.rows))))
-            yield positions, self.load(positions, res)
+        for positions, batch in self.prepared([res], batch_size):
+            yield positions, batch[res]
+
+    def prepared(self, resolutions, batch_size: int, workers: int = 0):
+        """(positions, {resolution: images}) in order, each image file opened once."""
+        return prepared_file_batches([self.root / r["file"] for r in self.rows], resolutions, batch_size, workers)
 
     def describe(self) -> dict:
         return {"path": str(self.root), "kind": self.kind, "num_samples": len(self.rows),

@@ -57,6 +57,24 @@ def names(family: str | None = None) -> tuple[str, ...]:
     return tuple(n for n, m in METRICS.items() if family is None or m.family == family)
 
 
+def alignment_space(cfg, names: list[str]) -> str | None:
+    """The embedded space whose prompt alignment stands in for the CLIP score, if asked for."""
+    return cfg.features if "clip" in names and cfg.features and cfg.features.startswith("embedded:") else None
+
+
+def feature_spaces(cfg, names: list[str]) -> list[str]:
+    """The feature spaces the metrics `names` work in (--features replaces their defaults; the
+    CLIP score reads OpenCLIP's image embeddings, or the embedded space's prompt alignment)."""
+    spaces = []
+    for name in names:
+        m = METRICS[name]
+        if m.feature_space is not None:
+            spaces.append(cfg.features or m.feature_space)
+        elif name == "clip":
+            spaces.append(alignment_space(cfg, names) or "clip")
+    return list(dict.fromkeys(spaces))
+
+
 def run_metric(ctx: EvaluationContext, m: Metric) -> dict:
     """`{"available": True, ...values}` or `{"available": False, "reason": ...}`."""
     try:
@@ -104,28 +122,21 @@ def fid(ctx: EvaluationContext, n: Needs) -> dict:
 @metric("clip", family="images", samples="images")
 def clip_score(ctx: EvaluationContext, n: Needs) -> dict:
     """Mean cosine(image, caption) in OpenCLIP; with an embedded --features, its prompt alignment."""
-    cfg, samples = ctx.cfg, ctx.samples
-    prompts = samples.prompts
+    cfg, prompts = ctx.cfg, ctx.samples.prompts
     if cfg.features and cfg.features.startswith("embedded:"):
         extractor = ctx.extractors.get(cfg.features)
         if not hasattr(extractor, "prompt_alignment"):
             raise Unavailable(f"{cfg.features} has no prompt alignment (the CLIP-score analogue)")
-        scores = np.concatenate([extractor.prompt_alignment(batch, [prompts[i] for i in pos])
-                                 for pos, batch in samples.batches(ctx.eval_res(extractor), cfg.batch_size)])
+        scores = ctx.prompt_alignment(extractor)
         return {"value": float(scores.mean()), "kind": "prompt alignment (classifier reads the prompt's class)",
                 **ctx.describe_features(extractor, len(scores), None)}
-    from ddil_cli.evaluate.clip_score import clip_cosines, summarize_clip_scores
-    from ddil_cli.evaluate.features import ClipExtractor, ClipModel
+    from ddil_cli.evaluate.clip_score import cosines_with_prompts, summarize_clip_scores
 
-    try:
-        model = ClipModel(ctx.extractors.options)
-    except WeightsUnavailable as exc:
-        raise Unavailable(str(exc)) from None
-    batches = ((batch, [prompts[i] for i in pos]) for pos, batch in samples.batches(cfg.eval_res, cfg.batch_size))
-    summary = summarize_clip_scores(clip_cosines(model, batches))
-    info = ClipExtractor(ctx.extractors.options, model)
+    extractor = ctx.extractors.get("clip")  # its image embeddings come from the one pass over the images
+    cosines = cosines_with_prompts(extractor.clip, ctx.sample_features(extractor), prompts, cfg.batch_size)
+    summary = summarize_clip_scores(cosines)
     return {"value": summary["clip_score"], **summary, "kind": "mean cosine(image, caption)",
-            **ctx.describe_features(info, summary["num_samples"], None), "arch": model.arch}
+            **ctx.describe_features(extractor, summary["num_samples"], None), "arch": extractor.clip.arch}
 
 
 def _prdc(ctx: EvaluationContext, n: Needs) -> dict:

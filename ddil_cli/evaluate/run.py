@@ -45,6 +45,7 @@ class EvaluateConfig:
     compare: str | None = None
     strict: bool = False
     batch_size: int = 32
+    workers: int | None = None  # image decoding processes (None: 0 here; the CLI picks by cores)
     seed: int = 0
     device: str = "cpu"
     out: str = "evaluation"
@@ -81,6 +82,7 @@ def score(cfg: EvaluateConfig, *, progress=None) -> dict:
     if cfg.nearest_k < 1 or cfg.prdc_max <= cfg.nearest_k:
         raise UserError("--nearest-k must be >= 1 and --prdc-max larger than it")
     ctx = EvaluationContext(cfg, samples, reference, progress)
+    ctx.plan(M.feature_spaces(cfg, names), alignment=M.alignment_space(cfg, names))
     results = {name: M.run_metric(ctx, M.METRICS[name]) for name in names}
     unavailable = {k: v["reason"] for k, v in results.items() if not v["available"]}
     if unavailable and cfg.strict:

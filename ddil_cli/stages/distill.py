@@ -26,7 +26,7 @@ from ddil_cli.buffer.pool import ReplayPool
 from ddil_cli.buffer.replay import FIFOPolicy, PrioritizedPolicy, shard_of_key
 from ddil_cli.buffer.manifest import buffer_header
 from ddil_cli.buffer.sources import (DataStates, forward_diffuse, is_lab, rollout_records, sources_for_batch,
-                                     record_spans)
+                                     record_spans, without_vae_on_device)
 from ddil_cli.buffer.writer import BufferWriter, prompt_id
 from ddil_cli.diffusion.threshold import Threshold, parse_threshold
 from ddil_cli.errors import UserError
@@ -738,7 +738,7 @@ def _train(cfg, run: Path, plan: Plan, teacher: Denoiser, accelerator, resume_fr
     if resume_info is not None and not isinstance(resume_info, dict):
         resume_info = {"phase": None}  # not a checkpoint's state: load_checkpoint names the problem
 
-    teacher = teacher.to(accelerator.device)
+    teacher = without_vae_on_device(teacher.to(accelerator.device), data)
     original_source = str(getattr(teacher, "spec", "") or cfg.teacher)  # normalised lab spec
     previous, previous_source = teacher, original_source  # the last finished phase's student
     offset, summaries = 0, []
@@ -746,8 +746,9 @@ def _train(cfg, run: Path, plan: Plan, teacher: Denoiser, accelerator, resume_fr
         stage_dir = run / "stages" / phase.name
         done = (stage_dir / "ddil_phase.json").is_file()
         if done and cfg.resume is not None:
-            previous, previous_source = load_denoiser(str(stage_dir), device=accelerator.device,
-                                                      dtype=frozen, base=teacher), str(stage_dir)
+            previous = without_vae_on_device(load_denoiser(str(stage_dir), device=accelerator.device,
+                                                           dtype=frozen, base=teacher), data)
+            previous_source = str(stage_dir)
             offset += phase.updates
             summaries.append(json.loads((stage_dir / "ddil_phase.json").read_text()))
             continue
@@ -766,8 +767,9 @@ def _train(cfg, run: Path, plan: Plan, teacher: Denoiser, accelerator, resume_fr
         previous = phase_teacher = None
         accelerator.free_memory()
         # a LoRA stage's student loads onto the teacher's UNet: the base stays held once
-        previous, previous_source = load_denoiser(str(stage_dir), device=accelerator.device,
-                                                  dtype=frozen, base=teacher), str(stage_dir)
+        previous = without_vae_on_device(load_denoiser(str(stage_dir), device=accelerator.device, dtype=frozen,
+                                                       base=teacher), data)
+        previous_source = str(stage_dir)
         offset += phase.updates
     final = run / "student"
     if accelerator.is_main_process:
