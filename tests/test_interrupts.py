@@ -48,16 +48,19 @@ def _snapshot(folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("signum,code,name", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
-def test_a_signal_during_sample_exits_with_its_code_one_line_and_no_partial(tmp_path, signum, code, name):
+def test_a_signal_during_sample_exits_with_its_code_and_keeps_what_resume_finishes(tmp_path, signum, code, name):
+    """Interrupted, `ddil sample` says in one line what it kept: the samples written so far, in
+    its hidden work folder, which --resume finishes; --out itself never appears half-written."""
     out = tmp_path / "s"
     proc = _start([*LONG_SAMPLE, "--out", str(out)])
-    _wait_for(lambda: list(tmp_path.glob(".s.partial-*")), proc)
+    _wait_for(lambda: list((tmp_path / ".s.sampling").glob("parts/*")), proc)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: interrupted ({name}); kept: nothing"), err
-    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+    assert len(lines) == 1 and lines[0].startswith(f"error: interrupted ({name}); kept: the "), err
+    assert "--resume" in lines[0]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [".s.sampling"], list(tmp_path.iterdir())
 
 
 def test_ctrl_c_during_distill_reports_the_checkpoint_kept_and_resumes(tmp_path):
@@ -86,7 +89,9 @@ def test_a_second_run_to_the_same_output_refuses_naming_the_first(tmp_path, caps
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=120)
-    assert first.returncode == 143 and not out.exists() and not list(tmp_path.iterdir())
+    # the first run's samples stay in its hidden work folder for --resume; --out never appeared
+    assert first.returncode == 143 and not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] in ([], [".s.sampling"])
 
 
 def test_two_distill_runs_to_one_folder_never_interleave(tmp_path, capsys):

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from ddil_cli.atomic import output_lock
+from ddil_cli.atomic import output_lock, remove_stale_partials
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_FROZEN_DTYPE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED,
                                  check_out_apart, console, distributed_context, progress, resolve_config,
                                  resolve_device)
@@ -86,6 +86,8 @@ def sample_command(
     # one process: one writer per output, as every command; the ranks of one launch share it
     with (output_lock(cfg.out, "ddil sample") if world_size == 1 else nullcontext()), \
             progress(cfg.quiet or rank > 0) as bar:
+        if world_size == 1:
+            remove_stale_partials(cfg.out)  # a killed earlier run's (the lock says no one else writes)
         summary = sample_to_folder(cfg, models=models, progress=bar, rank=rank, world_size=world_size,
                                    launch_key=launch_key)
     if cfg.quiet:

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
-from ddil_cli.atomic import disk_full_error, publish_folder, remove_path, write_json_atomic
+from ddil_cli.atomic import disk_full_error, kept_if_interrupted, publish_folder, remove_path, write_json_atomic
 from ddil_cli.errors import UserError
 from ddil_cli.manifest import fingerprint
 from ddil_cli.sampling import (SampleConfig, finish_folder, generate_part, is_complete, load_models, plan_sampling,
@@ -122,8 +122,13 @@ def sample_to_folder(cfg: SampleConfig, *, models=None, progress=None, rank: int
     work = work_folder(out)
     with folder_lock(parent):
         _prepare(cfg, out, work, signature(cfg, plan.prompts), launch_key)
+    def what_is_kept() -> str:  # what an interrupt leaves: the samples written, for --resume
+        written = len(read_rows(work)) if work.is_dir() else 0
+        return (f"the {written} samples written, in {work}; finish with the same command and --resume"
+                if written else "nothing was written")
     try:
-        generated = generate_part(cfg, work, teacher, student, part=rank, parts=world_size, progress=progress)
+        with kept_if_interrupted(what_is_kept):
+            generated = generate_part(cfg, work, teacher, student, part=rank, parts=world_size, progress=progress)
     except BaseException as exc:
         # a run that wrote nothing (bad input the models find, a full disk at the first file)
         # leaves nothing; one that wrote samples keeps its folder for --resume
