@@ -5,7 +5,7 @@ method x {full fine-tuning, LoRA} x {fp32, bf16 frozen networks} x {AdamW, 8-bit
 {gradient checkpointing off, on}: the bytes per role and the FLOPs of one update, and which
 totals fit 24, 80 and 141 GB.
 
-Roles: trained weights (fp32 master copies), gradients (fp32), optimizer (AdamW: two fp32 moments,
+Roles: trained weights (fp32 master copies), gradients (fp32, of one network at a time), optimizer (AdamW: two fp32 moments,
 8 B a parameter; 8-bit AdamW: 2 B), EMA / target (LCM's target network: a copy of what is trained),
 frozen (the teacher UNet, the text encoders and the VAE; a LoRA student, LCM's target and a LoRA
 critic are adapters on the teacher's one base, so the base is counted once) and activations (the
@@ -275,7 +275,8 @@ def make_row(sizes: Sizes, method: str, mode: str, frozen: str, optimizer: str, 
     frozen_params = sizes.full.params + sizes.text_params + sizes.vae_params  # the teacher's base, held once
     activations = (net.activation_bytes_checkpointed if checkpointing else net.activation_bytes) * batch
     activations *= 0.5 if frozen == "bf16" else 1.0  # bf16 autocast: the frozen dtype names the run's precision
-    roles = dict(trained_gb=4 * trained / GB, gradients_gb=4 * trained / GB,
+    # gradients: one network's at a time (each optimizer step ends with zero_grad(set_to_none=True))
+    roles = dict(trained_gb=4 * trained / GB, gradients_gb=4 * net.trained / GB,
                  optimizer_gb=OPTIMIZER_BYTES[optimizer] * trained / GB, ema_gb=4 * ema / GB,
                  frozen_gb=FROZEN_BYTES[frozen] * frozen_params / GB, activations_gb=activations / GB)
     flops = update_flops(method, net, sizes.full, batch, checkpointing, critic_updates)

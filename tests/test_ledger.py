@@ -71,6 +71,7 @@ def test_rows_are_the_roles_by_hand(tiny):
     frozen = p + tiny.text_params + tiny.vae_params
     dmd2 = rows["dmd2", "full", "fp32", "adamw", False]  # generator + critic, each fp32 weights, grads, 2 moments
     assert dmd2.trained_gb * 1e9 == 2 * 4 * p and dmd2.optimizer_gb * 1e9 == 2 * 8 * p and dmd2.ema_gb == 0
+    assert dmd2.gradients_gb * 1e9 == 4 * p  # the critic's are freed before the generator's step
     assert dmd2.frozen_gb * 1e9 == 4 * frozen
     lcm = rows["lcm", "lora", "bf16", "adamw8bit", True]  # adapters, their EMA target, one bf16 base
     assert lcm.trained_gb * 1e9 == 4 * lora == lcm.ema_gb * 1e9 and lcm.optimizer_gb * 1e9 == 2 * lora
