@@ -182,24 +182,39 @@ def rollout(x_T: torch.Tensor, cond: Conditioning, grid: Grid, mask: torch.Tenso
     return RolloutResult(final=x, states=states, timesteps=list(grid.student[:steps]), teacher_mask=mask)
 
 
-def seeded_noise(seeds: list[int], shape: tuple[int, ...], num_transitions: int,
-                 device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example starting noise and transition uniforms, each drawn from its example's own seed,
-    so a sample depends on its seed only (not on batch size or position)."""
-    noises, uniforms = [], []
+@dataclass
+class SeedDraws:
+    """Everything random in a seeded rollout, per example (row b from seeds[b] alone)."""
+
+    start: torch.Tensor  # (B, *shape) the noise x_T
+    uniforms: torch.Tensor  # (B, S) which model takes each transition (`teacher_mask`)
+    renoise: torch.Tensor | None  # (B, S, *shape) a re-noising sampler's noise; its last step draws none
+
+
+def seed_draws(seeds: list[int], shape: tuple[int, ...], num_transitions: int, *, renoise: bool = False,
+               device="cpu") -> SeedDraws:
+    """Each example's draws from `torch.Generator().manual_seed(seed)`, in the order diffusers'
+    pipelines draw from that generator for one image: the starting latents, then (`renoise`: an
+    LCMScheduler student) one noise per step but the last, as `LCMScheduler.step` draws it. So the
+    seed reproduces the image in plain diffusers, and a sample depends on its seed only (not on
+    batch size or position). The transition uniforms, ours alone, come last."""
+    starts, uniforms, noises = [], [], []
     for seed in seeds:
         gen = torch.Generator().manual_seed(int(seed))
-        noises.append(torch.randn(shape, generator=gen))
+        starts.append(torch.randn(shape, generator=gen))
+        if renoise:
+            steps = [torch.randn(shape, generator=gen) for _ in range(num_transitions - 1)]
+            noises.append(torch.stack([*steps, torch.zeros(shape)]))
         uniforms.append(torch.rand(num_transitions, generator=gen))
-    return torch.stack(noises).to(device), torch.stack(uniforms).to(device)
+    return SeedDraws(torch.stack(starts).to(device), torch.stack(uniforms).to(device),
+                     torch.stack(noises).to(device) if renoise else None)
 
 
-def seeded_renoise(seeds: list[int], shape: tuple[int, ...], num_transitions: int, device="cpu") -> torch.Tensor:
-    """(B, S, *shape) fresh noise for a re-noising sampler's steps, from each example's own seed
-    (a stream apart from `seeded_noise`'s, so adding it changes no DDIM trajectory)."""
-    return torch.stack([torch.randn((num_transitions, *shape),
-                                    generator=torch.Generator().manual_seed((int(seed) * 2654435761 + 1) % 2 ** 63))
-                        for seed in seeds]).to(device)
+def seeded_noise(seeds: list[int], shape: tuple[int, ...], num_transitions: int,
+                 device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The starting noise and transition uniforms of a rollout without re-noising (`seed_draws`)."""
+    draws = seed_draws(seeds, shape, num_transitions, device=device)
+    return draws.start, draws.uniforms
 
 
 def rollout_seeds(seeds: list[int], prompts: list[str], grid: Grid, *, teacher: Denoiser,
@@ -208,16 +223,15 @@ def rollout_seeds(seeds: list[int], prompts: list[str], grid: Grid, *, teacher: 
                   stop_at: int | None = None, device="cpu") -> RolloutResult:
     """One trajectory per seed and prompt, everything random drawn from the seed: the start
     noise, which model takes each transition, and a consistency student's re-noising noise."""
-    shape = tuple(teacher.state_shape)
-    x_T, uniforms = seeded_noise(seeds, shape, grid.num_transitions, device)
-    mask = teacher_mask(uniforms, grid, teacher_prob=teacher_prob, switch=switch)
+    # the draws depend on the student's sampler, never on the mask, so a seed means one trajectory
+    draws = seed_draws(seeds, tuple(teacher.state_shape), grid.num_transitions, device=device,
+                       renoise=student is not None and student.sampler == "consistency")
+    mask = teacher_mask(draws.uniforms, grid, teacher_prob=teacher_prob, switch=switch)
     cond = teacher.encode(prompts)
     uses_student = student is not None and not bool(mask.all())
-    student_cond = renoise = None
+    student_cond = None
     if uses_student:
         student_cond = cond if student.shares_conditioning(teacher) else student.encode(prompts)
-        if student.sampler == "consistency":
-            renoise = seeded_renoise(seeds, shape, grid.num_transitions, device)
-    return rollout(x_T, cond, grid, mask, teacher=teacher, student=student if uses_student else None,
+    return rollout(draws.start, cond, grid, mask, teacher=teacher, student=student if uses_student else None,
                    guidance=guidance, threshold=threshold, student_cond=student_cond, record=record,
-                   renoise=renoise, stop_at=stop_at)
+                   renoise=draws.renoise, stop_at=stop_at)

@@ -1,15 +1,13 @@
 """The consistency boundary and the re-noising step (diffusion/consistency.py) against diffusers'
 LCMScheduler, and a consistency student's rollout against LCMScheduler's own sampling loop."""
 
-from unittest import mock
-
 import torch
 from diffusers import LCMScheduler
 
 from ddil_cli.diffusion.consistency import boundary_scalings
 from ddil_cli.models.gmm import GMM_SCHEDULER_CONFIG, GMMDenoiser
 from ddil_cli.models.mlp import mlp_student_for
-from ddil_cli.rollout import Grid, rollout_seeds, seeded_noise, seeded_renoise
+from ddil_cli.rollout import Grid, rollout_seeds
 
 
 def _lcm(**kwargs):
@@ -38,16 +36,15 @@ def test_consistency_student_rollout_is_lcm_schedulers_sampling_loop():
     seeds, prompts = [3, 4, 5], ["class 0", "class 1", "class 2"]
     ours = rollout_seeds(seeds, prompts, grid, teacher=teacher, student=student, teacher_prob=0.0).final
 
-    # diffusers' own loop on the student's epsilon output; its scheduler draws its own noise,
-    # so each step is handed the noise our rollout drew for that step from the example's seed
+    # diffusers' own loop on the student's epsilon output, drawing its start and re-noising from a
+    # generator per seed as its pipelines do: nothing injected
     sched = LCMScheduler.from_config({**sched.config, "prediction_type": "epsilon"})
     sched.set_timesteps(4)
-    x, _ = seeded_noise(seeds, (2,), 4)
-    noise = seeded_renoise(seeds, (2,), 4)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    x = torch.cat([torch.randn((1, 2), generator=g) for g in generators])
     cond = student.encode(prompts)
     with torch.no_grad():
-        for i, t in enumerate(timesteps):
+        for t in timesteps:
             eps = student.forward(x, torch.full((3,), t), cond.cond)
-            with mock.patch("diffusers.schedulers.scheduling_lcm.randn_tensor", return_value=noise[:, i]):
-                x = sched.step(eps, t, x).prev_sample
+            x = sched.step(eps, t, x, generator=generators).prev_sample
     assert torch.allclose(ours, x, atol=1e-5), (ours - x).abs().max()

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -229,24 +228,6 @@ def test_resume_gives_the_uninterrupted_student_and_target(tmp_path, monkeypatch
             assert torch.equal(full[key], resumed[key]), (name, key)
 
 
-@contextmanager
-def our_renoise(renoise):
-    """diffusers' LCMScheduler.step draws its re-noising noise itself: hand it ours, (B, S, ...), step by step."""
-    import diffusers.schedulers.scheduling_lcm as scheduling_lcm
-
-    drawn = {"steps": 0}
-
-    def noise(shape, **kwargs):
-        drawn["steps"] += 1
-        return renoise[:, drawn["steps"] - 1].to(kwargs.get("dtype") or torch.float32)
-    original = scheduling_lcm.randn_tensor
-    scheduling_lcm.randn_tensor = noise
-    try:
-        yield drawn
-    finally:
-        scheduling_lcm.randn_tensor = original
-
-
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
     from ddil_cli.data.digits import build_digits_shards
@@ -263,9 +244,6 @@ def tiny_sd(tmp_path_factory):
 def test_tiny_sd_runs_with_and_without_ddil_and_student_runs_in_diffusers_lcm_pipeline(tiny_sd, tmp_path, prior,
                                                                                        capsys):
     from diffusers import LatentConsistencyModelPipeline
-
-    from ddil_cli.models import load_denoiser
-    from ddil_cli.rollout import rollout_seeds, sampling_grid, seeded_noise, seeded_renoise
 
     data = None if prior else str(tiny_sd / "digits/train-{000000..000001}.tar")  # without DDIL: real images
     summary = run_distill(DistillConfig(method="lcm", teacher=str(tiny_sd / "teacher"), data=data,
@@ -284,28 +262,18 @@ def test_tiny_sd_runs_with_and_without_ddil_and_student_runs_in_diffusers_lcm_pi
     assert scheduler.timesteps.tolist() == [999, 759, 499, 259]
     if prior is None:
         return
-    # the same samples from `ddil sample` and from diffusers' LCM pipeline with the same noise
-    w, seeds, prompts = 4.0, [5, 6], ["a cat", "a dog"]
+    # `ddil sample`'s images from diffusers' LCM pipeline in one batched call, a generator per seed
+    # (tests/test_seeds_in_diffusers.py reruns one seed at a time)
+    w, prompts = 4.0, ["a cat", "a dog"]
     code, _ = cli(["sample", "--quiet", "--teacher", str(tiny_sd / "teacher"), "--student", str(student_dir),
                    "--steps", "4", "--guidance", str(w), "--prompt", prompts[0], "--prompt", prompts[1],
                    "--num-per-prompt", "1", "--out", str(tmp_path / "samples")], capsys)
     assert code == 0
     rows = [json.loads(line) for line in open(tmp_path / "samples/samples.jsonl")]
-    seeds = [r["seed"] for r in rows]
-    teacher, student = load_denoiser(str(tiny_sd / "teacher")), load_denoiser(str(student_dir))
-    grid = sampling_grid(student, 4, 32)
-    ours = rollout_seeds(seeds, prompts, grid, teacher=teacher, student=student, teacher_prob=0.0, guidance=w).final
-    x_T, _ = seeded_noise(seeds, tuple(teacher.state_shape), 4)
-    renoise = seeded_renoise(seeds, tuple(teacher.state_shape), 4)
     pipe = LatentConsistencyModelPipeline.from_pretrained(student_dir, safety_checker=None,
                                                           requires_safety_checker=False)
-    with our_renoise(renoise) as drawn:
-        latents = pipe(prompts, num_inference_steps=4, guidance_scale=w, latents=x_T.clone(),
-                       output_type="latent").images
-    assert drawn["steps"] == 3  # a noise draw per step but the last
-    with our_renoise(renoise):
-        images = pipe(prompts, num_inference_steps=4, guidance_scale=w, latents=x_T.clone(), output_type="np").images
-    assert torch.allclose(latents, ours, atol=1e-4), (latents - ours).abs().max()
+    images = pipe(prompts, num_inference_steps=4, guidance_scale=w, output_type="np",
+                  generator=[torch.Generator().manual_seed(r["seed"]) for r in rows]).images
     from PIL import Image
 
     pngs = np.stack([np.asarray(Image.open(tmp_path / "samples" / r["file"])) for r in rows]).astype(int)
@@ -351,7 +319,7 @@ def test_pixel_student_by_hand_with_unet_and_lcm_scheduler(tmp_path):
 
     from ddil_cli.data.digits import build_digits_shards
     from ddil_cli.models import load_denoiser
-    from ddil_cli.rollout import rollout_seeds, sampling_grid, seeded_noise, seeded_renoise
+    from ddil_cli.rollout import rollout_seeds, sampling_grid
     from tiny_models import build_tiny_pixel
 
     build_tiny_pixel(tmp_path / "teacher")
@@ -363,8 +331,9 @@ def test_pixel_student_by_hand_with_unet_and_lcm_scheduler(tmp_path):
     teacher, student = load_denoiser(str(tmp_path / "teacher")), load_denoiser(str(folder))
     ours = rollout_seeds(seeds, prompts, sampling_grid(student, 4, 32), teacher=teacher, student=student,
                          teacher_prob=0.0, guidance=w).final
-    x, _ = seeded_noise(seeds, tuple(teacher.state_shape), 4)
-    renoise = seeded_renoise(seeds, tuple(teacher.state_shape), 4)
+    # diffusers' draws, nothing injected: a generator per seed for the start and each step's noise
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    x = torch.cat([torch.randn((1, *teacher.state_shape), generator=g) for g in generators])
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -374,8 +343,8 @@ def test_pixel_student_by_hand_with_unet_and_lcm_scheduler(tmp_path):
         None, torch.full((2,), w - 1), embedding_dim=unet.config.time_cond_proj_dim)
     scheduler = LCMScheduler.from_pretrained(folder / "scheduler")
     scheduler.set_timesteps(4)
-    with torch.no_grad(), our_renoise(renoise):
+    with torch.no_grad():
         for t in scheduler.timesteps:
             out = unet(x, t, encoder_hidden_states=text, timestep_cond=w_embedding).sample
-            x, denoised = scheduler.step(out, t, x, return_dict=False)
+            x, denoised = scheduler.step(out, t, x, generator=generators, return_dict=False)
     assert torch.allclose(denoised, ours, atol=1e-4), (denoised - ours).abs().max()

@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 from cli_runner import run_cli as cli
 from resume import crash_and_resume
-from test_lcm import our_renoise
 from ddil_cli.errors import UserError
 from ddil_cli.methods.base import Batch
 from ddil_cli.stages.distill import DistillConfig, make_plan, run_distill
@@ -110,12 +109,8 @@ def test_lora_run_resumes_exactly_and_checkpoints_hold_adapters_only(tiny, tmp_p
 
 def _diffusers_images(tiny, student_dir, rows, steps, *, lora=True):
     """The teacher's pipeline + load_lora_weights(student) + the student's scheduler, at the w and
-    seed `ddil sample` wrote. A DDIM student needs nothing else; for an LCMScheduler student the
-    start noise and re-noising are injected (diffusers draws them from one generator in another
-    order until `ddil sample` follows it)."""
+    seed `ddil sample` wrote, with `generator=torch.Generator().manual_seed(seed)`: nothing injected."""
     from diffusers import StableDiffusionPipeline
-
-    from ddil_cli.rollout import seeded_noise, seeded_renoise
 
     full = (student_dir / "unet").is_dir()  # a full student is a pipeline itself
     pipe = StableDiffusionPipeline.from_pretrained(student_dir if full else tiny / "teacher", safety_checker=None,
@@ -126,17 +121,8 @@ def _diffusers_images(tiny, student_dir, rows, steps, *, lora=True):
     import diffusers
 
     pipe.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
-    images = []
-    for row in rows:
-        kwargs = dict(num_inference_steps=steps, guidance_scale=row["guidance"], output_type="np",
-                      generator=torch.Generator().manual_seed(row["seed"]))
-        if config["_class_name"] == "LCMScheduler":
-            shape = tuple(pipe.unet.config[k] for k in ("in_channels", "sample_size", "sample_size"))
-            x_T, _ = seeded_noise([row["seed"]], shape, steps)
-            with our_renoise(seeded_renoise([row["seed"]], shape, steps)):
-                images.append(pipe(row["prompt"], latents=x_T, **kwargs).images[0])
-        else:
-            images.append(pipe(row["prompt"], **kwargs).images[0])
+    images = [pipe(row["prompt"], num_inference_steps=steps, guidance_scale=row["guidance"], output_type="np",
+                   generator=torch.Generator().manual_seed(row["seed"])).images[0] for row in rows]
     return np.round(np.stack(images) * 255).astype(int)
 
 

@@ -5,7 +5,7 @@ from diffusers import DDIMScheduler
 
 from ddil_cli.models.gmm import GMM_SCHEDULER_CONFIG, GMMDenoiser
 from ddil_cli.models.mlp import mlp_student_for
-from ddil_cli.rollout import Grid, rollout, seeded_noise, teacher_mask
+from ddil_cli.rollout import Grid, rollout, seed_draws, seeded_noise, teacher_mask
 
 
 def _setup(n=6):
@@ -81,3 +81,10 @@ def test_seeded_noise_independent_of_batch():
     a, ua = seeded_noise([5, 6, 7], (3,), 4)
     b, ub = seeded_noise([7], (3,), 4)
     assert torch.equal(a[2], b[0]) and torch.equal(ua[2], ub[0])
+    both, alone = seed_draws([5, 7], (3,), 4, renoise=True), seed_draws([7], (3,), 4, renoise=True)
+    assert torch.equal(both.renoise[1], alone.renoise[0]) and torch.equal(both.start[1], a[2])
+    # the start first, then the re-noising of every step but the last, as one generator in diffusers
+    gen = torch.Generator().manual_seed(7)
+    draws = [torch.randn(3, generator=gen) for _ in range(4)]
+    assert torch.equal(torch.stack(draws[1:]), alone.renoise[0, :3])
+    assert not alone.renoise[0, 3].any()

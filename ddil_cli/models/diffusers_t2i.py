@@ -532,12 +532,13 @@ def student_scheduler(base_config: dict, timesteps: list[int], prediction_type: 
     num_train = int(common.get("num_train_timesteps", 1000))
     if n < 1 or any(b >= a for a, b in zip(timesteps, timesteps[1:])) or not 0 <= timesteps[-1] <= timesteps[0] < num_train:
         raise ValueError(f"timesteps must be strictly decreasing in [0, {num_train - 1}], got {timesteps}")
-    # set_alpha_to_one: the last step lands on clean data, as our t = -1 convention
+    # set_alpha_to_one: the last step lands on clean data, as our t = -1 convention; steps_offset 1:
+    # diffusers' SD pipeline warns about any other value and rewrites it to 1 when it loads the folder
     common.update(prediction_type=prediction_type, set_alpha_to_one=True, clip_sample=False,
-                  thresholding=False)
+                  thresholding=False, steps_offset=1)
     if kind == "ddim":
-        candidates = (DDIMScheduler.from_config({**common, "timestep_spacing": spacing, "steps_offset": offset})
-                      for spacing, offset in (("trailing", 0), ("leading", 0), ("leading", 1), ("linspace", 0)))
+        candidates = (DDIMScheduler.from_config({**common, "timestep_spacing": spacing})
+                      for spacing in ("trailing", "leading", "linspace"))
     elif kind == "lcm":
         # LCM picks from its `original_inference_steps` grid; only grids whose spacing divides the
         # last timestep + 1 can contain it
