@@ -6,8 +6,8 @@ decodes, so there is no VAE; the text encoders are the real architectures and en
 Each case runs the real method through the real Trainer (accelerate, bf16 autocast, gradient
 checkpointing, the frozen teacher in bf16): one warm-up update, then --updates timed ones.
 Cases: PD and LCM at SD 1.5 size (batch 8, 512 px), DMD2 at SSD-1B size (batch 7, 10 critic
-updates) and DMD2 at SDXL size with a LoRA generator and critic (run only where this ddil's
-methods take `lora_rank`; else reported as not run).
+updates) and DMD2 at SDXL size with a LoRA generator and critic (the `--lora-rank` path: both
+adapters on the teacher's UNet).
 
     python bench/gpu_check.py                                  # on the GPU machine
     python bench/gpu_check.py --tiny --device cpu              # the CPU dry run
@@ -73,15 +73,21 @@ def build_method(name: str, teacher, mode: str, critic_updates: int, lora_rank: 
     from ddil_cli.diffusion.threshold import Threshold
     from ddil_cli.methods import METHODS, PlanRequest
 
+    from ddil_cli.models.lora import LoraSpec
+
     cls = METHODS[name]
     fields = {f.name for f in dataclasses.fields(cls.Options)}
     overrides = {"critic_updates": critic_updates} if "critic_updates" in fields else {}
-    if mode == "lora":
-        overrides.update({k: lora_rank for k in ("lora_rank", "critic_lora_rank") if k in fields})
+    lora = {}
+    if mode == "lora":  # as `ddil distill --lora-rank R` (and DMD2's --critic-lora-rank R): one shared base
+        overrides.update({"critic_lora_rank": lora_rank} if "critic_lora_rank" in fields else {})
+        lora = {"lora": LoraSpec.parse(lora_rank, None, None)}
     options = cls.Options(**overrides)
     options.validate()
     phase = cls.plan(PlanRequest(steps=4, teacher_steps=8, max_updates=1), teacher, options)[0]
-    student = cls.make_student(teacher, phase, options, guidance_embedding=cls.needs_guidance_embedding or name == "pd")
+    # a LoRA student takes no guidance embedding (it folds the guided teacher into one pass)
+    embedding = (cls.needs_guidance_embedding or name == "pd") and not lora
+    student = cls.make_student(teacher, phase, options, guidance_embedding=embedding, **lora)
     return cls(teacher=teacher, student=student, phase=phase, options=options, threshold=Threshold())
 
 
@@ -106,11 +112,7 @@ def run_case(label: str, name: str, size: str, batch: int, mode: str, args) -> d
 
     from ddil_cli.train import TrainConfig, Trainer
 
-    from ddil_cli.methods import METHODS
-
     row = {"case": label, "size": size, "batch": batch, "mode": mode}
-    if mode == "lora" and "lora_rank" not in {f.name for f in dataclasses.fields(METHODS[name].Options)}:
-        return {**row, "status": "not run: this ddil has no LoRA students"}
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.device == "cpu")
     teacher = teacher_for(size, args.device)
     method = build_method(name, teacher, mode, args.critic_updates, args.lora_rank)
