@@ -205,6 +205,18 @@ def _lock_holder(path: Path) -> str:
         return "a process that has not written its name yet"
 
 
+def writable_parent(out: str | os.PathLike) -> Path:
+    """The folder `out` will be created in, made if missing and checked writable (UserError: one line)."""
+    parent = Path(out).absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(13, "permission denied")
+    except OSError as exc:
+        raise UserError(f"cannot write to {parent} ({exc.strerror}); choose a writable --out") from None
+    return parent
+
+
 @contextmanager
 def output_lock(out: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold the one lock on output `out` (an exclusive flock on its hidden sibling .NAME.lock)
@@ -349,5 +361,5 @@ def disk_full_error(exc: BaseException) -> UserError | None:
 __all__ = ["atomic_file", "atomic_folder", "current_umask", "disk_full_error", "follow_umask", "fsync_path",
            "from_json", "json_safe", "kept_if_interrupted", "lock_name", "one_line", "output_lock", "publish_folder",
            "remove_path", "remove_stale_partials", "what_an_interrupt_kept", "save_tensors_atomic", "temp_name",
-           "to_json", "write_bytes_atomic",
+           "to_json", "writable_parent", "write_bytes_atomic",
            "unreadable_file", "write_json_atomic", "write_text_atomic"]

@@ -15,7 +15,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
 
-from ddil_cli.atomic import atomic_folder, kept_if_interrupted, output_lock, remove_stale_partials
+from ddil_cli.atomic import atomic_folder, kept_if_interrupted, output_lock, remove_stale_partials, writable_parent
 from ddil_cli.errors import UserError
 from ddil_cli.validate import Rule, check_values
 
@@ -242,13 +242,7 @@ def output_dir(out: str | Path, *, overwrite: bool = False, what: str = "ddil") 
             raise UserError(f"--out {out} already exists and is not empty; choose another folder or pass --overwrite")
 
     check_free()
-    parent = out.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise PermissionError(13, "permission denied")
-    except OSError as exc:
-        raise UserError(f"cannot write to {parent} ({exc.strerror}); choose a writable --out") from None
+    writable_parent(out)
     kept = f"nothing: --out {out} is as it was" if out.exists() else f"nothing: --out {out} was not created"
     with output_lock(out, what), kept_if_interrupted(kept):
         check_free()  # again under the lock: a run that just finished may have written it

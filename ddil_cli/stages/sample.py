@@ -18,7 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
-from ddil_cli.atomic import disk_full_error, kept_if_interrupted, publish_folder, remove_path, write_json_atomic
+from ddil_cli.atomic import (disk_full_error, kept_if_interrupted, publish_folder, remove_path, writable_parent,
+                             write_json_atomic)
 from ddil_cli.errors import UserError
 from ddil_cli.manifest import fingerprint
 from ddil_cli.sampling import (SampleConfig, finish_folder, generate_part, is_complete, load_models, plan_sampling,
@@ -68,14 +69,7 @@ def _check_out(out: Path, cfg: SampleConfig) -> Path:
         hint = "it is finished; nothing to resume" if (out / "samples.jsonl").is_file() and cfg.resume else \
             "choose another folder or pass --overwrite"
         raise UserError(f"--out {out} already exists and is not empty; {hint}")
-    parent = out.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise PermissionError(13, "permission denied")
-    except OSError as exc:
-        raise UserError(f"cannot write to {parent} ({exc.strerror}); choose a writable --out") from None
-    return parent
+    return writable_parent(out)
 
 
 def _prepare(cfg: SampleConfig, out: Path, work: Path, wanted: dict, launch_key: str | None) -> None:
