@@ -157,3 +157,10 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys):
     code, err = cli(["encode", "--quiet", "--teacher", "gmm:ring:8", "--data", str(data),
                      "--out", str(tmp_path / "lab")], capsys)
     assert code == 2 and "image model" in err and not (tmp_path / "lab").exists()
+    # an --out inside (or at) the shards it reads is refused before anything is written
+    before = _files(data)
+    for out in (data, data / "encoded"):
+        code, err = cli(["encode", "--quiet", "--teacher", str(teacher_dir), "--data", str(data),
+                         "--out", str(out)], capsys)
+        assert code == 2 and "--data" in err and len(err.strip().splitlines()) == 1, err
+    assert _files(data) == before and not (data / "encoded").exists()

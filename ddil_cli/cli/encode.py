@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, console, distributed_context, progress,
-                                 resolve_config, resolve_device)
+from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, check_out_apart, console, distributed_context,
+                                 progress, resolve_config, resolve_device)
 from ddil_cli.models import MODEL_HELP, load_denoiser
 from ddil_cli.stages.encode import EncodeConfig, run_encode
 from ddil_cli.validate import BATCH
@@ -51,6 +51,8 @@ def encode_command(
     config: Optional[Path] = typer.Option(None, help=HELP_CONFIG),
 ):
     cfg = resolve_config(ctx, EncodeConfig, config, RULES)
+    # the shards it reads (a pattern, or a folder) are never under, at or around what it writes
+    check_out_apart(cfg.out, {"--data": cfg.data, "--teacher": cfg.teacher, "--config": config})
     rank, world_size, local_rank, _ = distributed_context()
     cfg.device = resolve_device(cfg.device)
     if cfg.device == "cuda" and world_size > 1:
