@@ -151,6 +151,9 @@ class PDMethod(DistillMethod):
             raise ValueError(f"unknown PD mode {self.mode!r}")
         student_grid = self.phase.timesteps
         self._position = {t: i for i, t in enumerate(student_grid)}
+        # timestep -> position on the student's grid (-1: off it), built once: the step looks inputs up in it
+        self._position_table = torch.full((self.teacher.schedule.num_train_timesteps,), -1, dtype=torch.long)
+        self._position_table[list(self._position)] = torch.tensor(list(self._position.values()), dtype=torch.long)
         # the teacher's grid has k times the points; row i of `paths`: the teacher's timesteps
         # from student time i to student time i + 1, both ends included
         k = int(self.phase.options.get("ratio", 2)) if self.mode == "jump" else 1
@@ -162,9 +165,8 @@ class PDMethod(DistillMethod):
     def _grid_positions(self, t: torch.Tensor) -> torch.Tensor:
         """Each input's position on the student's grid, looked up on the device (reading the
         timesteps back would make every step wait for the GPU); off the grid is an async error."""
-        table = torch.full((self.teacher.schedule.num_train_timesteps,), -1, dtype=torch.long)
-        table[list(self._position)] = torch.tensor(list(self._position.values()), dtype=torch.long)
-        idx = table.to(t.device)[t.clamp(0, len(table) - 1)]
+        table = self._position_table.to(t.device)
+        idx = table[t.clamp(0, len(table) - 1)]
         torch._assert_async((idx >= 0).all(), f"PD inputs off the student's grid {self.phase.timesteps}")
         return idx
 
