@@ -104,7 +104,8 @@ def distill_command(method: str, mode: str, args, teacher: Path, prompts: Path, 
         cmd += ["--critic-updates", str(args.critic_updates)]
     if mode == "lora":
         cmd += ["--lora-rank", str(args.lora_rank)]
-    return cmd
+        cmd += ["--critic-lora-rank", str(args.lora_rank)] if method == "dmd2" else []
+    return cmd + ["--frozen-dtype", args.frozen_dtype]
 
 
 LOAD_SNIPPET = """
@@ -192,6 +193,7 @@ def main(argv=None) -> list[Result]:
     parser.add_argument("--modes", default="full,lora", help="full and/or lora (lora only where the CLI has it)")
     parser.add_argument("--critic-updates", type=int, default=2)
     parser.add_argument("--lora-rank", type=int, default=64)
+    parser.add_argument("--frozen-dtype", default="auto", help="distill's --frozen-dtype (bf16 halves the teacher)")
     parser.add_argument("--work", default="runs/fullsize-cpu", help="the pipeline folder and the runs go here")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -211,7 +213,8 @@ def main(argv=None) -> list[Result]:
             results.append(run_case(method, mode, args, teacher, work))
             print(format_table(results[-1:]).splitlines()[-1], flush=True)
     print(f"\n{args.size} at {args.resolution} px, batch 1, --prior teacher=1, {args.updates} updates"
-          f" (DMD2: {args.critic_updates} critic updates each)")
+          f" (DMD2: {args.critic_updates} critic updates each; LoRA rank {args.lora_rank}, DMD2's critic"
+          f" a LoRA of the same rank), --frozen-dtype {args.frozen_dtype}")
     print(format_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
