@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -270,6 +271,133 @@ def remove_stale_partials(out: str | os.PathLike) -> list[Path]:
     return stale
 
 
+# ---- a folder built beside its place, published once it is worth keeping --------------------------
+def building_name(out: str | os.PathLike) -> Path:
+    """Where `build_beside` builds `out`: a hidden sibling, one per output (its lock allows one builder)."""
+    out = Path(out).absolute()
+    return out.with_name(f".{out.name}.building")
+
+
+def _replaced_name(out: Path) -> Path:
+    return out.with_name(f".{out.name}.replaced-{os.getpid()}")
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE): a reader sees the old or the
+    new folder at each name, never none. False where the system or file system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+def recover_beside(out: str | os.PathLike) -> list[str]:
+    """Clean what a dead `build_beside` left next to `out` (call it holding `output_lock(out)`: every
+    live builder holds it, so these belong to nobody): its unpublished building folder goes; an old
+    output set aside by a publish killed half-way is put back if `out` is missing, else deleted.
+    Returns what was done, for a warning."""
+    out = Path(out).absolute()
+    done = []
+    work = building_name(out)
+    if work.exists() or work.is_symlink():
+        remove_path(work)
+        done.append(f"removed {work}, left by a run killed before publishing")
+    for old in sorted(out.parent.glob(f".{out.name}.replaced-*")) if out.parent.is_dir() else []:
+        if out.exists() or out.is_symlink():
+            remove_path(old)
+        else:
+            os.rename(old, out)
+            done.append(f"restored {out}: a run replacing it was killed half-way")
+    return done
+
+
+class Building:
+    """A folder under construction beside `out` (see build_beside). Write through `path`; `publish()`
+    moves it to `out` (once; later calls do nothing) and leaves `path` a link to it, so open work
+    carries on through the same name."""
+
+    def __init__(self, out: Path, *, replace: bool, main: bool):
+        self.out, self.path, self.replace, self.main = out, building_name(out), replace, main
+        self.published = False
+
+    def publish(self, *_ignored) -> None:
+        if self.published or not self.main:
+            return
+        out, work = self.out, self.path
+        _fsync_tree(work)
+        follow_umask(work)
+        old = None
+        if (out.is_symlink() or out.exists()) and not self.replace and \
+                not (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
+            raise UserError(f"{out} appeared while this run was building; move it away or pass --overwrite")
+        with _signals_held():  # an interrupt waits until `out` and the flag agree
+            if out.is_symlink() or out.exists():
+                old = _replaced_name(out)
+                if _exchange(work, out):
+                    os.rename(work, old)  # the old output, swapped out in the same step the new one came in
+                else:
+                    os.rename(out, old)  # killed between these two renames: the next run puts `old` back
+                    os.rename(work, out)
+            else:
+                os.rename(work, out)
+            os.symlink(out.name, work)
+            self.published = True
+        fsync_path(out.parent)
+        if old is not None:
+            remove_path(old)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends (then they arrive as usual)."""
+    import signal
+
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextmanager
+def build_beside(out: str | os.PathLike, *, replace: bool, main: bool = True,
+                 barrier: Callable[[], None] = lambda: None) -> Iterator[Building]:
+    """Build the folder `out` in a hidden sibling (`building_name`) and publish it (rename) when the
+    caller calls `publish()` (e.g. at a run's first checkpoint) or when the block succeeds. Until
+    then `out` is untouched: an existing one is swapped out (replace=True) only at publishing and
+    deleted after the new one is in place. A failure or interrupt before publishing removes the
+    building folder; after it, the published `out` stays. Call it holding `output_lock(out)`; a
+    dead builder's leftovers are cleaned first. Several processes: `main` writes, `barrier`
+    (every process calls it) keeps the others from looking before the folder is there."""
+    building = Building(Path(out).absolute(), replace=replace, main=main)
+    if main:
+        for done in recover_beside(building.out):
+            warnings.warn(done)
+        building.out.parent.mkdir(parents=True, exist_ok=True)
+        building.path.mkdir()
+    barrier()
+    try:
+        yield building
+        building.publish()
+    except BaseException:
+        if main and not building.published:
+            remove_path(building.path)
+        raise
+    finally:
+        if main and building.published:
+            remove_path(building.path)  # the link; `out` itself stays
+
+
 # ---- what an interrupt keeps --------------------------------------------------------------------
 _KEPT: list[Callable[[], str]] = []
 _SAID_WHEN_INTERRUPTED: list[str] = []  # what the innermost block said as the interrupt passed it
@@ -358,8 +486,8 @@ def disk_full_error(exc: BaseException) -> UserError | None:
     return None
 
 
-__all__ = ["atomic_file", "atomic_folder", "current_umask", "disk_full_error", "follow_umask", "fsync_path",
-           "from_json", "json_safe", "kept_if_interrupted", "lock_name", "one_line", "output_lock", "publish_folder",
+__all__ = ["Building", "atomic_file", "atomic_folder", "build_beside", "building_name", "current_umask", "disk_full_error", "follow_umask", "fsync_path",
+           "from_json", "json_safe", "kept_if_interrupted", "lock_name", "one_line", "output_lock", "publish_folder", "recover_beside",
            "remove_path", "remove_stale_partials", "what_an_interrupt_kept", "save_tensors_atomic", "temp_name",
            "to_json", "writable_parent", "write_bytes_atomic",
            "unreadable_file", "write_json_atomic", "write_text_atomic"]

@@ -221,7 +221,8 @@ class Trainer:
     def __init__(self, *, accelerator, method: DistillMethod, config: TrainConfig, run_dir: Path,
                  phase: str, make_batch: Callable[[int], Batch], hooks=(), extra_state=None,
                  progress=None, log: Callable[[dict], None] | None = None, update_offset: int = 0,
-                 loss_observers=(), checkpoint_dir: Path | None = None):
+                 loss_observers=(), checkpoint_dir: Path | None = None,
+                 on_checkpoint: Callable[[Path], None] | None = None):
         from diffusers.training_utils import EMAModel
 
         self.accelerator = accelerator
@@ -237,6 +238,8 @@ class Trainer:
         self.update_offset = update_offset  # updates of earlier phases: checkpoint names stay ordered
         self.loss_observers = list(loss_observers)  # fn(batch, per_example) after each student loss
         self._checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else self.run_dir / "checkpoints"
+        # main process, after each checkpoint, while the others wait (distill publishes its run at the first)
+        self.on_checkpoint = on_checkpoint
         specs = method.groups()
         if not specs or specs[0].name != "student" or "student" not in specs[0].modules:
             raise ValueError(f"{type(method).__name__}.groups() must start with the 'student' group")
@@ -318,6 +321,8 @@ class Trainer:
             (tmp / "state.json").write_text(to_json(info))  # last: its presence marks a complete checkpoint
         shutil.rmtree(staging, ignore_errors=True)
         self._prune()
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(final)
         acc.wait_for_everyone()
         return final
 

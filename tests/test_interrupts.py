@@ -170,15 +170,36 @@ def test_a_failed_new_run_leaves_no_folder(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_overwrite_killed_before_its_checkpoint_is_restored_by_the_next_run(finished_run, tmp_path, capsys):
+def test_what_a_killed_build_left_is_cleaned_or_put_back_by_the_next_run(finished_run, tmp_path, capsys):
+    """SIGKILL gives no chance to clean up: the next run to that --out (holding its lock, so the
+    builder is dead) removes an unpublished `.run.building` and puts back an old run that a publish
+    killed between its two renames had set aside."""
     run = tmp_path / "run"
-    shutil.copytree(finished_run, tmp_path / ".run.replaced-999999")  # what a SIGKILLed overwrite leaves
+    shutil.copytree(finished_run, tmp_path / ".run.replaced-999999")  # killed between the renames
     before = _snapshot(tmp_path / ".run.replaced-999999")
-    run.mkdir()
-    (run / "manifest.json").write_text((finished_run / "manifest.json").read_text())
+    (tmp_path / ".run.building" / "checkpoints").mkdir(parents=True)  # the new run that never got in
     with pytest.warns(UserWarning, match="restored"):
         code, err = run_cli([*LAB_RUN, "--max-updates", "10", "--resume", "latest", "--out", str(run)], capsys)
+    # the restored run was finished: resuming it changes nothing of its stages
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert {k: v for k, v in _snapshot(run).items() if k.startswith("stages")} == \
         {k: v for k, v in before.items() if k.startswith("stages")}
+
+
+def test_a_new_run_appears_at_out_only_at_its_first_checkpoint(tmp_path):
+    """While a fresh run trains towards its first checkpoint it lives in `.run.building`; --out
+    appears whole (manifest and checkpoint together) and the link is gone when the run ends."""
+    run = tmp_path / "run"
+    proc = _start([*LAB_RUN, "--max-updates", "100000", "--checkpoint-every", "300", "--out", str(run)])
+    try:
+        _wait_for(lambda: (tmp_path / ".run.building" / "manifest.json").is_file(), proc)
+        assert not run.exists()
+        _wait_for(lambda: run.is_dir(), proc)
+        assert (run / "manifest.json").is_file() and list((run / "checkpoints").glob("checkpoint-*/state.json"))
+        assert (tmp_path / ".run.building").is_symlink()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "kept: the checkpoint" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -194,7 +194,7 @@ def distill_command(
     device: str = typer.Option("auto", help=HELP_DEVICE),
     out: Path = typer.Option(Path(D.out), help="Run folder."),
     quiet: bool = typer.Option(False, help=HELP_QUIET),
-    overwrite: bool = typer.Option(False, help="Start again in an existing run folder (deletes it first)."),
+    overwrite: bool = typer.Option(False, help="Start again in an existing run folder (replaced when the new run has its first checkpoint)."),
     config: Optional[Path] = typer.Option(None, help=HELP_CONFIG),
 ):
     cfg = resolve_config(ctx, DistillConfig, config, RULES, options_keys=METHOD_OPTION_KEYS)

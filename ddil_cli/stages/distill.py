@@ -30,8 +30,8 @@ from ddil_cli.buffer.sources import (DataStates, forward_diffuse, is_lab, rollou
 from ddil_cli.buffer.writer import BufferWriter, prompt_id
 from ddil_cli.diffusion.threshold import Threshold, parse_threshold
 from ddil_cli.errors import UserError
-from ddil_cli.atomic import (atomic_folder, kept_if_interrupted, output_lock, remove_path, to_json, unreadable_file,
-                             write_bytes_atomic, write_json_atomic)
+from ddil_cli.atomic import (atomic_folder, build_beside, kept_if_interrupted, output_lock, recover_beside, to_json,
+                             unreadable_file, writable_parent, write_bytes_atomic, write_json_atomic)
 from ddil_cli.manifest import build_manifest, fingerprint
 from ddil_cli.methods import METHODS, PLANNED, Batch, DistillMethod, MethodOptions, Phase, PlanRequest
 from ddil_cli.models import load_denoiser
@@ -619,12 +619,8 @@ def check_resume(cfg: DistillConfig, run: Path, plan: Plan | None = None) -> Pat
     return path
 
 
-def _replaced_runs(run: Path) -> list[Path]:
-    return sorted(run.absolute().parent.glob(f".{run.name}.replaced-*"))
-
-
-def _what_a_run_kept(run: Path) -> str:
-    checkpoint = latest_checkpoint(run) if run.is_dir() else None
+def _what_a_run_kept(run: Path, published: bool = True) -> str:
+    checkpoint = latest_checkpoint(run) if published and run.is_dir() else None
     if checkpoint is None:
         return f"no checkpoint yet, so {run} is as it was before this command"
     return f"the checkpoint {checkpoint}; continue with the same flags plus --resume latest"
@@ -632,52 +628,33 @@ def _what_a_run_kept(run: Path) -> str:
 
 @contextmanager
 def _one_writer(run: Path, accelerator):
-    """The run's output lock (main process; every command takes it on its --out), after putting
-    back an old run that an --overwrite killed before its first checkpoint set aside. The other
+    """The run's output lock (main process; every command takes it on its --out), after cleaning
+    what a killed run left beside it (a resume, too, may find an old run to put back). The other
     processes of a launch wait for that before they look at the run."""
     main = accelerator.is_main_process
     with output_lock(run, "ddil distill") if main else nullcontext():
-        for old in _replaced_runs(run) if main else []:  # their process is dead: live ones hold the lock
-            if run.is_dir() and latest_checkpoint(run) is not None:
-                remove_path(old)
-            else:
-                remove_path(run)
-                os.rename(old, run)
-                warnings.warn(f"restored {run}: an earlier --overwrite of it was killed before its first checkpoint")
+        for done in recover_beside(run) if main else []:
+            warnings.warn(done)
         accelerator.wait_for_everyone()
         yield
 
 
 @contextmanager
-def _run_folder(run: Path, *, fresh: bool, accelerator):
-    """The run folder while the run trains. A fresh run that fails or is interrupted before its
-    first checkpoint leaves nothing behind; an --overwrite sets the old run aside (a hidden
-    sibling) and deletes it only once the new run has a checkpoint, else puts it back."""
-    main = accelerator.is_main_process
-    old, created = None, False
-    accelerator.wait_for_everyone()  # every process has checked the folder before anything is written
-    if main:
-        if fresh and run.is_dir() and any(run.iterdir()):  # --overwrite: check_resume refused it otherwise
-            old = run.absolute().with_name(f".{run.name}.replaced-{os.getpid()}")
-            os.rename(run, old)
-        created = not run.exists()
-        run.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    try:
+def _run_folder(run: Path, *, fresh: bool, overwrite: bool, accelerator, progress=None):
+    """(the folder the run writes, what to call at each checkpoint). A fresh run builds beside --out
+    and appears there (replacing an old run with --overwrite) at its first checkpoint, so a failed
+    or interrupted start leaves --out as it was (atomic.build_beside); a resume trains in place."""
+    if not fresh:
         with kept_if_interrupted(lambda: _what_a_run_kept(run)):
-            yield
-    except BaseException:
-        if main and fresh and latest_checkpoint(run) is None:
-            remove_path(run)
-            if old is not None:
-                os.rename(old, run)
-                old = None
-            elif not created:
-                run.mkdir()  # it was an empty folder
-        raise
-    finally:
-        if main and old is not None:
-            remove_path(old)
+            yield run, None
+        return
+    with build_beside(run, replace=overwrite, main=accelerator.is_main_process,
+                      barrier=accelerator.wait_for_everyone) as building, \
+            kept_if_interrupted(lambda: _what_a_run_kept(run, building.published)):
+        if progress is not None and not progress.disable and accelerator.is_main_process:
+            progress.console.print(f"building the run in {building.path}; it appears at {run} at its first "
+                                   "checkpoint", markup=False, highlight=False)
+        yield building.path, building.publish
 
 
 def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
@@ -685,6 +662,7 @@ def run_distill(cfg: DistillConfig, *, progress=None) -> dict:
 
     run = Path(cfg.out)
     # first: under a launcher every process validates, and only the main process writes
+    # (a tracker's logs go to the folder the run is built in: _train points them there)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu",
                               log_with=None if cfg.tracker == "none" else cfg.tracker, project_dir=str(run / "logs"))
     enable_tf32(accelerator.device)
@@ -710,11 +688,16 @@ def _run_locked(cfg: DistillConfig, run: Path, plan: Plan, teacher: Denoiser, ac
     existing = next((p for p in [run, *run.absolute().parents] if p.exists()), Path("/"))
     if not os.access(existing, os.W_OK | os.X_OK) or (existing == run and not run.is_dir()):
         raise UserError(f"cannot write to {run} ({existing} is not a writable folder); choose a writable --out")
-    with _run_folder(run, fresh=resume_from is None, accelerator=accelerator):
-        return _train(cfg, run, plan, teacher, accelerator, resume_from, data, external, progress)
+    if resume_from is None:
+        writable_parent(run)  # a fresh run is built beside --out and renamed there
+    # a --resume latest that finds no checkpoint starts again, replacing the run at its first one
+    with _run_folder(run, fresh=resume_from is None, overwrite=cfg.overwrite or cfg.resume is not None,
+                     accelerator=accelerator, progress=progress) as (work, on_checkpoint):
+        return _train(cfg, work, plan, teacher, accelerator, resume_from, data, external, progress, on_checkpoint)
 
 
-def _train(cfg, run: Path, plan: Plan, teacher: Denoiser, accelerator, resume_from, data, external, progress) -> dict:
+def _train(cfg, run: Path, plan: Plan, teacher: Denoiser, accelerator, resume_from, data, external, progress,
+           on_checkpoint=None) -> dict:
     from accelerate.utils import set_seed
 
     frozen = frozen_dtype(cfg.frozen_dtype, accelerator.device)
@@ -731,6 +714,7 @@ def _train(cfg, run: Path, plan: Plan, teacher: Denoiser, accelerator, resume_fr
                    "student_prob": [{"start": s, "prob": v} for s, v in zip(plan.student_prob.starts,
                                                                            plan.student_prob.values)]}))
     if cfg.tracker != "none":
+        accelerator.project_configuration.project_dir = accelerator.project_configuration.logging_dir = str(run / "logs")
         accelerator.init_trackers("ddil-distill", config={k: v for k, v in asdict(cfg).items()
                                                           if isinstance(v, (int, float, str, bool))})
     metrics = MetricsLog(run / "metrics.jsonl")
@@ -757,7 +741,7 @@ def _train(cfg, run: Path, plan: Plan, teacher: Denoiser, accelerator, resume_fr
         try:
             summaries.append(_run_phase(cfg, plan, phase, k, phase_teacher, teacher, data, run, accelerator, metrics,
                                         resume_from if resume_info and resume_info["phase"] == phase.name else None,
-                                        offset, progress, teacher_source, external))
+                                        offset, progress, teacher_source, external, on_checkpoint))
         except CheckpointError:
             if previous_manifest is not None and accelerator.is_main_process:
                 write_bytes_atomic(run / "manifest.json", previous_manifest)
@@ -766,6 +750,8 @@ def _train(cfg, run: Path, plan: Plan, teacher: Denoiser, accelerator, resume_fr
         # keeps every prepared model and optimiser until told (an SD-size stage's ~10 GB each)
         previous = phase_teacher = None
         accelerator.free_memory()
+        # the phase ended with a checkpoint, which published a fresh run: from here paths name --out
+        run, stage_dir = Path(cfg.out), Path(cfg.out) / "stages" / phase.name
         # a LoRA stage's student loads onto the teacher's UNet: the base stays held once
         previous = without_vae_on_device(load_denoiser(str(stage_dir), device=accelerator.device, dtype=frozen,
                                                        base=teacher), data)
@@ -777,7 +763,7 @@ def _train(cfg, run: Path, plan: Plan, teacher: Denoiser, accelerator, resume_fr
             shutil.copytree(run / "stages" / plan.phases[-1].name, tmp, dirs_exist_ok=True)
             (tmp / "ddil_phase.json").unlink()
     accelerator.end_training()
-    summary = {"phases": summaries, "student": str(final),
+    summary = {"phases": summaries, "student": str(Path(cfg.out) / "student"),
                "collect_share": sum(s["collect_seconds"] for s in summaries) /
                max(1e-9, sum(s["collect_seconds"] + s["train_seconds"] for s in summaries))}
     if accelerator.is_main_process:
@@ -786,7 +772,8 @@ def _train(cfg, run: Path, plan: Plan, teacher: Denoiser, accelerator, resume_fr
 
 
 def _run_phase(cfg, plan, phase: Phase, index, phase_teacher, original_teacher, data, run, accelerator, metrics,
-               resume_from, offset, progress, teacher_source: str, external: ExternalBuffer | None) -> dict:
+               resume_from, offset, progress, teacher_source: str, external: ExternalBuffer | None,
+               on_checkpoint=None) -> dict:
     kwargs = {}
     if not phase.ddil:  # teacher-forced: data alone, so nothing is collected either
         plan = replace(plan, schedule=PriorSchedule.parse("data=1"))
@@ -840,7 +827,8 @@ def _run_phase(cfg, plan, phase: Phase, index, phase_teacher, original_teacher, 
                       extra_state=_RunState(pool, assembler, phase.train_timesteps, fifo=fifo,
                                             buffer_dir=run / "buffer" / phase.name
                                             if accelerator.num_processes == 1 else None),
-                      progress=progress, log=metrics, update_offset=offset, loss_observers=observers)
+                      progress=progress, log=metrics, update_offset=offset, loss_observers=observers,
+                      on_checkpoint=on_checkpoint)
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
     state = trainer.run()
