@@ -54,7 +54,8 @@ def check_loaded(model: Denoiser, folder: Path) -> Denoiser:
 
 def check_student_of(student: Denoiser, teacher: Denoiser) -> None:
     """UserError unless `student` can run on `teacher`'s states and was distilled from it (lab
-    students record their teacher's spec; another mixture of the same dimension has other modes)."""
+    students record their teacher's spec, diffusers students their teachers' fingerprints: another
+    model of the same state shape would run and give wrong samples without a word)."""
     if tuple(student.state_shape) != tuple(teacher.state_shape):
         raise UserError(f"student states {tuple(student.state_shape)} do not match the teacher's "
                         f"{tuple(teacher.state_shape)}; give a student distilled from this teacher")
@@ -63,6 +64,12 @@ def check_student_of(student: Denoiser, teacher: Denoiser) -> None:
     if source.startswith("gmm:") and spec.startswith("gmm:") and source != spec:
         raise UserError(f"the student was distilled from {source}, not from --teacher {spec}; give its teacher "
                         "or a student of this one")
+    # a diffusers student records the fingerprints of its teachers (ddil_student.json; none before wave 10)
+    recorded = getattr(student, "teacher_fingerprints", None)
+    if recorded and getattr(teacher, "kind", "") == "diffusers" and teacher.identity not in recorded:
+        raise UserError(f"the student {getattr(student, 'source', '')} was not distilled from --teacher "
+                        f"{getattr(teacher, 'source', '')} (its ddil_student.json records other teachers); "
+                        "give the teacher it was distilled from, or a student of this one")
 
 
 __all__ = ["check_loaded", "check_student_of"]

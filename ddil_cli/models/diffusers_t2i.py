@@ -78,6 +78,15 @@ def base_source(source) -> str:
     return str(path.resolve()) if path.is_dir() else str(source)
 
 
+def _recorded_teachers(record: dict, folder: Path) -> list[str]:
+    """ddil_student.json's teacher_fingerprints ([] when a student predates them)."""
+    value = record.get("teacher_fingerprints", [])
+    if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise UserError(f"model folder {folder}: {STUDENT_FILE}'s teacher_fingerprints is not a list of text; "
+                        "re-create it (re-run the command that made it) or restore the file")
+    return value
+
+
 def looks_like_hub_id(text: str) -> bool:
     return bool(_HUB_ID.match(text)) and not Path(text).exists()
 
@@ -305,6 +314,7 @@ class DiffusersDenoiser(Denoiser):
                     source=str(source), prediction_type=student.get("prediction_type"),
                     student_timesteps=student.get("timesteps"))
         model.guidance_folded = bool(student.get("guidance_folded", False))
+        model.teacher_fingerprints = _recorded_teachers(student, folder)
         defaults_file = folder / DEFAULTS_FILE
         if defaults_file.is_file():
             model.sampling_defaults = json.loads(defaults_file.read_text())
@@ -334,12 +344,44 @@ class DiffusersDenoiser(Denoiser):
         model.prediction_type = record.get("prediction_type") or model.prediction_type
         model.student_timesteps = record.get("timesteps")
         model.guidance_folded = bool(record.get("guidance_folded", False))
+        model.teacher_fingerprints = _recorded_teachers(record, folder)
+        if model.teacher_fingerprints and base.identity not in model.teacher_fingerprints:
+            raise UserError(f"the LoRA student {folder} was distilled on another base than the one now at {source} "
+                            "(its UNet is not the one ddil_student.json records); put its base back there, or "
+                            "distil a new student")
         defaults_file = folder / DEFAULTS_FILE
         model.sampling_defaults = json.loads(defaults_file.read_text()) if defaults_file.is_file() else {}
         return model
 
     # ---- sampling defaults --------------------------------------------------------------------
     sampling_defaults: dict = {}
+
+    # ---- which teacher a student was distilled from ------------------------------------------
+    # the identities of the teachers this model was distilled from, the first teacher first (a PD
+    # stage's teacher is the stage before): ddil_student.json's teacher_fingerprints
+    teacher_fingerprints: list = []
+    _identity: str | None = None
+
+    @property
+    def identity(self) -> str:
+        """This model's fingerprint as a teacher: its UNet's files (config and weights; a copy of
+        the folder elsewhere is the same teacher, an edited ddil_defaults.json too), or for a LoRA
+        student its adapter's file on its base's UNet."""
+        if self._identity is None:
+            from ddil_cli.manifest import fingerprint
+
+            if self.adapter and (Path(self.source) / LORA_FILE).is_file():
+                base = DiffusersDenoiser.with_adapter(self, None)
+                base.source, base._identity = self.base_source, None
+                parts = f"{base.identity}+{fingerprint(Path(self.source) / LORA_FILE)}"
+                self._identity = "lora-sha256:" + hashlib.sha256(parts.encode()).hexdigest()
+            else:
+                try:
+                    folder = resolve_pipeline_folder(self.source) / "unet"
+                except UserError:
+                    folder = None
+                self._identity = fingerprint(folder if folder is not None and folder.is_dir() else self.source)
+        return self._identity
 
     @property
     def default_guidance(self) -> float:
@@ -415,7 +457,7 @@ class DiffusersDenoiser(Denoiser):
     def with_adapter(self, adapter: str | None) -> "DiffusersDenoiser":
         """This model on the same UNet and frozen parts, running adapter `adapter` (None: the base)."""
         view = copy.copy(self)
-        view.adapter = adapter
+        view.adapter, view._identity = adapter, None
         view.sampling_defaults = dict(self.sampling_defaults)
         return view
 
@@ -477,6 +519,8 @@ class DiffusersDenoiser(Denoiser):
                   "guidance_conditioned": self.guidance_conditioned, "guidance_folded": self.guidance_folded,
                   "timesteps": list(timesteps) if timesteps is not None else self.student_timesteps,
                   "scheduler": type(sched).__name__}
+        if self.teacher_fingerprints:
+            record["teacher_fingerprints"] = list(self.teacher_fingerprints)
         if self.adapter and not merge_lora:
             save_lora(self.unet, self.adapter, path)
             record.update(base=self.base_source, lora=self.lora.describe() if self.lora else None)
@@ -603,6 +647,7 @@ def make_student(teacher: DiffusersDenoiser, *, guidance_embedding: bool = False
                                 pipeline_index=teacher.pipeline_index, source=teacher.source,
                                 prediction_type=prediction_type or teacher.prediction_type)
     student.sampling_defaults = dict(teacher.sampling_defaults)
+    student.teacher_fingerprints = [*teacher.teacher_fingerprints, teacher.identity]
     return student
 
 
@@ -625,5 +670,6 @@ def lora_student(teacher: DiffusersDenoiser, spec: LoraSpec, *, adapter: str = "
     student.lora, student.student_timesteps = spec, None
     student.prediction_type = prediction_type or teacher.prediction_type
     student.guidance_folded = not student.guidance_conditioned
+    student.teacher_fingerprints = [*teacher.teacher_fingerprints, teacher.identity]
     student.source = teacher.base_source if teacher.adapter else teacher.source
     return student

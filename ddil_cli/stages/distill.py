@@ -571,6 +571,19 @@ def _check_same_settings(cfg: DistillConfig, run: Path) -> None:
         if old.get(key, {"options": {}, "lora_rank": 0}.get(key)) != getattr(cfg, key):
             raise UserError(f"--resume: the run in {run} has {key}={old.get(key)!r}, this command "
                             f"{getattr(cfg, key)!r}; resume with the same settings or use another --out")
+    _check_same_teacher_files(cfg, run)
+
+
+def _check_same_teacher_files(cfg: DistillConfig, run: Path) -> None:
+    """The same --teacher by content too: another model put at the same path is another teacher."""
+    try:
+        recorded = json.loads((run / "manifest.json").read_text())["inputs"]["teacher"]["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # an older manifest: the name check above is all there is
+    if isinstance(recorded, str) and recorded != fingerprint(cfg.teacher):
+        raise UserError(f"--resume: the files of --teacher {cfg.teacher} changed since the run in {run} started "
+                        "(their fingerprint is not the one its manifest.json records); resume with the teacher "
+                        "the run started with, or start a new --out")
 
 
 def _check_checkpoint_fits(path: Path, plan: Plan) -> None:

@@ -31,6 +31,7 @@ from ddil_cli.evaluate.inputs import resolve_reference
 from ddil_cli.evaluate.run import ALL_METRICS, EvaluateConfig, score
 from ddil_cli.manifest import fingerprint, write_manifest
 from ddil_cli.models import EMBEDDED, load_denoiser
+from ddil_cli.models.checks import check_student_of
 from ddil_cli.sampling import SampleConfig, load_models, plan_sampling, sample_seed, write_sample_folder
 from ddil_cli.shift import (REFERENCE_KINDS, Setting, build_settings, config_key, forward_diffused, load_json,
                             markdown_table, measure_rows, parse_number_list, plot_beta, plot_direct, plot_switch,
@@ -151,6 +152,7 @@ def resolve_inputs(cfg: ShiftConfig) -> Inputs:
         if tuple(other.state_shape) != tuple(teacher.state_shape):
             raise UserError(f"--compare-student {path} has states {tuple(other.state_shape)}, the teacher "
                             f"{tuple(teacher.state_shape)}; give a student distilled from this teacher")
+        check_student_of(other, teacher)
         students[other_label], paths[other_label] = other, path
     reference = cfg.reference or (cfg.teacher if is_lab(teacher) else None)
     resolve_reference(reference, None)  # a bad --reference fails now, not after the first setting
