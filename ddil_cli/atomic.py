@@ -219,11 +219,13 @@ def writable_parent(out: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def output_lock(out: str | os.PathLike, what: str) -> Iterator[None]:
+def output_lock(out: str | os.PathLike, what: str, *, shared: bool = False) -> Iterator[None]:
     """Hold the one lock on output `out` (an exclusive flock on its hidden sibling .NAME.lock)
     while the block runs; a second holder is refused in one line naming the first (`what`: the
-    command, e.g. "ddil sample"). The lock file is removed on release; a lock taken on a file
-    that a releasing holder has just unlinked is retried, so two processes never both hold it."""
+    command, e.g. "ddil sample"). `shared`: `ddil collect`, whose runs append to one buffer
+    together, holds it shared, so collects run beside each other but never beside another
+    command writing that folder. The last holder removes the lock file; a lock taken on a file
+    that a releasing holder has just unlinked is retried, so no two processes hold it apart."""
     import time
 
     path = lock_name(out)
@@ -234,7 +236,7 @@ def output_lock(out: str | os.PathLike, what: str) -> Iterator[None]:
         except OSError as exc:
             raise UserError(f"cannot write to {path.parent} ({exc.strerror}); choose a writable --out") from None
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
             raise UserError(f"--out {out} is being written by another ddil run ({_lock_holder(path)}); wait "
@@ -254,8 +256,10 @@ def output_lock(out: str | os.PathLike, what: str) -> Iterator[None]:
         yield
     finally:
         try:
+            if shared:  # only the last of the sharing holders removes the file
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             path.unlink()
-        except FileNotFoundError:
+        except (BlockingIOError, FileNotFoundError):
             pass
         handle.close()  # unlinked before the flock is released: a waiter retries on a fresh file
 

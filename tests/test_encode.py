@@ -164,3 +164,30 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys):
                          "--out", str(out)], capsys)
         assert code == 2 and "--data" in err and len(err.strip().splitlines()) == 1, err
     assert _files(data) == before and not (data / "encoded").exists()
+
+
+def test_ctrl_c_names_the_finished_shards_and_the_same_command_finishes(setup, tmp_path, capsys, monkeypatch):
+    """An interrupted encode keeps its finished shards (each published whole) and says so; it
+    said "nothing was written" before. The same command again encodes only the rest."""
+    from ddil_cli.stages import encode as stage
+
+    root, teacher_dir, data = setup
+    original, calls = stage.encode_shard, []
+
+    def interrupted_after_one(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "encode_shard", interrupted_after_one)
+    argv = ["encode", "--quiet", "--teacher", str(teacher_dir), "--data", str(data), "--batch-size", "2",
+            "--out", str(tmp_path / "enc")]
+    code, err = cli(argv, capsys)
+    assert code == 130 and len(err.strip().splitlines()) == 1, err
+    assert "1 finished shard(s)" in err and "run the same command again" in err, err
+    monkeypatch.setattr(stage, "encode_shard", original)
+    code, err = cli(argv, capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "enc").glob("encoded-*.json")) == \
+        [f"encoded-{i:06d}.json" for i in range(3)]

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from ddil_cli.atomic import kept_if_interrupted
+from ddil_cli.atomic import kept_if_interrupted, output_lock
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_FROZEN_DTYPE, HELP_QUIET, HELP_SEED, check_out_apart,
                                  console, distributed_context, progress, resolve_config, resolve_device)
 from ddil_cli.models import MODEL_HELP
@@ -86,10 +86,12 @@ def collect_command(
     if cfg.device == "cuda" and world_size > 1:
         cfg.device = f"cuda:{local_rank}"
     models = load_models(cfg, cfg.device)  # load (and fail) before the buffer is touched
-    # no output lock: collect runs append to one buffer concurrently by design (own run numbers,
-    # shard names that never clash, manifest updates under the buffer's own lock; docs/buffer.md)
+    # the output lock, shared: collect runs append to one buffer concurrently by design (own run
+    # numbers, shard names that never clash, manifest updates under the buffer's own lock;
+    # docs/buffer.md), while any other command writing that folder is kept out, and they out of it
     kept = f"the shards already committed to {cfg.out} (run collect again to add more)"
-    with progress(cfg.quiet or rank > 0) as bar, kept_if_interrupted(kept):
+    with output_lock(cfg.out, "ddil collect", shared=True), progress(cfg.quiet or rank > 0) as bar, \
+            kept_if_interrupted(kept):
         summary = run_collect(cfg, models=models, progress=bar, rank=rank, world_size=world_size,
                               launch_key=launch_key)
     if not cfg.quiet:

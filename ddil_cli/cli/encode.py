@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.markup import escape
 
+from ddil_cli.atomic import kept_if_interrupted, output_lock
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, check_out_apart, console, distributed_context,
                                  progress, resolve_config, resolve_device)
 from ddil_cli.models import MODEL_HELP, load_denoiser
@@ -58,7 +60,15 @@ def encode_command(
     if cfg.device == "cuda" and world_size > 1:
         cfg.device = f"cuda:{local_rank}"
     model = load_denoiser(cfg.teacher, device=cfg.device)
-    with progress(cfg.quiet or rank > 0) as bar:
+
+    def kept() -> str:  # finished shards stay (each published whole) and a rerun skips them
+        done = len(list(Path(cfg.out).glob("encoded-*.json")))  # a shard's record follows its shard
+        return (f"{done} finished shard(s) in {cfg.out}; run the same command again to encode the rest" if done > 0
+                else f"nothing: --out {cfg.out} holds no finished shard yet")
+
+    # one writer, as every command; the ranks of one launch write disjoint shards of one --out
+    with output_lock(cfg.out, "ddil encode") if world_size == 1 else nullcontext(), \
+            progress(cfg.quiet or rank > 0) as bar, kept_if_interrupted(kept):
         summary = run_encode(cfg, model, rank=rank, world_size=world_size, progress=bar)
     if not cfg.quiet:
         skipped = sum(summary["skipped"].values())
