@@ -208,6 +208,9 @@ def _lock_holder(path: Path) -> str:
 
 def writable_parent(out: str | os.PathLike) -> Path:
     """The folder `out` will be created in, made if missing and checked writable (UserError: one line)."""
+    if Path(out).is_symlink() and not Path(out).exists():  # a folder cannot be renamed onto the link
+        raise UserError(f"--out {out} is a link to {os.readlink(out)}, which does not exist; create that folder "
+                        "or remove the link")
     parent = Path(out).absolute().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

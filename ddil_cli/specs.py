@@ -30,7 +30,8 @@ def read_prompts(prompt: list[str] | None, prompts_file: str | None, default: li
         if path.is_dir():
             raise UserError(f"prompts file {path} is a folder; give a text file with one prompt per line")
         if not path.is_file():
-            raise UserError(f"prompts file {path} not found; give a text file with one prompt per line")
+            what = "is not a regular file" if path.exists() else "not found"
+            raise UserError(f"prompts file {path} {what}; give a text file with one prompt per line")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:

@@ -159,6 +159,7 @@ def _second_round_world(w: Path) -> None:
     (w / "cfgdir").mkdir()
     (w / "cfgdir/ok.toml").write_text("seed = 1\n")
     (w / "link_to_samples").symlink_to(w / "samples", target_is_directory=True)
+    (w / "dangling").symlink_to(w / "nowhere")
     (w / "options_text.toml").write_text('options = "abc"\n')
     (w / "metrics_list.json").write_text('{"metrics": [1, 2]}')
     (w / "metrics_nan.json").write_text('{"metrics": {"quality": {"available": true, "value": NaN}}}')
@@ -440,6 +441,18 @@ CASES = [
     ("sample-config-is-a-folder", [*S, "--config", "{w}/cfgdir", "--out", "{o}"], "is a folder"),
     ("sample-prompts-is-a-folder", [*S, "--prompts", "{w}/cfgdir", "--out", "{o}"], "is a folder"),
     ("distill-prompts-is-a-folder", [*D, "--prompts", "{w}/cfgdir", "--out", "{o}"], "is a folder"),
+    # the fresh probe (reports/2026-12-07-reliability-probe.md): what it found broken, and its neighbours
+    ("distill-out-is-a-file", [*D, "--out", "{w}/afile"], "not a writable folder"),
+    ("sample-out-dangling-link", [*S, "--teacher", "gmm:ring:8", "--out", "{w}/dangling"], "does not exist"),
+    ("distill-out-dangling-link", [*D, "--out", "{w}/dangling"], "does not exist"),
+    ("evaluate-out-dangling-link", [*E, "--samples", "{w}/samples", "--reference", "gmm:ring:8",
+                                    "--out", "{w}/dangling"], "does not exist"),
+    ("sample-prompts-not-a-regular-file", [*S, "--teacher", "gmm:ring:8", "--prompts", "/dev/null", "--out", "{o}"],
+     "is not a regular file"),
+    ("distill-buffer-of-another-teacher", [*D, "--teacher", "gmm:ring:4", "--prior", "data=0.5,student=0.5",
+                                           "--buffer", "{w}/buffer", "--out", "{o}"], "was collected with teacher"),
+    ("collect-beside-a-sample-writing", [*C, "--teacher", "gmm:ring:8", "--out", "{w}/held"],
+     "being written by another ddil run"),
 ]
 
 
@@ -632,3 +645,14 @@ def test_sigkill_at_random_points_resumes_to_the_uninterrupted_result(tmp_path):
     rows.append(crash.collect_trial(tmp_path, round(rng.uniform(0.0, 0.6), 3), reference))
     assert all(r["equal"] for r in rows), rows
     assert sum(r["killed"] for r in rows) >= 2, rows  # the kills landed mid-run
+
+
+def test_a_tilde_the_shell_left_alone_means_home(tmp_path, capsys, monkeypatch):
+    """`--out=~/s` and quoted paths reach ddil with the ~ unexpanded: it was a folder named "~"
+    in the current folder; now it is the home folder, as the shell would have made it."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["sample", "--quiet", "--teacher", "gmm:ring:8", "--teacher-steps", "8", "--num-per-prompt",
+                         "2", "--out=~/s"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "home/s/samples.jsonl").is_file() and not (tmp_path / "~").exists()

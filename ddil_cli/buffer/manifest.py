@@ -40,6 +40,32 @@ LOCK_NAME = ".lock"
 SHARD_PATTERN = re.compile(r"^shard-(\d{4,})-(\d{3,})-(\d{6,})\.tar$")
 
 
+def teacher_fingerprint(spec: str, teacher: "Denoiser") -> str:
+    """How a buffer names the teacher it was collected with: the lab's normalised spec (gmm:ring:8
+    and gmm:ring:8:d2 are one teacher), else the files of the model `spec` names."""
+    from ddil_cli.manifest import fingerprint
+    from ddil_cli.models import EMBEDDED
+
+    lab_spec = getattr(teacher, "spec", None)
+    if getattr(teacher, "mixture", None) is not None and lab_spec is not None:
+        return fingerprint(str(lab_spec))
+    return fingerprint(str(EMBEDDED.get(spec, spec)))
+
+
+def check_collected_with(header: dict[str, Any], spec: str, teacher: "Denoiser", where: str) -> None:
+    """UserError unless a buffer's states come from `teacher` (or, for a lab student, its teacher):
+    states of another model of the same shape would train the student on someone else's path."""
+    from ddil_cli.manifest import fingerprint
+
+    if getattr(teacher, "teacher_fingerprints", None):
+        return  # a diffusers student as teacher: its record names UNets, a buffer whole folders
+    source = str(getattr(getattr(teacher, "config", None), "source", "") or "")
+    accepted = {teacher_fingerprint(spec, teacher), *([fingerprint(source)] if source else [])}
+    if header["teacher"]["fingerprint"] not in accepted:
+        raise UserError(f"--buffer {where} was collected with teacher {header['teacher']['spec']!r}, not with "
+                        f"--teacher {spec}; collect it with this teacher, or distil from that one")
+
+
 def buffer_header(teacher: "Denoiser", spec: str, teacher_fingerprint: str, grid: "Grid") -> dict[str, Any]:
     """What every state in a buffer shares; an append must match it (`check_compatible`)."""
     return {"state": {"shape": list(teacher.state_shape), "dtype": "float16", "encoding": "npy"},

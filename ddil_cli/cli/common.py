@@ -122,6 +122,9 @@ def resolve_config(ctx: typer.Context, cls: type[Config], config_file: Path | No
             values[name] = str(value)
         elif isinstance(value, tuple):
             values[name] = list(value)
+        if isinstance(values[name], str) and (values[name] == "~" or values[name].startswith("~/")):
+            # the shell leaves ~ alone after `--out=` and in quotes: a folder named "~" was created
+            values[name] = os.path.expanduser(values[name])
     gathered = {k: values.pop(k) for k in options_keys if k in values}
     values = check_values(cls, values, rules or {}, from_file={n: config_file for n in from_file})
     if options_keys:

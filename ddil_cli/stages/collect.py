@@ -27,15 +27,15 @@ import torch
 
 from ddil_cli.atomic import remove_path, save_tensors_atomic
 from ddil_cli.buffer import manifest as mf
-from ddil_cli.buffer.manifest import buffer_header
+from ddil_cli.buffer.manifest import buffer_header, teacher_fingerprint
 from ddil_cli.buffer.replay import FIFOPolicy
 from ddil_cli.buffer.sources import DataStates, forward_diffuse, is_lab, record_spans, rollout_records
 from ddil_cli.buffer.writer import (DEFAULT_SHARD_SAMPLES, BufferWriter, check_writable, load_manifest,
                                     prompt_id)
 from ddil_cli.diffusion.threshold import parse_threshold
 from ddil_cli.errors import UserError
-from ddil_cli.manifest import build_manifest, fingerprint
-from ddil_cli.models import EMBEDDED, load_teacher_and_student
+from ddil_cli.manifest import build_manifest
+from ddil_cli.models import load_teacher_and_student
 from ddil_cli.models.precision import held_dtype
 from ddil_cli.models.base import Denoiser
 from ddil_cli.models.checks import check_student_of
@@ -96,13 +96,6 @@ def derived_seed(*parts) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def teacher_fingerprint(cfg: CollectConfig, teacher: Denoiser) -> str:
-    spec = getattr(teacher, "spec", None)
-    if is_lab(teacher) and spec is not None:
-        return fingerprint(str(spec))  # normalised: gmm:ring:8 and gmm:ring:8:d2 are one teacher
-    return fingerprint(str(EMBEDDED.get(cfg.teacher, cfg.teacher)))
-
-
 def load_models(cfg: CollectConfig, device: str):
     return load_teacher_and_student(cfg.teacher, cfg.student, device=device, frozen=cfg.frozen_dtype)
 
@@ -144,7 +137,7 @@ def plan_collect(cfg: CollectConfig, teacher: Denoiser, student: Denoiser | None
     else:  # data only: --rollouts counts trajectories' worth of states
         num_rollouts = {"student": 0, "teacher": 0}
         num_data = cfg.rollouts * grid.num_transitions
-    header = buffer_header(teacher, cfg.teacher, teacher_fingerprint(cfg, teacher), grid)
+    header = buffer_header(teacher, cfg.teacher, teacher_fingerprint(cfg.teacher, teacher), grid)
     return CollectPlan(prior, grid, prompts, float(guidance), float(cfg.teacher_prob), num_rollouts,
                        num_data, header)
 

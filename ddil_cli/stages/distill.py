@@ -24,7 +24,7 @@ import torch
 
 from ddil_cli.buffer.pool import ReplayPool
 from ddil_cli.buffer.replay import FIFOPolicy, PrioritizedPolicy, shard_of_key
-from ddil_cli.buffer.manifest import buffer_header
+from ddil_cli.buffer.manifest import buffer_header, check_collected_with
 from ddil_cli.buffer.sources import (DataStates, forward_diffuse, is_lab, rollout_records, sources_for_batch,
                                      record_spans, without_vae_on_device)
 from ddil_cli.buffer.writer import BufferWriter, prompt_id
@@ -439,7 +439,7 @@ class ExternalBuffer:
     """A buffer made by `ddil collect` (--buffer): its states join the pool of the stage whose
     student grid they were collected on."""
 
-    def __init__(self, source: str, teacher: Denoiser, plan: Plan):
+    def __init__(self, source: str, teacher: Denoiser, plan: Plan, teacher_spec: str):
         from ddil_cli.buffer.reader import resolve_buffer
 
         self.source = source
@@ -450,6 +450,7 @@ class ExternalBuffer:
         if list(header["state"]["shape"]) != list(teacher.state_shape):
             raise UserError(f"--buffer {source} holds states of shape {tuple(header['state']['shape'])} but the "
                             f"teacher's are {tuple(teacher.state_shape)}; collect it with this teacher")
+        check_collected_with(header, teacher_spec, teacher, source)
         self.timesteps = list(header["grid"]["timesteps"])
         if not any(self.usable_by(p) for p in plan.phases):
             raise UserError(f"--buffer {source} was collected on the grid {self.timesteps}, which no phase of this "
@@ -608,7 +609,7 @@ def _check_checkpoint_fits(path: Path, plan: Plan) -> None:
 def check_resume(cfg: DistillConfig, run: Path, plan: Plan | None = None) -> Path | None:
     """The checkpoint to resume from (None: start fresh), after checking the run matches."""
     if cfg.resume is None:
-        if run.exists() and any(run.iterdir()) and not cfg.overwrite:
+        if run.is_dir() and any(run.iterdir()) and not cfg.overwrite:  # a file: refused as not writable
             raise UserError(f"run folder {run} already exists; pass --resume latest to continue it, "
                             "another --out, or --overwrite to start again")
         return None
@@ -697,7 +698,7 @@ def _run_locked(cfg: DistillConfig, run: Path, plan: Plan, teacher: Denoiser, ac
         DataStates(teacher, data=cfg.data).captions(1)  # fail now, not after the run folder exists
     data = DataStates(teacher, data=cfg.data, prompts=plan.prompts,
                       part=accelerator.process_index, parts=accelerator.num_processes) if uses_data else None
-    external = ExternalBuffer(cfg.buffer, teacher, plan) if cfg.buffer else None
+    external = ExternalBuffer(cfg.buffer, teacher, plan, cfg.teacher) if cfg.buffer else None
     existing = next((p for p in [run, *run.absolute().parents] if p.exists()), Path("/"))
     if not os.access(existing, os.W_OK | os.X_OK) or (existing == run and not run.is_dir()):
         raise UserError(f"cannot write to {run} ({existing} is not a writable folder); choose a writable --out")
