@@ -69,7 +69,7 @@ HELDOUT="$OUT/data/heldout-000000.tar"
 S=(--teacher embedded:digits --prompts "$PROMPTS" --num-per-prompt "$PER_DIGIT" --batch-size 250 --overwrite)
 # 16 rollouts every 40 updates: two collections per 120-update stage (the default schedule stops
 # collecting at 60% of a stage), 3.1% of training time; every 30 made three (4.6%) and tied PD
-# on every metric just the same (5 paired seeds each, reports/2026-11-26-digits-main-job.md,
+# on every metric just the same (5 paired seeds each, reports/2026-11-27-results.md,
 # "Overhead").
 COMMON=(--method pd --teacher embedded:digits --data "$TRAIN" --teacher-steps 32 --steps 4
         --max-updates "$UPDATES" --batch-size 32 --lr 1e-4 --collect-every 40 --rollouts-per-collect 16)
