@@ -77,6 +77,11 @@ evaluate() {  # evaluate NAME: its samples against the held-out digits, in the e
   $RUN $DDIL evaluate --samples "$OUT/samples/$1" --reference "$HELDOUT" --features embedded:digits \
     --metrics fid,pr,dc,clip --out "$OUT/eval/$1" --overwrite --quiet  # its table would repeat the final one
 }
+after_teacher_evaluation() {  # evaluate NAME once the teacher's evaluation has cached the held-out
+  # digits' statistics: two evaluations computing the same reference at once would race on that cache
+  while [ ! -d "$OUT/eval/teacher" ] && kill -0 "$TEACHER_CHAIN" 2>/dev/null; do sleep 1; done
+  evaluate "$1"
+}
 teacher_chain() {  # the teacher at 32 steps: it needs only the prompts, so it starts first
   $RUN $DDIL sample "${S[@]}" --quiet --teacher-steps 32 --out "$OUT/samples/teacher"
   while [ ! -f "$OUT/data/digits.json" ]; do sleep 1; done  # the held-out shard, written by the data stage
@@ -85,7 +90,7 @@ teacher_chain() {  # the teacher at 32 steps: it needs only the prompts, so it s
 plain_pd_chain() {  # plain teacher-forced PD at equal updates, then its student at 4 steps
   $RUN $DDIL distill "${COMMON[@]}" --prior data=1 --out "$OUT/pd" --overwrite --quiet
   $RUN $DDIL sample "${S[@]}" --quiet --student "$OUT/pd/student" --steps 4 --teacher-steps 32 --out "$OUT/samples/pd"
-  evaluate pd
+  after_teacher_evaluation pd
 }
 
 # 1. Real data: sklearn's digits as image-caption shards (train / held-out); beside it, the
@@ -93,6 +98,7 @@ plain_pd_chain() {  # plain teacher-forced PD at equal updates, then its student
 stage "data: sklearn's digits as train / held-out shards; the teacher's $((10 * PER_DIGIT)) samples start beside it"
 python -c "from ddil_cli.data.digits import digit_prompt; print('\n'.join(digit_prompt(d) for d in range(10)))" > "$PROMPTS"
 background teacher teacher_chain
+TEACHER_CHAIN=${BACKGROUND[0]#*:}
 [ -f "$OUT/data/digits.json" ] || python -m ddil_cli.data.digits --out "$OUT/data"
 
 # 2. Distil: PD + DDIL (default prior schedule) here, plain teacher-forced PD in the background.
@@ -104,7 +110,7 @@ $DDIL distill "${COMMON[@]}" $QUIET --out "$OUT/pd-ddil" --overwrite
 stage "sample: PD + DDIL student, 4 steps"
 $DDIL sample "${S[@]}" $QUIET --student "$OUT/pd-ddil/student" --steps 4 --teacher-steps 32 --out "$OUT/samples/pd-ddil"
 stage "evaluate: PD + DDIL against the held-out digits"
-evaluate pd-ddil
+after_teacher_evaluation pd-ddil
 stage "wait: the plain PD and teacher chains (logs in $OUT/logs/)"
 wait_background
 
