@@ -22,7 +22,9 @@ mkdir -p "$OUT/logs"
 # A line per foreground stage with the time so far and an estimate of what is left: each stage's
 # expected seconds on 2 free cores at the default UPDATES and PER_DIGIT (with the background
 # chains beside it), once the distill stage is done scaled by how fast this run has gone so far.
-STAGE_COST=(4 170 12 3 6 1)
+# Estimated from the sequential job's stage times on 2 free cores (distill 125 s, the teacher's
+# samples 112 s) with the three chains sharing the cores: not yet measured this way.
+STAGE_COST=(3 183 12 2 1 1)
 STAGE_INDEX=0
 STAGE_DONE_COST=0
 stage() {  # stage "what it does"
