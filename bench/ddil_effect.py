@@ -110,11 +110,18 @@ DIGITS_REGIMES = {
     # a harder setting: four halvings on a small budget, where the student's states may drift
     "2 steps, short (160 upd, 32->2)": {"steps": 2, "max_updates": 160},
 }
-# `--jumps`: one PD stage from the teacher's 32 steps, each student step spanning 2, 4, 8 or 16
-# teacher steps (--pd-stages 32,N), at the suite's base budget: does covariate shift grow with
-# the jump, and does DDIL remove it?
-JUMP_REGIMES = {f"jump {32 // steps} (1 stage 32->{steps})": {"steps": steps, "options": {"pd_stages": f"32,{steps}"}}
-                for steps in (16, 8, 4, 2)}
+
+
+def jump_regimes(teacher_steps: int) -> dict[str, dict]:
+    """`--jumps`: one PD stage from the teacher's steps, each student step spanning 2, 4, 8 or 16
+    teacher steps (--pd-stages T,N; the jumps T allows), at the suite's base budget: does
+    covariate shift grow with the jump, and does DDIL remove it? From the suite's own teacher
+    steps, so the quick digits suite (an 8-step teacher) gets jumps 2, 4 and 8."""
+    return {f"jump {jump} (1 stage {teacher_steps}->{teacher_steps // jump})":
+            {"steps": teacher_steps // jump, "options": {"pd_stages": f"{teacher_steps},{teacher_steps // jump}"}}
+            for jump in (2, 4, 8, 16) if teacher_steps % jump == 0}
+
+
 QUICK = {"lab": ({**LAB_BASE, "max_updates": 300},
                  {"base": {}, "2 steps": {"steps": 2, "max_updates": 200}}),
          "digits": ({**DIGITS_BASE, "max_updates": 24, "collect_every": 8, "rollouts_per_collect": 4,
@@ -144,7 +151,7 @@ def make_suite(name: str, quick: bool, work: Path, jumps: bool = False) -> Suite
     base, regimes = QUICK[name] if quick else ((LAB_BASE, LAB_REGIMES) if name == "lab" else
                                                (DIGITS_BASE, DIGITS_REGIMES))
     if jumps:
-        regimes = JUMP_REGIMES
+        regimes = jump_regimes(base["teacher_steps"])
     if name == "lab":
         return Suite(name, base, regimes, per_prompt=64 if quick else 256, shift_samples=256 if quick else 1000)
     from ddil_cli.data.digits import build_digits_shards, digit_prompt, split_source

@@ -6,7 +6,7 @@
 # no weight decay, batch 12; fp16 there, bf16 here by default) with the LCM paper's guidance range w in [3, 15] (standard CFG
 # scale; the paper writes it [2, 14] in its w - 1 convention), 50 DDIM solver steps, 4-step
 # student; DDIL: at the 10 timesteps its own 3/4/5-step LCM rollouts visit, half of the inputs
-# are those rollouts' states (--ddil-mix matched, the default; docs/distill.md, "LCM + DDIL").
+# are those rollouts' states (--ddil-mix matched, the default; docs/lcm.md).
 # Needs: the SD 1.5 weights (a local folder or a cached hub id), image-caption webdataset shards
 # (.jpg/.png + .txt), a prompts file (e.g. COCO-2017 5k captions) and, to evaluate, the metric
 # weights (docs/evaluate.md).

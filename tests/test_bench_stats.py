@@ -99,9 +99,27 @@ def test_overrides_take_each_field_s_type_optional_ones_included():
 
 
 def test_an_arm_s_options_keep_the_jump_regime_s_stages():
-    regime = ddil_effect.JUMP_REGIMES["jump 8 (1 stage 32->4)"]
+    regime = ddil_effect.jump_regimes(32)["jump 8 (1 stage 32->4)"]
     settings = ddil_effect.merged(ddil_effect.LAB_BASE, regime, {"options": {"lab_init_steps": 5}})
     arm = ddil_effect.merged(settings, {"prior": "data=1", "options": {"ddil_from_stage": 1}})
     assert arm["options"] == {"pd_stages": "32,4", "lab_init_steps": 5, "ddil_from_stage": 1}
     assert arm["steps"] == 4 and arm["prior"] == "data=1" and arm["teacher"] == ddil_effect.LAB_BASE["teacher"]
     assert "options" not in ddil_effect.merged(ddil_effect.LAB_BASE, {"prior": "data=1"})
+
+
+@pytest.mark.parametrize("suite,quick", [("lab", False), ("lab", True), ("digits", False), ("digits", True)])
+def test_every_jump_regime_is_one_pd_stage_from_its_suite_s_teacher(suite, quick, tmp_path, monkeypatch):
+    from ddil_cli.methods.pd import stage_steps
+
+    monkeypatch.setattr("ddil_cli.data.digits.build_digits_shards", lambda folder: None)  # no shards needed
+    monkeypatch.setattr("ddil_cli.data.digits.split_source", lambda folder, split: split)
+    made = ddil_effect.make_suite(suite, quick, tmp_path, jumps=True)
+    jumps = set()
+    for name, regime in made.regimes.items():
+        settings = ddil_effect.merged(made.base, regime)
+        teacher_steps, steps = settings["teacher_steps"], settings["steps"]
+        # PD's own parser: the chain runs from the suite's teacher to the student in one stage
+        assert stage_steps(teacher_steps, steps, settings["options"]["pd_stages"]) == [steps], name
+        jumps.add(teacher_steps // steps)
+    # the quick digits teacher has 8 steps: jumps 2, 4, 8; the full suites' 32 add 16
+    assert jumps == ({2, 4, 8} if made.base["teacher_steps"] == 8 else {2, 4, 8, 16})

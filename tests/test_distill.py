@@ -15,7 +15,9 @@ from ddil_cli.methods.pd import PDMethod, PDOptions
 from ddil_cli.models.gmm import GMMDenoiser
 from ddil_cli.models.mlp import mlp_student_for
 from ddil_cli.priors import PhaseSchedule, PriorSchedule
-from ddil_cli.stages.distill import DistillConfig, InputAssembler, Plan, run_distill
+from ddil_cli.stages.distill import DistillConfig, run_distill
+from ddil_cli.stages.distill.batches import InputAssembler
+from ddil_cli.stages.distill.plan import Plan
 from cli_runner import run_cli as cli
 from lab_fit import x0_error_to_teacher
 from resume import crash_and_resume

@@ -13,7 +13,8 @@ from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, HELP_SEED
                                  resolve_config, resolve_device)
 from ddil_cli.methods import METHODS
 from ddil_cli.models import MODEL_HELP
-from ddil_cli.stages.distill import DEFAULT_PRIOR_SCHEDULE, DEFAULT_STUDENT_PROB, DistillConfig, run_distill
+from ddil_cli.stages.distill import DistillConfig, run_distill
+from ddil_cli.stages.distill.plan import DEFAULT_PRIOR_SCHEDULE, DEFAULT_STUDENT_PROB
 from ddil_cli.validate import BATCH, FROZEN_DTYPE, GUIDANCE, NON_NEGATIVE, POSITIVE, SEED, STEPS, Rule
 
 D = DistillConfig()
