@@ -15,13 +15,13 @@ data batches itself, and its DAgger hook stores `rollout_records` as collect doe
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import NamedTuple
 
 import torch
 
 from ddil_cli.diffusion.schedule import NoiseSchedule
 from ddil_cli.errors import UserError
-from ddil_cli.models.base import Denoiser
+from ddil_cli.models.base import Conditioning, Denoiser
 from ddil_cli.rollout import Grid, rollout_seeds
 
 SOURCES = ("data", "student", "teacher")
@@ -38,7 +38,7 @@ def sources_for_batch(batch_size: int, prior: dict[str, float],
 def forward_diffuse(x0: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int],
                     generator: torch.Generator | None = None, t: torch.Tensor | None = None):
     """x_t = a_t x0 + s_t eps at a uniformly drawn grid timestep per example (or at the given
-    timesteps `t`, each on the grid): (x_t, t, t_index)."""
+    timesteps `t`, each on the grid): (x_t on x0's device, t, t_index on the host)."""
     grid = torch.tensor(timesteps, dtype=torch.long)
     if t is None:
         t_index = torch.randint(len(timesteps), (x0.shape[0],), generator=generator)
@@ -48,28 +48,48 @@ def forward_diffuse(x0: torch.Tensor, schedule: NoiseSchedule, timesteps: list[i
             raise ValueError(f"timesteps {sorted(set(t.tolist()) - set(timesteps))} are off the grid")
         t_index = match.long().argmax(1)
     t = grid[t_index]
-    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
-    x_t = schedule.add_noise(x0.float().cpu(), noise, t)
+    x_t = schedule.add_noise(x0.float(), noise_like(x0, generator), t)
     return x_t, t, t_index
+
+
+def noise_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard normal noise of x's shape drawn on x's device (float32). On a CUDA device its own
+    generator is seeded from `generator` (one draw), so the noise is never made on the host and
+    moved, and a checkpointed host generator still fixes it; on the host, `generator` draws it."""
+    if x.device.type == "cpu":
+        return torch.randn(x.shape, generator=generator, dtype=torch.float32)
+    seed = int(torch.randint(2 ** 62, (), generator=generator))
+    return torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(seed), dtype=torch.float32,
+                       device=x.device)
 
 
 def is_lab(teacher: Denoiser) -> bool:
     return getattr(teacher, "mixture", None) is not None
 
 
+class DataBatch(NamedTuple):
+    x0: torch.Tensor  # clean states, float32, on the data source's device
+    prompts: list[str]
+    cond: Conditioning | None  # the prompts' stored encodings (data from `ddil encode`), else None
+
+
 class DataStates:
     """Clean states and their prompts, batch by batch, from the lab mixture or image shards.
 
     `prompts` are the lab's conditioning (cycled over the examples); image data bring their own
-    captions. Data encoded by `ddil encode` (a folder with encoded.json) are read as stored. `part`/`parts` read every parts-th shard (one process's share of the data).
+    captions and are read by a DataLoader (ddil_cli.data.loader: `workers` processes, process
+    `part` of `parts` reading its own share, in an order set by `seed`, resumable with
+    `state`/`load_state`). Data encoded by `ddil encode` (a folder with encoded.json) are read as
+    stored, prompt encodings included. States come on `device` (the host when None).
     """
 
     def __init__(self, teacher: Denoiser, *, data=None, prompts: list[str] | None = None,
-                 part: int = 0, parts: int = 1):
+                 part: int = 0, parts: int = 1, seed: int = 0, workers: int = 0, device=None):
         self.teacher = teacher
         self.prompts = list(prompts or [])
-        self._reader = None
-        self._iter: Iterator | None = None
+        self.device = torch.device(device or "cpu")
+        self._stream = None
+        self._uncond: Conditioning | None = None
         self.encoded = False
         if is_lab(teacher):
             if data:
@@ -81,55 +101,76 @@ class DataStates:
         if not data:
             raise UserError("the data source needs real images; pass --data SHARDS (image-caption webdataset)")
         from ddil_cli.data.encoded import EncodedShards, is_encoded
-        from ddil_cli.data.shards import ImageCaptionShards, resolve_shards
+        from ddil_cli.data.loader import DataStream, ShardSource
+        from ddil_cli.data.shards import resolve_shards
 
         self.encoded = is_encoded(data)
         if self.encoded:  # `ddil encode`'s output: clean states already, no VAE in the step
-            self._reader = EncodedShards(data, teacher, part=part, parts=parts)
-            return
-
-        height, width = getattr(teacher, "image_hw", teacher.state_shape[-2:])
-        if height != width:
-            raise UserError(f"the teacher's images are {height}x{width}; --data needs a square image size")
-        channels = teacher.image_channels
-        urls = resolve_shards(data)
-        mine = urls[part::parts] if len(urls) >= parts else urls
-        self._reader = ImageCaptionShards(mine, resolution=height, channels=channels, output="tensor")
-
-    def _next_image(self):
-        if self._iter is not None:
-            try:
-                return next(self._iter)
-            except StopIteration:
-                pass
-        self._iter = iter(self._reader)  # the first pass, or the next one once the data ran out
-        try:
-            return next(self._iter)
-        except StopIteration:
-            if self.encoded:
-                raise UserError(f"the encoded data {self._reader.folder} holds no samples for this process; "
-                                "encode more data (ddil encode)") from None
-            raise UserError(f"no usable image-caption samples in --data ({self._reader.stats.summary()}); "
-                            "each sample needs an image and a non-empty .txt caption") from None
+            encoded = EncodedShards(data, teacher)  # checks the encoder and that the encoding is finished
+            source = ShardSource(tuple(encoded.urls), encoded=True, where=str(encoded.folder))
+        else:
+            height, width = getattr(teacher, "image_hw", teacher.state_shape[-2:])
+            if height != width:
+                raise UserError(f"the teacher's images are {height}x{width}; --data needs a square image size")
+            source = ShardSource(tuple(resolve_shards(data)), resolution=height, channels=teacher.image_channels)
+        self._stream = DataStream(source, rank=part, ranks=parts, seed=seed, workers=workers,
+                                  pin=self.device.type == "cuda")
 
     def captions(self, n: int) -> list[str]:
         """The next n captions (used as rollout prompts when no --prompts is given)."""
-        return [self._next_image().caption for _ in range(n)]
+        return self._stream.take(n).captions
 
-    def batch(self, n: int, generator: torch.Generator, first_index: int = 0):
-        """n clean states (float32, CPU) and their prompts."""
-        if self._reader is None:
+    def draw(self, n: int, generator: torch.Generator, first_index: int = 0) -> DataBatch:
+        """n clean states and their prompts (and stored encodings)."""
+        if self._stream is None:
             from ddil_cli.models.gmm import class_ids_from_prompts
 
             prompts = [self.prompts[(first_index + i) % len(self.prompts)] for i in range(n)]
             classes = class_ids_from_prompts(prompts, self.teacher.mixture.num_classes)
             x0, _ = self.teacher.mixture.sample(n, generator, classes)
-            return x0.float(), prompts
-        samples = [self._next_image() for _ in range(n)]
-        if self.encoded:
-            return torch.stack([s.latent for s in samples]).float(), [s.caption for s in samples]
-        images = torch.stack([s.image for s in samples])
-        return self.teacher.encode_images(images).cpu(), [s.caption for s in samples]
+            return DataBatch(x0.float().to(self.device), prompts, None)
+        taken = self._stream.take(n, self.device)
+        x = taken.x
+        if not self.encoded:
+            return DataBatch(self.teacher.encode_images(x).to(self.device), taken.captions, None)
+        return DataBatch(x.float(), taken.captions, self._stored_conditioning(taken.captions, taken.cond))
+
+    def batch(self, n: int, generator: torch.Generator, first_index: int = 0) -> tuple[torch.Tensor, list[str]]:
+        """n clean states and their prompts."""
+        return tuple(self.draw(n, generator, first_index)[:2])
+
+    def _stored_conditioning(self, prompts: list[str], cond: dict[str, torch.Tensor]) -> Conditioning:
+        """The stored encodings as the teacher's `encode` gives them (its device and dtype); the
+        unconditional rows are the empty prompt's, as for every prompt (SDXL's zeroed ones too)."""
+        if self._uncond is None:
+            self._uncond = self.teacher.encode([""])
+        like = self._uncond.cond
+        rows = {k: v.to(like[k].device, like[k].dtype) for k, v in cond.items()}
+        uncond = None if self._uncond.uncond is None else \
+            {k: v.expand(len(prompts), *v.shape[1:]).clone() for k, v in self._uncond.uncond.items()}
+        return Conditioning(list(prompts), rows, uncond, dict(self._uncond.extra))
+
+    def state(self) -> dict | None:
+        """Where the image stream stands (None for the lab's exact samples, drawn from the generator)."""
+        return None if self._stream is None else self._stream.state()
+
+    def load_state(self, state: dict | None) -> None:
+        if self._stream is not None:
+            self._stream.load_state(state)
+
+    def close(self) -> None:
+        """Stop the loader's workers."""
+        if self._stream is not None:
+            self._stream.close()
+
+
+def conditioning_with_stored(teacher: Denoiser, prompts: list[str], stored: Conditioning | None) -> Conditioning:
+    """The teacher's conditioning of `prompts`, whose first len(stored) rows come encoded already
+    (a data batch's stored encodings); only the rest go through the text encoders."""
+    if stored is None:
+        return teacher.encode(prompts)
+    rest = prompts[len(stored):]
+    return Conditioning.cat([stored, teacher.encode(rest)]) if rest else stored
 
 
 def without_vae_on_device(model: Denoiser, data: DataStates | None) -> Denoiser:

@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, HELP_SEED, check_out_apart, console, progress,
                                  resolve_config, resolve_device)
+from ddil_cli.data.loader import LANES, WORKER_COUNTS
 from ddil_cli.methods import METHODS
 from ddil_cli.models import MODEL_HELP
 from ddil_cli.stages.distill import DistillConfig, run_distill
@@ -34,6 +35,8 @@ RULES = {"steps": STEPS, "teacher_steps": STEPS, "max_updates": Rule(low=1, high
          "checkpoint_every": NON_NEGATIVE, "keep_checkpoints": POSITIVE, "log_every": POSITIVE,
          "max_nonfinite": POSITIVE, "tracker": Rule(choices=("none", "tensorboard", "wandb")), "seed": SEED,
          "stage_updates": Rule(comma_list=True), "optimizer": Rule(choices=("adamw", "adamw8bit")),
+         "data_workers": Rule(choices=WORKER_COUNTS, hint=f"; the data are read in {LANES} lanes, each worker a "
+                              "share of them"),
          "lora_rank": NON_NEGATIVE, "lora_alpha": Rule(above=0), "lora_targets": Rule(comma_list=True)}
 
 DISTILL_HELP = f"""Distil a teacher into a few-step student, with DDIL inputs and reflected thresholding.
@@ -126,6 +129,9 @@ def distill_command(
     prior_schedule: Optional[str] = typer.Option(None, help=f"Phases START:PRIOR;... (default {DEFAULT_PRIOR_SCHEDULE})."),
     collect_every: int = typer.Option(D.collect_every, help="DAgger: roll out the current student every K updates."),
     rollouts_per_collect: int = typer.Option(D.rollouts_per_collect, help="Trajectories per collection (per process)."),
+    data_workers: int = typer.Option(D.data_workers, help="DataLoader worker processes per process reading --data "
+                                     "shards (decoding, prefetching; 0 reads in the training process). 0, 1, 2, 4, 8 "
+                                     "or 16: the batches are the same for every count."),
     rollout_batch_size: int = typer.Option(D.rollout_batch_size, help="Trajectories per forward batch in a "
                                            "collection (memory only: every draw is per trajectory)."),
     student_prob: Optional[str] = typer.Option(None, help="P or START:P;START:P: how often the student takes a "

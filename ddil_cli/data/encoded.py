@@ -117,6 +117,12 @@ class EncodedSample:
     caption: str
 
 
+def decode_encoded(raw: dict[str, Any]) -> EncodedSample:
+    """An encoded shard's record (the files of one key) as an EncodedSample."""
+    latent, cond = unpack_sample(raw["safetensors"])
+    return EncodedSample(raw["__key__"], latent, cond, raw["txt"].decode("utf-8"))
+
+
 def check_encoding(manifest: dict[str, Any], teacher, folder: Path) -> None:
     """UserError unless `teacher` encodes data as this folder's encoder did."""
     if list(manifest.get("state_shape", [])) != list(teacher.state_shape):
@@ -144,14 +150,9 @@ class EncodedShards:
         self.used = 0
 
     def __iter__(self) -> Iterator[EncodedSample]:
-        import webdataset as wds
+        from ddil_cli.data.shards import read_records
 
-        from ddil_cli.data.shards import _all_shards, _refuse_damaged_shard
-
-        dataset = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False, nodesplitter=_all_shards,
-                                 handler=_refuse_damaged_shard)
         self.used = 0
-        for raw in dataset:
-            latent, cond = unpack_sample(raw["safetensors"])
+        for raw in read_records(self.urls):
             self.used += 1
-            yield EncodedSample(raw["__key__"], latent, cond, raw["txt"].decode("utf-8"))
+            yield decode_encoded(raw)

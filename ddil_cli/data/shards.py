@@ -166,6 +166,42 @@ def to_model_tensor(images: np.ndarray) -> torch.Tensor:
     return x.movedim(-1, -3)
 
 
+def decode_sample(raw: dict[str, Any], *, resolution: int | None, channels: int = 3,
+                  output: str = "uint8") -> Sample | str:
+    """A webdataset record (a dict of the files of one key) as a Sample, or the reason it is skipped."""
+    image = _first(raw, IMAGE_EXTENSIONS)
+    if image is None:
+        return "missing_image"
+    caption = _first(raw, CAPTION_EXTENSIONS)
+    text = caption[1].decode("utf-8", errors="replace").strip() if caption else ""
+    if not text:
+        return "missing_caption"
+    try:
+        array = image_to_array(image[1], channels=channels, resolution=resolution)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return "bad_image"
+    metadata: dict[str, Any] = {}
+    if raw.get("json") is not None:
+        try:
+            metadata = json.loads(raw["json"])
+        except (ValueError, UnicodeDecodeError):
+            return "bad_metadata"
+    out = to_model_tensor(array) if output == "tensor" else array
+    return Sample(raw["__key__"], out, text, metadata, raw.get("__url__", ""))
+
+
+def read_records(urls: Sequence[str], shuffle: bool | int = False):
+    """The raw records (one dict per key) of `urls`, in order (or webdataset's shard shuffle), all
+    of them whatever launcher rank or DataLoader worker reads them: the caller picked the shards
+    (without a nodesplitter webdataset refuses to run under torchrun at all). A damaged shard stops
+    with a UserError naming it."""
+    import webdataset as wds
+
+    # empty_check=False: a shard list smaller than the worker count is legal here
+    return wds.WebDataset(list(urls), shardshuffle=shuffle, empty_check=False, nodesplitter=_all_shards,
+                          workersplitter=_all_shards, handler=_refuse_damaged_shard)
+
+
 class ImageCaptionShards:
     """Iterate the usable (image, caption, metadata) samples of image-caption shards.
 
@@ -183,37 +219,11 @@ class ImageCaptionShards:
         self.stats = ShardStats(shards=len(self.urls))
 
     def _decode(self, raw: dict[str, Any]) -> Sample | str:
-        """A Sample, or the reason it is skipped."""
-        image = _first(raw, IMAGE_EXTENSIONS)
-        if image is None:
-            return "missing_image"
-        caption = _first(raw, CAPTION_EXTENSIONS)
-        text = caption[1].decode("utf-8", errors="replace").strip() if caption else ""
-        if not text:
-            return "missing_caption"
-        try:
-            array = image_to_array(image[1], channels=self.channels, resolution=self.resolution)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-            return "bad_image"
-        metadata: dict[str, Any] = {}
-        if raw.get("json") is not None:
-            try:
-                metadata = json.loads(raw["json"])
-            except (ValueError, UnicodeDecodeError):
-                return "bad_metadata"
-        out = to_model_tensor(array) if self.output == "tensor" else array
-        return Sample(raw["__key__"], out, text, metadata, raw.get("__url__", ""))
+        return decode_sample(raw, resolution=self.resolution, channels=self.channels, output=self.output)
 
     def __iter__(self) -> Iterator[Sample]:
-        import webdataset as wds
-
         self.stats = ShardStats(shards=len(self.urls))
-        # empty_check=False: a shard list smaller than the worker count is legal here. The caller
-        # already picked this process's shards (DataStates' part/parts), so no node splitting
-        # here; without a nodesplitter webdataset refuses to run under torchrun at all.
-        dataset = wds.WebDataset(self.urls, shardshuffle=self.shuffle_shards, empty_check=False,
-                                 nodesplitter=_all_shards, handler=_refuse_damaged_shard)
-        for raw in dataset:
+        for raw in read_records(self.urls, self.shuffle_shards):
             self.stats.read += 1
             decoded = self._decode(raw)
             if isinstance(decoded, str):

@@ -310,10 +310,14 @@ class DMD2Method(DistillMethod):
             metrics["dmd/gan_g"] = gan.detach().mean()
         return loss, metrics
 
-    def real_data(self, n: int) -> tuple[torch.Tensor, list[str]]:
-        x0, prompts = self.data.batch(n, self.data_generator, self.data_index)
+    def real_data(self, n: int) -> tuple[torch.Tensor, Conditioning]:
+        """n real clean states and their conditioning, from the stage's data stream (the one the
+        data source's inputs come from; its position is checkpointed with the run's)."""
+        from ddil_cli.buffer.sources import conditioning_with_stored
+
+        x0, prompts, stored = self.data.draw(n, self.data_generator, self.data_index)
         self.data_index += n
-        return x0.to(self.student.device), prompts
+        return x0.to(self.student.device), conditioning_with_stored(self.teacher, prompts, stored)
 
     def critic_loss(self, nets, batch: Batch):
         options: DMD2Options = self.options
@@ -326,10 +330,10 @@ class DMD2Method(DistillMethod):
         x_t = schedule.add_noise(x0_g, noise, t)
         inputs, times, cond = x_t, t, batch.cond
         if self.head is not None:  # real data through the same pass, at the same times
-            x0_data, prompts = self.real_data(n)
+            x0_data, real_cond = self.real_data(n)
             x_real = schedule.add_noise(x0_data.float(), torch.randn_like(x0_data.float()), t)
             inputs, times = torch.cat([x_t, x_real]), torch.cat([t, t])
-            cond = Conditioning.cat([batch.cond, self.teacher.encode(prompts)])
+            cond = Conditioning.cat([batch.cond, real_cond])
         out, logits = self.critic_pass(inputs, times, cond, nets["critic"],
                                        nets["gan_head"] if self.head is not None else None)
         a, s = schedule.alpha_sigma(t, dtype=torch.float32)

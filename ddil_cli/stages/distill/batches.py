@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ddil_cli.buffer.pool import ReplayPool
-from ddil_cli.buffer.sources import DataStates, forward_diffuse, sources_for_batch
+from ddil_cli.buffer.sources import DataStates, conditioning_with_stored, forward_diffuse, sources_for_batch
 from ddil_cli.methods import Batch
 from ddil_cli.models.base import Denoiser
 from ddil_cli.stages.distill.plan import Plan
@@ -52,9 +52,9 @@ class InputAssembler:
         if self.matched and prior.get("data", 0.0) > 0:
             sources, timesteps = self._matched(sources)
         parts = []  # (x_t, t, guidance, prompts, sources, keys)
-        n_data = sources.count("data")
-        if n_data:
-            x0, prompts = self.data.batch(n_data, self.generator, self.data_index)
+        n_data, data_cond = sources.count("data"), None
+        if n_data:  # data come first: their stored encodings (if any) are the batch's first rows
+            x0, prompts, data_cond = self.data.draw(n_data, self.generator, self.data_index)
             self.data_index += n_data
             at = None if timesteps is None else timesteps[[s == "data" for s in sources]]
             x_t, t, _t_index = forward_diffuse(x0, self.teacher.schedule, self.timesteps, self.generator, t=at)
@@ -68,11 +68,11 @@ class InputAssembler:
                 parts.append((self.pool.states[rows].float(), self.pool.t[rows], self.pool.guidance[rows],
                               [self.pool.prompts[i] for i in picked], [source] * n,
                               [self.pool.keys[i] for i in picked]))
-        x_t = torch.cat([p[0] for p in parts]).to(self.device)
+        x_t = torch.cat([p[0].to(self.device) for p in parts])
         t = torch.cat([p[1] for p in parts])
         t_index = torch.tensor([self._position.get(int(v), -1) for v in t.tolist()], dtype=torch.long)
         prompts = [q for p in parts for q in p[3]]
-        cond = self.teacher.encode(prompts)
+        cond = conditioning_with_stored(self.teacher, prompts, data_cond)
         student_cond = cond if self.student.shares_conditioning(self.teacher) else self.student.encode(prompts)
         guidance = torch.cat([p[2] for p in parts])  # on the host still: its shared value is read here
         shared = guidance[0].item() if bool((guidance == guidance[0]).all()) else None

@@ -50,6 +50,7 @@ class DistillConfig:
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
+    data_workers: int = 2  # DataLoader workers per process for --data shards (0: read in the training process)
     lora_rank: int = 0  # > 0: a LoRA student of this rank on the teacher's frozen UNet; 0: full fine-tuning
     lora_alpha: float | None = None  # None: the rank
     lora_targets: str | None = None  # None: diffusers' LCM-LoRA script's layers (models/lora.py)

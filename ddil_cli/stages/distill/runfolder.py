@@ -140,7 +140,9 @@ class RunState:
             self._checkpointed = self._shards(self.pool.keys)
         tensors = {f"pool.{k}": v for k, v in tensors.items()}
         tensors["generator"] = self.assembler.generator.get_state()
-        return tensors, {"pool": info, "data_index": self.assembler.data_index}
+        data = self.assembler.data
+        return tensors, {"pool": info, "data_index": self.assembler.data_index,
+                         "data_stream": data.state() if data is not None else None}
 
     def load(self, tensors, info):
         pool = {k[5:]: v for k, v in tensors.items() if k.startswith("pool.")}
@@ -149,6 +151,8 @@ class RunState:
         self.pool.load(pool, info["pool"], timesteps=self.timesteps)
         self.assembler.generator.set_state(tensors["generator"])
         self.assembler.data_index = info["data_index"]
+        if self.assembler.data is not None:
+            self.assembler.data.load_state(info.get("data_stream"))
 
     @staticmethod
     def _shards(keys) -> set[str]:

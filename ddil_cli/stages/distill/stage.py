@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -95,14 +96,16 @@ def _run_locked(run: DistillRun) -> dict:
     if uses_data and cfg.data:
         DataStates(run.teacher, data=cfg.data).captions(1)  # fail now, not after the run folder exists
     run.data = DataStates(run.teacher, data=cfg.data, prompts=plan.prompts, part=run.accelerator.process_index,
-                          parts=run.accelerator.num_processes) if uses_data else None
+                          parts=run.accelerator.num_processes, seed=cfg.seed, workers=cfg.data_workers,
+                          device=run.accelerator.device) if uses_data else None
     run.external = ExternalBuffer(cfg.buffer, run.teacher, plan, cfg.teacher) if cfg.buffer else None
     check_writable(run.folder)
     if resume_from is None:
         writable_parent(run.folder)  # a fresh run is built beside --out and renamed there
     # a --resume latest that finds no checkpoint starts again, replacing the run at its first one
     with run_folder(run.folder, fresh=resume_from is None, overwrite=cfg.overwrite or cfg.resume is not None,
-                    accelerator=run.accelerator, progress=run.progress) as (run.folder, run.on_checkpoint):
+                    accelerator=run.accelerator, progress=run.progress) as (run.folder, run.on_checkpoint), \
+            closing(run.data) if run.data is not None else nullcontext():  # the loader's workers stop with the run
         return _train(run, resume_from)
 
 
@@ -196,6 +199,8 @@ def _run_phase(run: DistillRun, job: PhaseJob) -> dict:
     policy = PrioritizedPolicy(cfg.priority_alpha) if cfg.replay == "prioritised" else None
     pool, fifo = ReplayPool(cfg.buffer_size, policy), FIFOPolicy(cfg.buffer_size)
     generator = torch.Generator().manual_seed(cfg.seed * 7919 + job.index * 104729 + accelerator.process_index)
+    if run.data is not None:  # every phase reads the data from the stream's start, so a resume that finds
+        run.data.load_state(None)  # the previous phase done starts this one where an unbroken run does
     assembler = InputAssembler(teacher=job.teacher, student=student, timesteps=phase.train_timesteps, plan=plan,
                                pool=pool, data=run.data, batch_size=cfg.batch_size, total_updates=phase.updates,
                                generator=generator, device=accelerator.device)
