@@ -43,7 +43,8 @@ from pathlib import Path
 from scipy import stats
 
 from ddil_cli.evaluate.report import headline_numbers
-from ddil_cli.evaluate.run import EvaluateConfig, score
+from ddil_cli.evaluate.config import EvaluateConfig
+from ddil_cli.evaluate.run import score
 from ddil_cli.sampling import SampleConfig
 from ddil_cli.stages.distill import DistillConfig, run_distill
 from ddil_cli.stages.sample import run_sample

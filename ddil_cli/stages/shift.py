@@ -28,7 +28,8 @@ from ddil_cli.errors import UserError
 from ddil_cli.evaluate import report
 from ddil_cli.atomic import atomic_folder, write_json_atomic, write_text_atomic
 from ddil_cli.evaluate.inputs import resolve_reference
-from ddil_cli.evaluate.run import ALL_METRICS, EvaluateConfig, score
+from ddil_cli.evaluate.config import EvaluateConfig
+from ddil_cli.evaluate.run import ALL_METRICS, score
 from ddil_cli.manifest import fingerprint, write_manifest
 from ddil_cli.models import EMBEDDED, load_denoiser
 from ddil_cli.sampling import SampleConfig, load_models, plan_sampling, sample_seed, write_sample_folder

@@ -38,7 +38,7 @@ from ddil_cli.data.shards import load_image_captions
 from ddil_cli.diffusion.parameterization import to_v
 from ddil_cli.diffusion.schedule import NoiseSchedule, bcast
 from ddil_cli.errors import UserError
-from ddil_cli.lab.digits import (TeacherArch, build_clip_tokenizer, make_scheduler, make_text_encoder,
+from ddil_cli.models.digits import (TeacherArch, build_clip_tokenizer, make_scheduler, make_text_encoder,
                                  make_unet, tokenize)
 from ddil_cli.methods.base import TrainedGroup
 from ddil_cli.train import TrainConfig, Trainer, newest_readable_checkpoint

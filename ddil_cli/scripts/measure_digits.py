@@ -1,6 +1,6 @@
 """The quality bar of a pixel-space digits teacher, measured with the embedded classifier.
 
-    python -m ddil_cli.lab.measure --teacher ddil_cli/assets/digits/teacher --data runs/data/digits \
+    python -m ddil_cli.scripts.measure_digits --teacher ddil_cli/assets/digits/teacher --data runs/data/digits \
         --num-per-digit 100 --steps 32 --guidance 3 --out docs/embedded-lab
 
 For each digit d, `--num-per-digit` samples of the canonical prompt ("a handwritten digit
@@ -32,7 +32,7 @@ from PIL import Image
 from ddil_cli.data.digits import digit_prompt, split_source
 from ddil_cli.data.shards import load_image_captions, to_model_tensor
 from ddil_cli.diffusion.threshold import parse_threshold
-from ddil_cli.lab.digits import TEACHER_PATH, classify, load_digits_classifier, prompt_alignment
+from ddil_cli.models.digits import TEACHER_PATH, classify, load_digits_classifier, prompt_alignment
 from ddil_cli.models import load_denoiser
 from ddil_cli.sampling import SampleConfig, generate, plan_sampling, sample_seed
 

@@ -1,4 +1,4 @@
-"""The embedded image lab: tiny pixel-space text-to-image teachers and the digits classifier.
+"""The embedded digits teacher (tiny pixel-space text-to-image models) and the digits classifier.
 
 Teacher architecture (`make_unet`, `make_text_encoder`, `build_clip_tokenizer`, `make_scheduler`;
 what `ddil teacher` trains):
@@ -237,7 +237,7 @@ def load_digits_classifier(path: str | Path = CLASSIFIER_PATH, device: str | tor
     config_path = path.with_suffix(".json")
     if not path.is_file() or not config_path.is_file():
         raise UserError(f"digits classifier not found at {path} (+ .json); reinstall the package or train one "
-                        f"with `python -m ddil_cli.lab.train_classifier`")
+                        f"with `python -m ddil_cli.scripts.train_digits_classifier`")
     raw = json.loads(config_path.read_text())["config"]
     raw["widths"] = tuple(raw["widths"])
     model = DigitsClassifier(ClassifierConfig(**raw))
