@@ -45,7 +45,7 @@ from scipy import stats
 from ddil_cli.evaluate.report import headline_numbers
 from ddil_cli.evaluate.config import EvaluateConfig
 from ddil_cli.evaluate.run import score
-from ddil_cli.sampling import SampleConfig
+from ddil_cli.sample_folder import SampleConfig
 from ddil_cli.stages.distill import DistillConfig, run_distill
 from ddil_cli.stages.sample import run_sample
 from ddil_cli.stages.shift import ShiftConfig, run_shift

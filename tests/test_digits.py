@@ -106,7 +106,7 @@ def test_shipped_teacher_draws_the_prompted_digits():
     from ddil_cli.data.shards import to_model_tensor
     from ddil_cli.diffusion.threshold import parse_threshold
     from ddil_cli.models import load_denoiser
-    from ddil_cli.sampling import SampleConfig, generate, plan_sampling, sample_seed
+    from ddil_cli.sample_folder import SampleConfig, generate, plan_sampling, sample_seed
 
     teacher = load_denoiser("embedded:digits")
     # the folder's ddil_defaults.json: the measured CFG scale and the ten canonical prompts

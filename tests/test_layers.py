@@ -25,7 +25,7 @@ LAYERS = [
     ("priors", ["priors"]),
     ("train", ["train"]),
     ("evaluate", ["evaluate"]),
-    ("shared by stages", ["sampling", "shift"]),
+    ("stage helpers", ["sample_folder", "covariate_shift"]),
     ("stages", ["stages", "scripts"]),
     ("cli", ["cli"]),
     ("entry point", ["__main__"]),

@@ -10,7 +10,7 @@ import torch
 
 from ddil_cli.models.gmm import GMMDenoiser
 from ddil_cli.models.mlp import mlp_student_for
-from ddil_cli.shift import Setting, build_settings, select, shift_features
+from ddil_cli.covariate_shift import Setting, build_settings, select, shift_features
 from cli_runner import run_cli as run
 
 LAB = ["--teacher", "gmm:ring:8", "--teacher-steps", "32", "--steps", "4", "--quiet"]

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from ddil_cli.atomic import to_json
+from ddil_cli.atomic import save_npz_atomic, to_json
 from ddil_cli.errors import UserError
 from ddil_cli.evaluate.config import EvaluateConfig
 from ddil_cli.evaluate.features import (ExtractorOptions, FeatureExtractor, WeightsUnavailable,
@@ -133,9 +133,7 @@ def reference_stats(reference: ImageReference, extractors: list[tuple[FeatureExt
         path = _stats_path(reference, extractor, res, cfg)
         if not cfg.no_cache:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.stem}.partial.npz")
-            np.savez(tmp, mu=stats.mu, sigma=stats.sigma, features=kept, meta=np.array(to_json(meta)))
-            tmp.replace(path)
+            save_npz_atomic(path, mu=stats.mu, sigma=stats.sigma, features=kept, meta=np.array(to_json(meta)))
         found[extractor.name] = (stats, kept, {"cache": None if cfg.no_cache else str(path), "cache_hit": False})
     return found
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ddil_cli.buffer.sources import DataStates, is_lab
+from ddil_cli.buffer.sources import DataStates, is_mixture_teacher
 from ddil_cli.diffusion.threshold import parse_threshold
 from ddil_cli.errors import UserError
 from ddil_cli.evaluate import report
@@ -32,10 +32,10 @@ from ddil_cli.evaluate.config import EvaluateConfig
 from ddil_cli.evaluate.run import ALL_METRICS, score
 from ddil_cli.manifest import fingerprint, write_manifest
 from ddil_cli.models import EMBEDDED, load_denoiser
-from ddil_cli.sampling import SampleConfig, load_models, plan_sampling, sample_seed, write_sample_folder
-from ddil_cli.shift import (REFERENCE_KINDS, Setting, build_settings, config_key, forward_diffused, load_json,
-                            markdown_table, measure_rows, parse_number_list, plot_beta, plot_direct, plot_switch,
-                            pure_rollout_states, select)
+from ddil_cli.sample_folder import SampleConfig, load_models, plan_sampling, sample_seed, write_sample_folder
+from ddil_cli.covariate_shift import (REFERENCE_KINDS, Setting, build_settings, config_key, forward_diffused,
+                                      load_json, markdown_table, measure_rows, parse_number_list, plot_beta,
+                                      plot_direct, plot_switch, pure_rollout_states, select)
 
 # Bump when a change in this code changes stored results, so old ones are recomputed.
 RESULT_VERSION = 1
@@ -153,7 +153,7 @@ def resolve_inputs(cfg: ShiftConfig) -> Inputs:
             raise UserError(f"--compare-student {path} has states {tuple(other.state_shape)}, the teacher "
                             f"{tuple(teacher.state_shape)}; give a student distilled from this teacher")
         students[other_label], paths[other_label] = other, path
-    reference = cfg.reference or (cfg.teacher if is_lab(teacher) else None)
+    reference = cfg.reference or (cfg.teacher if is_mixture_teacher(teacher) else None)
     resolve_reference(reference, None)  # a bad --reference fails now, not after the first setting
     evaluate_cfg = EvaluateConfig(reference=reference, metrics=_metric_names(cfg.metrics), features=cfg.features,
                                   batch_size=min(cfg.batch_size, 64), seed=cfg.seed, device=cfg.device, quiet=True)
@@ -162,8 +162,8 @@ def resolve_inputs(cfg: ShiftConfig) -> Inputs:
                               teacher.schedule.num_train_timesteps)
     kind = cfg.shift_reference
     if kind == "auto":
-        kind = "data" if (is_lab(teacher) or cfg.data) else "teacher"
-    if kind == "data" and not is_lab(teacher) and not cfg.data:
+        kind = "data" if (is_mixture_teacher(teacher) or cfg.data) else "teacher"
+    if kind == "data" and not is_mixture_teacher(teacher) and not cfg.data:
         raise UserError("--shift-reference data needs real images for this teacher; pass --data SHARDS "
                         "or use --shift-reference teacher")
     fingerprints = {"teacher": model_fingerprint(cfg.teacher), "data": fingerprint(cfg.data),
@@ -254,7 +254,7 @@ class References:
             cfg, inputs, plan = self.cfg, self.inputs, self.inputs.plan
             n = cfg.shift_samples
             if inputs.reference_kind == "data":
-                data = DataStates(inputs.teacher, data=None if is_lab(inputs.teacher) else cfg.data,
+                data = DataStates(inputs.teacher, data=None if is_mixture_teacher(inputs.teacher) else cfg.data,
                                   prompts=plan.prompts)
                 gen = torch.Generator().manual_seed(cfg.seed)
                 self.sets = tuple(forward_diffused(data, inputs.teacher, plan.grid, n, gen, cfg.batch_size)
