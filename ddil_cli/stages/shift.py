@@ -293,6 +293,9 @@ def compute_direct(cfg: ShiftConfig, inputs: Inputs, label: str, key: str, folde
 # ---- the stage --------------------------------------------------------------------------------
 
 def run_shift(cfg: ShiftConfig, *, progress=None, inputs: Inputs | None = None) -> dict:
+    """Every chosen setting into `cfg.out` (reusing stored ones), then the tables and plots.
+    Returns the summary, plus `results` ({setting: its record, as table.csv lists it}) and
+    `measures` ({student label: its direct-measure rows, as direct.csv lists them})."""
     inputs = inputs or resolve_inputs(cfg)
     out = Path(cfg.out)
     prepare_out(out)
@@ -329,7 +332,8 @@ def run_shift(cfg: ShiftConfig, *, progress=None, inputs: Inputs | None = None) 
                                             **{f"student:{k}": v for k, v in inputs.student_paths.items()}},
                    extra={"summary": summary, "grid": inputs.plan.grid.student,
                           "reference_states": inputs.reference_kind, "keys": keys})
-    return summary
+    # the numbers themselves too, for callers (the manifest keeps the short summary)
+    return {**summary, "results": results, "measures": measures}
 
 
 # ---- tables and plots -------------------------------------------------------------------------
