@@ -200,8 +200,7 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
     # (a LoRA cannot add the layer: it folds the guided teacher into one pass instead, LCM-LoRA's way)
     guidance_embedding = (guidance_range != (1.0, 1.0) or method.needs_guidance_embedding) and lora is None
     try:
-        pixels_or_points = is_mixture_teacher(teacher) or getattr(teacher, "vae", 1) is None
-        default_threshold = "static:1" if pixels_or_points else "none"
+        default_threshold = "static:1" if is_mixture_teacher(teacher) or getattr(teacher, "vae", 1) is None else "none"
         threshold = parse_threshold(cfg.threshold or default_threshold)
     except ValueError as exc:
         raise UserError(f"--threshold: {exc}") from None
