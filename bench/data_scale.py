@@ -179,7 +179,8 @@ def bench_evaluate(args) -> None:
     from PIL import Image
 
     from ddil_cli.evaluate import features as F
-    from ddil_cli.evaluate.run import EvaluateConfig, score
+    from ddil_cli.evaluate.config import EvaluateConfig
+    from ddil_cli.evaluate.run import score
     from test_clip_score import TINY_ARCH, TINY_CONFIG
     from test_features import TINY_DINO, save_tiny_dinov2, save_tiny_inception
 

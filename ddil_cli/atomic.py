@@ -154,6 +154,15 @@ def save_tensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict[s
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+def save_npz_atomic(path: str | os.PathLike, **arrays) -> None:
+    """np.savez, published atomically under `path` exactly (through a handle: savez given a name
+    would add its own .npz suffix to the temporary one)."""
+    import numpy as np
+
+    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
 @contextmanager
 def atomic_folder(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """Yield an empty hidden folder beside `path`, renamed to `path` when the block succeeds

@@ -20,7 +20,7 @@ import shutil
 import time
 import warnings
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -315,7 +315,7 @@ class Trainer:
             for staged in sorted(staging.glob("rank-*")) if staging.is_dir() else []:
                 os.replace(staged, tmp / staged.name)
             scaler = acc.scaler.state_dict() if acc.scaler is not None else None
-            info.update(phase=self.phase, train=asdict(self.state), scheduler=info["schedulers"]["student"],
+            info.update(phase=self.phase, train=asdict(self.state),
                         config=asdict(self.config), groups=[g.name for g in self.groups],
                         num_processes=acc.num_processes, grad_scaler=scaler)
             (tmp / "state.json").write_text(to_json(info))  # last: its presence marks a complete checkpoint
@@ -346,9 +346,9 @@ class Trainer:
                                   "resume from another one (--resume latest skips damaged ones)") from None
         if info.get("phase") != self.phase:
             raise CheckpointError(f"checkpoint {path} belongs to phase {info.get('phase')!r}, not {self.phase!r}")
-        saved_groups = info.get("groups", ["student"])
+        saved_groups = info.get("groups")
         if saved_groups != [g.name for g in self.groups]:
-            raise CheckpointError(f"checkpoint {path} trains {', '.join(map(str, saved_groups))}, this method "
+            raise CheckpointError(f"checkpoint {path} trains {', '.join(map(str, saved_groups or ['nothing']))}, this method "
                                   f"{', '.join(g.name for g in self.groups)}; resume with the same --method")
         for group in self.groups:
             for name, module in group.raw.items():
@@ -358,7 +358,7 @@ class Trainer:
                     raise CheckpointError(f"checkpoint {path} holds a {name} of another shape than this run's; "
                                           "resume with the settings that made it, or use another --out") from None
         try:
-            schedulers = info.get("schedulers", {"student": info["scheduler"]})
+            schedulers = info["schedulers"]
             for group in self.groups:
                 group.optimizer.load_state_dict(_join_state(info[f"optimizer{group.key}"], tensors))
                 group.scheduler.load_state_dict(schedulers[group.name])
@@ -367,8 +367,7 @@ class Trainer:
             if info.get("grad_scaler") and self.accelerator.scaler is not None:
                 self.accelerator.scaler.load_state_dict(info["grad_scaler"])
             self._load_rank_state(path, tensors, info)
-            known = {f.name for f in fields(TrainState)}  # older checkpoints carry a dropped samples_seen
-            self.state = TrainState(**{k: v for k, v in info["train"].items() if k in known})
+            self.state = TrainState(**info["train"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a state.json of another format
             raise CheckpointError(f"checkpoint {path} does not fit this run ({type(exc).__name__}: "
                                   f"{' '.join(str(exc).split())[:120]}); resume from another one or use another --out") from None

@@ -1,6 +1,5 @@
 """The DDIL-effect bench's paired statistics against scipy's own paired t-test."""
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -9,11 +8,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-_spec = importlib.util.spec_from_file_location("ddil_effect", Path(__file__).parents[1] / "bench" / "ddil_effect.py")
-ddil_effect = importlib.util.module_from_spec(_spec)
-sys.modules["ddil_effect"] = ddil_effect  # dataclasses look their module up there
-_spec.loader.exec_module(ddil_effect)
-paired_comparison = ddil_effect.paired_comparison
+# the bench's scripts import their parts as `effect.*` (bench/ is their folder); appended, so no
+# bench script shadows an installed module of the same name
+sys.path.append(str(Path(__file__).parents[1] / "bench"))
+import ddil_effect  # noqa: E402
+from effect import runner, suites  # noqa: E402
+from effect.stats import paired_comparison  # noqa: E402
 
 
 @pytest.mark.parametrize("n,shift", [(3, 0.0), (5, 0.3), (5, 2.0), (8, -1.0), (12, 0.05)])
@@ -69,7 +69,7 @@ def test_a_cached_arm_counts_only_under_the_settings_it_ran_with():
         return json.loads(json.dumps({"config": dataclasses.asdict(cfg), "collect_seconds": collect_seconds}))
 
     ddil = DistillConfig(teacher="gmm:ring:8", collect_every=30, out="/a/run", data="/a/data")
-    matches = ddil_effect.cache_matches
+    matches = runner.cache_matches
     # another work folder (out, data) is the same run; a changed setting is not
     assert matches(record(ddil, 1.0), dataclasses.replace(ddil, out="/b/run", data="/b/data"))
     assert not matches(record(ddil, 1.0), dataclasses.replace(ddil, collect_every=40))
@@ -99,12 +99,38 @@ def test_overrides_take_each_field_s_type_optional_ones_included():
 
 
 def test_an_arm_s_options_keep_the_jump_regime_s_stages():
-    regime = ddil_effect.jump_regimes(32)["jump 8 (1 stage 32->4)"]
-    settings = ddil_effect.merged(ddil_effect.LAB_BASE, regime, {"options": {"lab_init_steps": 5}})
-    arm = ddil_effect.merged(settings, {"prior": "data=1", "options": {"ddil_from_stage": 1}})
+    regime = suites.jump_regimes(32)["jump 8 (1 stage 32->4)"]
+    settings = runner.merged(suites.LAB_BASE, regime, {"options": {"lab_init_steps": 5}})
+    arm = runner.merged(settings, {"prior": "data=1", "options": {"ddil_from_stage": 1}})
     assert arm["options"] == {"pd_stages": "32,4", "lab_init_steps": 5, "ddil_from_stage": 1}
-    assert arm["steps"] == 4 and arm["prior"] == "data=1" and arm["teacher"] == ddil_effect.LAB_BASE["teacher"]
-    assert "options" not in ddil_effect.merged(ddil_effect.LAB_BASE, {"prior": "data=1"})
+    assert arm["steps"] == 4 and arm["prior"] == "data=1" and arm["teacher"] == suites.LAB_BASE["teacher"]
+    assert "options" not in runner.merged(suites.LAB_BASE, {"prior": "data=1"})
+
+
+def test_suites_are_data_and_quick_takes_the_smoke_values(tmp_path):
+    lab = suites.make_suite("lab", False, tmp_path)
+    assert lab.base == suites.LAB_BASE and lab.regimes == suites.LAB_REGIMES and lab.per_prompt == 256
+    quick = suites.make_suite("lab", True, tmp_path, jumps=True)
+    assert quick.base["max_updates"] == 300 and quick.shift_samples == 256
+    assert quick.regimes == suites.jump_regimes(32)
+    assert quick.data is None and quick.prompts is None
+    assert suites.method_arms("no-such-method") == suites.ARMS["pd"]
+
+
+def test_takeover_rows_come_from_what_run_shift_returns_and_are_cached(tmp_path, monkeypatch):
+    results = {"beta-1": {"name": "beta-1", "kind": "beta", "value": 1.0, "teacher_share": 1.0, "nfe_per_sample": 64,
+                          "metrics": {"swd": 0.1, "quality": None}},
+               "s2t-249": {"name": "s2t-249", "kind": "s2t", "value": 249, "teacher_share": 0.25,
+                           "nfe_per_sample": 20, "metrics": {"swd": 0.3}}}
+    calls = []
+    monkeypatch.setattr(runner, "run_shift", lambda cfg: calls.append(cfg) or {"results": results})
+    suite = suites.make_suite("lab", True, tmp_path)
+    record = {"config": {"teacher": "gmm:ring:8", "steps": 4, "teacher_steps": 32}, "seed": 0}
+    rows = runner.takeover(suite, record, tmp_path / "arm")
+    assert rows == {"beta-1": {"value": 1.0, "teacher_share": 1.0, "nfe_per_sample": 64.0, "swd": 0.1},
+                    "s2t": {"value": 249.0, "teacher_share": 0.25, "nfe_per_sample": 20.0, "swd": 0.3}}
+    assert calls[0].settings == ["beta-1", "beta-0", "s2t-249", "t2s-249"]
+    assert runner.takeover(suite, record, tmp_path / "arm") == rows and len(calls) == 1  # read back, not rerun
 
 
 @pytest.mark.parametrize("suite,quick", [("lab", False), ("lab", True), ("digits", False), ("digits", True)])
@@ -113,10 +139,10 @@ def test_every_jump_regime_is_one_pd_stage_from_its_suite_s_teacher(suite, quick
 
     monkeypatch.setattr("ddil_cli.data.digits.build_digits_shards", lambda folder: None)  # no shards needed
     monkeypatch.setattr("ddil_cli.data.digits.split_source", lambda folder, split: split)
-    made = ddil_effect.make_suite(suite, quick, tmp_path, jumps=True)
+    made = suites.make_suite(suite, quick, tmp_path, jumps=True)
     jumps = set()
     for name, regime in made.regimes.items():
-        settings = ddil_effect.merged(made.base, regime)
+        settings = runner.merged(made.base, regime)
         teacher_steps, steps = settings["teacher_steps"], settings["steps"]
         # PD's own parser: the chain runs from the suite's teacher to the student in one stage
         assert stage_steps(teacher_steps, steps, settings["options"]["pd_stages"]) == [steps], name

@@ -9,7 +9,7 @@ import torch
 from ddil_cli.data.digits import DIGIT_WORDS, build_digits_shards, digit_from_prompt, digit_prompt, split_source
 from ddil_cli.data.shards import load_image_captions
 from ddil_cli.errors import UserError
-from ddil_cli.lab import digits as lab
+from ddil_cli.models import digits as digits_model
 
 MB = 1024 * 1024
 
@@ -35,25 +35,25 @@ def test_tokenizer_whole_words_fallback_and_reload(tmp_path):
     from transformers import AutoTokenizer, CLIPTokenizer
 
     captions = ["a handwritten digit seven", "the digit two, written by hand"]
-    tok = lab.build_clip_tokenizer(captions, tmp_path / "tok", max_length=12)
+    tok = digits_model.build_clip_tokenizer(captions, tmp_path / "tok", max_length=12)
     pieces = tok.convert_ids_to_tokens(tok("A handwritten digit SEVEN").input_ids)
     assert pieces == ["<|startoftext|>", "a</w>", "handwritten</w>", "digit</w>", "seven</w>", "<|endoftext|>"]
     # an unseen word falls back to byte symbols, so no text is ever unknown
     unseen = tok.convert_ids_to_tokens(tok("zebra").input_ids)[1:-1]
     assert "".join(unseen).replace("</w>", "") == "zebra" and len(unseen) == 5
-    ids = lab.tokenize(tok, captions)
+    ids = digits_model.tokenize(tok, captions)
     assert ids.shape == (2, 12) and (ids[:, -1] == tok.pad_token_id).all()
     for loader in (CLIPTokenizer, AutoTokenizer):
         again = loader.from_pretrained(str(tmp_path / "tok"))
-        assert again.model_max_length == 12 and torch.equal(lab.tokenize(again, captions), ids)
+        assert again.model_max_length == 12 and torch.equal(digits_model.tokenize(again, captions), ids)
 
 
 def test_shipped_classifier_size_accuracy_and_recorded_numbers(heldout):
     images, labels = heldout
-    assert lab.CLASSIFIER_PATH.stat().st_size < 2 * MB
-    model = lab.load_digits_classifier()
-    accuracy = float((lab.classify(images, model) == labels).float().mean())
-    recorded = json.loads(lab.CLASSIFIER_CONFIG_PATH.read_text())
+    assert digits_model.CLASSIFIER_PATH.stat().st_size < 2 * MB
+    model = digits_model.load_digits_classifier()
+    accuracy = float((digits_model.classify(images, model) == labels).float().mean())
+    recorded = json.loads(digits_model.CLASSIFIER_CONFIG_PATH.read_text())
     assert accuracy >= 0.97 and accuracy == pytest.approx(recorded["heldout_accuracy"], abs=1e-6)
     features = model.features(images[:5])
     assert features.shape == (5, model.config.feature_dim)
@@ -65,15 +65,15 @@ def test_prompt_alignment_rewards_the_right_digit(heldout):
     images, labels = heldout
     right = [digit_prompt(int(d)) for d in labels]
     wrong = [f"a handwritten {DIGIT_WORDS[(int(d) + 1) % 10]}" for d in labels]
-    assert lab.prompt_alignment(images, right) >= 0.97
-    assert lab.prompt_alignment(images, wrong) <= 0.03
+    assert digits_model.prompt_alignment(images, right) >= 0.97
+    assert digits_model.prompt_alignment(images, wrong) <= 0.03
     with pytest.raises(UserError, match="names no single digit"):
-        lab.prompt_alignment(images[:1], ["a cat"])
+        digits_model.prompt_alignment(images[:1], ["a cat"])
 
 
 def test_missing_classifier_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="classifier not found"):
-        lab.load_digits_classifier(tmp_path / "none.safetensors")
+        digits_model.load_digits_classifier(tmp_path / "none.safetensors")
 
 
 def test_decode_convention():
@@ -87,7 +87,7 @@ def test_decode_convention():
 
 
 def test_shipped_teacher_folder_is_a_standard_diffusers_pipeline():
-    folder = lab.TEACHER_PATH
+    folder = digits_model.TEACHER_PATH
     index = json.loads((folder / "model_index.json").read_text())
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["vae"] == [None, None]
     assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
@@ -106,7 +106,7 @@ def test_shipped_teacher_draws_the_prompted_digits():
     from ddil_cli.data.shards import to_model_tensor
     from ddil_cli.diffusion.threshold import parse_threshold
     from ddil_cli.models import load_denoiser
-    from ddil_cli.sampling import SampleConfig, generate, plan_sampling, sample_seed
+    from ddil_cli.sample_folder import SampleConfig, generate, plan_sampling, sample_seed
 
     teacher = load_denoiser("embedded:digits")
     # the folder's ddil_defaults.json: the measured CFG scale and the ten canonical prompts
@@ -121,17 +121,17 @@ def test_shipped_teacher_draws_the_prompted_digits():
     assert bool(result.teacher_mask.all())
     images = teacher.decode(result.final)
     assert images.shape == (len(prompts), 16, 16, 3) and images.dtype == np.uint8
-    assert lab.prompt_alignment(to_model_tensor(images[..., :1]), prompts) >= 0.9
+    assert digits_model.prompt_alignment(to_model_tensor(images[..., :1]), prompts) >= 0.9
 
 
 def test_measure_writes_grids_and_scores(tmp_path):
     from PIL import Image
 
-    from ddil_cli.lab.measure import measure_teacher
+    from ddil_cli.scripts.measure_digits import measure_teacher
 
     data = tmp_path / "digits"
     build_digits_shards(data)
-    result = measure_teacher(lab.TEACHER_PATH, data, num_per_digit=2, steps=4, guidance=3.0, out=tmp_path / "m")
+    result = measure_teacher(digits_model.TEACHER_PATH, data, num_per_digit=2, steps=4, guidance=3.0, out=tmp_path / "m")
     assert result["samples"] == 20 and len(result["prompt_alignment_per_digit"]) == 10
     assert result["fd_train_vs_heldout_floor"] > 0 and result["fd_samples_vs_heldout"] > 0
     assert json.loads((tmp_path / "m" / "measure.json").read_text())["samples"] == 20

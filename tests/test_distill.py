@@ -229,7 +229,7 @@ def test_diffusers_student_loads_in_plain_diffusers(tmp_path):
     assert pipe.unet.config.time_cond_proj_dim == unet.config.time_cond_proj_dim
     # it samples at the w it was distilled at unless told otherwise (it used to get the teacher's)
     from ddil_cli.models import load_denoiser
-    from ddil_cli.sampling import SampleConfig, plan_sampling
+    from ddil_cli.sample_folder import SampleConfig, plan_sampling
     from ddil_cli.stages.distill import make_plan
 
     assert json.loads((student / "ddil_defaults.json").read_text())["guidance"] == 2.0

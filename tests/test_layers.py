@@ -1,6 +1,8 @@
 """The import rules of docs/architecture.md, checked on the source: every `ddil_cli` import of
-every module (read with ast, so nothing is executed) goes to a lower layer or to its own group,
-stages and CLI commands do not import their siblings, and nothing imports bench/ or tests/."""
+every module (read with ast, so nothing is executed; imports inside functions and under
+`TYPE_CHECKING` count too) goes to a lower layer or to its own group, stages and CLI commands do
+not import their siblings, nothing imports bench/ or tests/, and there is no import cycle, neither
+between two modules (even of one group) nor between two packages."""
 
 import ast
 from pathlib import Path
@@ -15,7 +17,7 @@ LAYERS = [
     ("files and values", ["atomic", "validate"]),
     ("manifests", ["manifest"]),
     ("diffusion, data", ["diffusion", "data"]),
-    ("models", ["models", "lab", "lab.digits"]),  # "lab": its package __init__ and any new lab module
+    ("models", ["models"]),
     ("rollout", ["rollout"]),
     ("specs", ["specs"]),
     ("buffer", ["buffer"]),
@@ -23,8 +25,8 @@ LAYERS = [
     ("priors", ["priors"]),
     ("train", ["train"]),
     ("evaluate", ["evaluate"]),
-    ("shared by stages", ["sampling", "shift"]),
-    ("stages", ["stages", "lab.measure", "lab.train_classifier"]),
+    ("stage helpers", ["sample_folder", "covariate_shift"]),
+    ("stages", ["stages", "scripts"]),
     ("cli", ["cli"]),
     ("entry point", ["__main__"]),
 ]
@@ -55,23 +57,12 @@ def group_of(module: str) -> tuple[int, str]:
     return best
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
-def imports_of(source: str) -> list[tuple[int, str]]:
-    """(line, module inside ddil_cli) for every runtime import; `from ddil_cli.x import y` counts
-    as ddil_cli.x.y when that is a module. Imports only for type checking do not count."""
-    tree = ast.parse(source)
+def imports_of(source: str, modules: set[str] = ALL_MODULES) -> list[tuple[int, str]]:
+    """(line, module inside ddil_cli) for every import, wherever it sits (top level, inside a
+    function, under `if TYPE_CHECKING:`: a type-only import still ties the two modules together);
+    `from ddil_cli.x import y` counts as ddil_cli.x.y when that is one of `modules`."""
     found = []
-
-    def visit(node):
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name == "ddil_cli" or alias.name.startswith("ddil_cli."):
@@ -81,12 +72,8 @@ def imports_of(source: str) -> list[tuple[int, str]]:
             base = node.module.removeprefix("ddil_cli").lstrip(".")
             for alias in node.names:
                 sub = f"{base}.{alias.name}".lstrip(".")
-                found.append((node.lineno, sub if sub in ALL_MODULES else base))
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(tree)
-    return found
+                found.append((node.lineno, sub if sub in modules else base))
+    return sorted(found)
 
 
 def violations(me: str, source: str, label: str) -> list[str]:
@@ -112,6 +99,51 @@ def violations(me: str, source: str, label: str) -> list[str]:
     return out
 
 
+def package_sources() -> dict[str, str]:
+    return {module_name(p): p.read_text() for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def package_of(module: str) -> str:
+    """The top-level package or module a module belongs to: evaluate.run -> evaluate."""
+    return module.split(".")[0]
+
+
+def import_graph(sources: dict[str, str], node=lambda module: module) -> dict[str, set[str]]:
+    """{node: nodes it imports} over `sources` ({module: its text}); `node` maps a module to its
+    node (itself, or its package for the package graph). The package's own __init__ is left out."""
+    modules = set(sources)
+    graph: dict[str, set[str]] = {}
+    for me, source in sources.items():
+        for _, target in imports_of(source, modules):
+            if target in ("", "__init__") or target.split(".")[0] in ("bench", "tests"):
+                continue
+            while target not in modules and "." in target:  # `import ddil_cli.x.name` -> its module
+                target = target.rsplit(".", 1)[0]
+            if node(target) != node(me):
+                graph.setdefault(node(me), set()).add(node(target))
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None: a depth-first search for a back edge."""
+    state: dict[str, str] = {}  # "open" while on the current path, "done" after
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt, path + [nxt])):
+                return cycle
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
+
+
 def test_every_import_follows_the_layer_rules():
     problems = [v for p in sorted(PACKAGE.rglob("*.py"))
                 for v in violations(module_name(p), p.read_text(), str(p.relative_to(ROOT)))]
@@ -120,18 +152,44 @@ def test_every_import_follows_the_layer_rules():
 
 def test_the_checker_sees_a_violation():
     """The rules bite: a stage importing another stage and an upward import are caught, a
-    type-checking-only import is not, and the buffer may import specs (below it) but not priors."""
+    type-checking-only import as well, and the buffer may import specs (below it) but not priors."""
     stage = ("from typing import TYPE_CHECKING\n"
              "from ddil_cli.stages.sample import run_sample\n"
              "from ddil_cli.cli import common\n"
              "if TYPE_CHECKING:\n    from ddil_cli.stages.collect import CollectConfig\n")
     found = violations("stages.probe", stage, "probe")
-    assert len(found) == 2 and "do not import each other" in found[0] and "upward" in found[1], found
+    assert len(found) == 3 and "do not import each other" in found[0] and "upward" in found[1], found
+    assert "do not import each other" in found[2] and ":5:" in found[2], found
     found = violations("buffer.probe", "from ddil_cli.priors import parse_prior\n"
                                        "from ddil_cli.specs import read_prompts\n", "probe")
     assert len(found) == 1 and "upward" in found[0] and "priors" in found[0], found
-    found = violations("models.probe", "from ddil_cli.lab import digits\n", "probe")
-    assert len(found) == 1 and "sideways" in found[0], found
+    found = violations("diffusion.probe", "def f():\n    from ddil_cli.data import shards\n", "probe")
+    assert len(found) == 1 and "sideways" in found[0] and ":2:" in found[0], found
+
+
+def test_no_import_cycle_between_modules_or_packages():
+    sources = package_sources()
+    assert find_cycle(import_graph(sources)) is None, find_cycle(import_graph(sources))
+    packages = import_graph(sources, node=package_of)
+    assert find_cycle(packages) is None, find_cycle(packages)
+
+
+def test_a_planted_cycle_is_caught():
+    """Two modules of one group importing each other (one only for type checking, one inside a
+    function), and two packages importing each other through different modules, are each found;
+    the real package alone has neither."""
+    sources = package_sources()
+    planted = sources | {
+        "evaluate.probe_a": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                            "    from ddil_cli.evaluate.probe_b import B\n",
+        "evaluate.probe_b": "def b():\n    from ddil_cli.evaluate import probe_a\n"}
+    assert find_cycle(import_graph(planted)) in (["evaluate.probe_a", "evaluate.probe_b", "evaluate.probe_a"],
+                                                 ["evaluate.probe_b", "evaluate.probe_a", "evaluate.probe_b"])
+    # models.digits is imported by evaluate.embedded; a models module importing evaluate closes a loop
+    planted = sources | {"models.probe": "from ddil_cli.evaluate.frechet import frechet_distance\n"}
+    assert find_cycle(import_graph(planted)) is None  # no module imports itself back...
+    cycle = find_cycle(import_graph(planted, node=package_of))
+    assert cycle is not None and {"models", "evaluate"} <= set(cycle), cycle  # ...but the packages do
 
 
 def test_architecture_doc_names_every_layer_group():

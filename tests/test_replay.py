@@ -49,7 +49,7 @@ def test_alpha_zero_is_uniform_and_unscored_keys_get_the_top_priority():
 def test_streaming_reader_with_priorities_replays_in_proportion(tmp_path):
     written, _ = write_samples(tmp_path, 5, shard_samples=5)
     keys = sorted(written)
-    policy = PrioritizedPolicy.for_buffer(tmp_path, alpha=1.0, epsilon=0.0)
+    policy = PrioritizedPolicy(1.0, epsilon=0.0)
     policy.update(keys, PRIORITIES)
     reader = BufferReader(tmp_path, shuffle=0, policy=policy, seed=4)
     counts = Counter()
@@ -62,23 +62,13 @@ def test_streaming_reader_with_priorities_replays_in_proportion(tmp_path):
     assert counts[keys[-1]] == 600
 
 
-def test_sidecar_round_trip_and_fifo_forgets_dropped_shards(tmp_path):
+def test_fifo_apply_to_drops_the_oldest_shard_from_disk_and_manifest(tmp_path):
     written, _ = write_samples(tmp_path, 12, shard_samples=4)
     keys = sorted(written)
-    policy = PrioritizedPolicy.for_buffer(tmp_path, alpha=0.7)
-    policy.update(keys, np.arange(1, 13, dtype=np.float32))
-    policy.save()
-    loaded = PrioritizedPolicy.for_buffer(tmp_path, alpha=0.7)
-    assert loaded.priorities == pytest.approx(policy.priorities)
     dropped = FIFOPolicy(8).apply_to(tmp_path)
     assert dropped == [shard_of_key(keys[0])]
     assert load_manifest(tmp_path)["counts"]["total"] == 8
     assert not (tmp_path / dropped[0]).exists()
-    loaded.save()  # prunes keys of shards FIFO removed
-    assert sorted(PrioritizedPolicy.for_buffer(tmp_path).priorities) == keys[4:]
-    (tmp_path / "priorities.npz").write_bytes(b"not an npz")
-    with pytest.raises(UserError, match="unreadable"):
-        PrioritizedPolicy.for_buffer(tmp_path)
 
 
 def test_fifo_select_drops_the_oldest_until_the_bound_holds():

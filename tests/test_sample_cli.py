@@ -116,7 +116,7 @@ def tiny_sd(tmp_path_factory):
 
 
 def _sd_config(teacher, out, **kw):
-    from ddil_cli.sampling import SampleConfig
+    from ddil_cli.sample_folder import SampleConfig
 
     return SampleConfig(teacher=str(teacher), teacher_steps=2, prompt=["a cat", "a dog", "a boat"], num_per_prompt=5,
                         batch_size=4, quiet=True, out=str(out), **kw)
@@ -136,11 +136,11 @@ def test_two_processes_write_the_files_one_process_writes(tmp_path, tiny_sd):
 
 
 def test_resume_finishes_an_interrupted_run_without_redoing_written_samples(tmp_path, tiny_sd, monkeypatch, capsys):
-    import ddil_cli.sampling as sampling
+    import ddil_cli.sample_folder as sample_folder
     from ddil_cli.stages.sample import sample_to_folder
 
     sample_to_folder(_sd_config(tiny_sd, tmp_path / "whole"))
-    real, calls = sampling.generate, []
+    real, calls = sample_folder.generate, []
 
     def interrupted(plan, teacher, seeds, *args):
         calls.append(len(seeds))
@@ -148,7 +148,7 @@ def test_resume_finishes_an_interrupted_run_without_redoing_written_samples(tmp_
             raise KeyboardInterrupt
         return real(plan, teacher, seeds, *args)
 
-    monkeypatch.setattr(sampling, "generate", interrupted)
+    monkeypatch.setattr(sample_folder, "generate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         sample_to_folder(_sd_config(tiny_sd, tmp_path / "cut"))
     assert not (tmp_path / "cut").exists() and (tmp_path / ".cut.sampling").is_dir()
@@ -160,7 +160,7 @@ def test_resume_finishes_an_interrupted_run_without_redoing_written_samples(tmp_
     code, err = run([*argv[:-2], "--seed", "3", "--out", str(tmp_path / "cut"), "--resume"], capsys)
     assert code == 2 and "seed" in err, err
     calls.clear()
-    monkeypatch.setattr(sampling, "generate", lambda *a: calls.append(len(a[2])) or real(*a))
+    monkeypatch.setattr(sample_folder, "generate", lambda *a: calls.append(len(a[2])) or real(*a))
     assert run([*argv, "--resume"], capsys)[0] == 0
     assert calls == [4, 3]  # the two batches not written before the interruption (8 of 15 were)
     assert _folder_bytes(tmp_path / "whole") == _folder_bytes(tmp_path / "cut")
@@ -171,10 +171,10 @@ def test_memory_does_not_hold_every_image(tmp_path, tiny_sd, monkeypatch):
     """The grid is drawn from the first images, read back: no decoded image outlives its batch."""
     import gc
 
-    import ddil_cli.sampling as sampling
+    import ddil_cli.sample_folder as sample_folder
     from ddil_cli.stages.sample import sample_to_folder
 
-    alive, real = [], sampling.SampleWriter.put
+    alive, real = [], sample_folder.SampleWriter.put
 
     def put(self, files, rows):
         import weakref
@@ -182,7 +182,7 @@ def test_memory_does_not_hold_every_image(tmp_path, tiny_sd, monkeypatch):
         alive.extend(weakref.ref(v) for _, v in files if isinstance(v, np.ndarray))
         return real(self, files, rows)
 
-    monkeypatch.setattr(sampling.SampleWriter, "put", put)
+    monkeypatch.setattr(sample_folder.SampleWriter, "put", put)
     sample_to_folder(_sd_config(tiny_sd, tmp_path / "s"))
     gc.collect()
     assert len(alive) == 15 and sum(ref() is not None for ref in alive) == 0

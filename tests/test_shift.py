@@ -10,7 +10,7 @@ import torch
 
 from ddil_cli.models.gmm import GMMDenoiser
 from ddil_cli.models.mlp import mlp_student_for
-from ddil_cli.shift import Setting, build_settings, select, shift_features
+from ddil_cli.covariate_shift import Setting, build_settings, select, shift_features
 from cli_runner import run_cli as run
 
 LAB = ["--teacher", "gmm:ring:8", "--teacher-steps", "32", "--steps", "4", "--quiet"]
@@ -83,6 +83,27 @@ def test_direct_measure_vanishes_when_the_student_is_the_teacher(tmp_path, capsy
     assert float(rows[("random", -1)]["fd"]) > 5 * float(rows[("random", -1)]["fd_floor"])
     assert (tmp_path / "s/plots/direct.png").stat().st_size > 0
     assert not (tmp_path / "s/settings").exists()  # --settings direct-* computed no mixed rollouts
+
+
+def test_run_shift_returns_what_its_tables_hold(tmp_path, students):
+    """A caller (the bench) reads the settings and the direct measure from run_shift's return."""
+    from ddil_cli.stages.shift import ShiftConfig, run_shift
+
+    out = tmp_path / "s"
+    summary = run_shift(ShiftConfig(teacher="gmm:ring:8", teacher_steps=32, steps=4, student_label="a",
+                                    student=str(students / "a" / "student"), settings=["beta-0", "direct-*"],
+                                    num_per_prompt=3, shift_samples=50, metrics="swd", quiet=True, out=str(out)))
+    table = {r["setting"]: r for r in csv.DictReader(open(out / "table.csv"))}
+    assert set(summary["results"]) == set(table) and "beta-0" in table
+    for name, row in table.items():
+        result = summary["results"][name]
+        assert float(row["teacher_share"]) == result["teacher_share"]
+        assert float(row["swd"]) == result["metrics"]["swd"]
+    direct = [(r["student"], int(r["timestep"]), r["err_own"]) for r in csv.DictReader(open(out / "direct.csv"))]
+    assert direct == [("a", r["timestep"], "" if r["err_own"] is None else str(r["err_own"]))
+                      for r in summary["measures"]["a"]]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "results" not in manifest["summary"]  # the manifest keeps the short summary
 
 
 def test_direct_measure_against_data_for_a_fine_grid_teacher(tmp_path, capsys):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from ddil_cli.data.digits import DIGIT_WORDS
 from ddil_cli.diffusion.schedule import NoiseSchedule
 from ddil_cli.errors import UserError
-from ddil_cli.lab.digits import make_scheduler
+from ddil_cli.models.digits import make_scheduler
 from ddil_cli.stages.teacher import TeacherTrainConfig, train_teacher, training_target
 from ddil_cli.train import list_checkpoints
 from cli_runner import run_cli

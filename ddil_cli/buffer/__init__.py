@@ -2,7 +2,7 @@
 
 writer.py   atomic shard writing and manifest updates under a file lock (concurrent writers)
 reader.py   shuffled streaming, split by node/worker, damaged shards skipped and counted
-replay.py   FIFO bound and prioritised replay (sidecar priorities.npz)
+replay.py   FIFO bound and prioritised replay
 manifest.py the manifest schema and the compatibility check for appends
 sources.py  the data source: real data forward-diffused to student timesteps
 """

@@ -35,7 +35,6 @@ VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: one state per record; a writer appending to it upgrades it to 2
 MANIFEST_NAME = "manifest.json"
 PROMPTS_NAME = "prompts.json"
-PRIORITIES_NAME = "priorities.npz"
 LOCK_NAME = ".lock"
 SHARD_PATTERN = re.compile(r"^shard-(\d{4,})-(\d{3,})-(\d{6,})\.tar$")
 

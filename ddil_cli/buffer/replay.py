@@ -4,8 +4,8 @@ FIFO keeps the newest `max_samples` states by dropping whole shards, oldest firs
 the unit a streaming reader sees). `collect --max-samples` applies it after every shard commit;
 `distill` calls `FIFOPolicy(max_samples).apply_to(buffer)` after each DAgger collection.
 
-Prioritised replay keeps one priority per sample key (e.g. the last training loss on it) in the
-sidecar `priorities.npz` (arrays `keys`, `priority`) and replays a sample with probability
+Prioritised replay keeps one priority per sample key (e.g. the last training loss on it; in
+memory, checkpointed with the run by `ddil distill`) and replays a sample with probability
 proportional to priority ** alpha. States never scored get the largest priority seen so far
 (1 in an empty table), so new states are replayed soon, as in prioritised experience replay.
 Two ways to draw: `sample(n)` over the scored keys (random access), and `accept()` as a filter on
@@ -18,13 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import numpy as np
 import torch
 
 from ddil_cli.buffer import manifest as mf
 from ddil_cli.buffer.writer import buffer_lock, load_manifest
 from ddil_cli.errors import UserError
-from ddil_cli.atomic import atomic_file, write_json_atomic
+from ddil_cli.atomic import write_json_atomic
 
 
 def shard_of_key(key: str) -> str:
@@ -80,20 +79,11 @@ class FIFOPolicy:
 class PrioritizedPolicy:
     """Per-sample priorities; draws proportional to priority ** alpha."""
 
-    def __init__(self, alpha: float = 0.6, *, epsilon: float = 1e-6, path: str | Path | None = None):
+    def __init__(self, alpha: float = 0.6, *, epsilon: float = 1e-6):
         if not alpha >= 0:
             raise UserError(f"priority exponent alpha {alpha} must be >= 0")
         self.alpha, self.epsilon = float(alpha), float(epsilon)
-        self.path = Path(path) if path is not None else None
         self.priorities: dict[str, float] = {}
-
-    @classmethod
-    def for_buffer(cls, root: str | Path, alpha: float = 0.6, **kwargs) -> "PrioritizedPolicy":
-        """The policy whose sidecar is the buffer's priorities.npz (loaded when present)."""
-        policy = cls(alpha, path=Path(root) / mf.PRIORITIES_NAME, **kwargs)
-        if policy.path.is_file():
-            policy.load()
-        return policy
 
     # ---- priorities ---------------------------------------------------------------------------
     @property
@@ -119,11 +109,6 @@ class PrioritizedPolicy:
         for key in keys:
             self.priorities.pop(key, None)
 
-    def forget_shards(self, names: Iterable[str]) -> None:
-        """Drop the priorities of samples in removed shards (after FIFO)."""
-        names = set(names)
-        self.priorities = {k: v for k, v in self.priorities.items() if shard_of_key(k) not in names}
-
     # ---- drawing ------------------------------------------------------------------------------
     def sample(self, n: int, generator: torch.Generator | None = None,
                keys: list[str] | None = None) -> list[str]:
@@ -139,27 +124,3 @@ class PrioritizedPolicy:
         # unscored keys get default_priority, the table's maximum, so it bounds every weight
         top = self.default_priority ** self.alpha
         return torch.rand(len(keys), generator=generator, dtype=torch.float64) < self.weights(keys) / top
-
-    # ---- sidecar ------------------------------------------------------------------------------
-    def save(self, path: str | Path | None = None) -> Path:
-        path = Path(path or self.path)
-        root = path.parent
-        if (root / mf.MANIFEST_NAME).is_file():
-            # forget samples FIFO has removed since the last save
-            listed = {s["name"] for s in (load_manifest(root) or {"shards": []})["shards"]}
-            self.priorities = {k: v for k, v in self.priorities.items() if shard_of_key(k) in listed}
-        keys = np.array(list(self.priorities), dtype=str)
-        values = np.array(list(self.priorities.values()), dtype=np.float64)
-        with atomic_file(path) as tmp, open(tmp, "wb") as handle:  # a handle: savez adds no suffix
-            np.savez(handle, keys=keys, priority=values, alpha=np.float64(self.alpha))
-        return path
-
-    def load(self, path: str | Path | None = None) -> "PrioritizedPolicy":
-        path = Path(path or self.path)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                self.priorities = dict(zip(data["keys"].tolist(), data["priority"].tolist()))
-        except (OSError, ValueError, KeyError) as exc:
-            raise UserError(f"priorities file {path} is unreadable ({exc}); delete it to start from "
-                            "uniform priorities") from None
-        return self

@@ -63,7 +63,8 @@ def noise_like(x: torch.Tensor, generator: torch.Generator | None = None) -> tor
                        device=x.device)
 
 
-def is_lab(teacher: Denoiser) -> bool:
+def is_mixture_teacher(teacher: Denoiser) -> bool:
+    """The teacher is the analytic Gaussian mixture (`gmm:...`): states are points, not images."""
     return getattr(teacher, "mixture", None) is not None
 
 
@@ -91,7 +92,7 @@ class DataStates:
         self._stream = None
         self._uncond: Conditioning | None = None
         self.encoded = False
-        if is_lab(teacher):
+        if is_mixture_teacher(teacher):
             if data:
                 raise UserError("the Gaussian-mixture lab draws exact samples of its mixture as data; "
                                 "drop --data")

@@ -10,7 +10,8 @@ from rich.markup import escape
 
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_OVERWRITE, HELP_QUIET, HELP_SEED, check_out_apart,
                                  console, default_workers, output_dir, progress, resolve_config, resolve_device)
-from ddil_cli.evaluate.run import ALL_METRICS, EvaluateConfig
+from ddil_cli.evaluate.config import EvaluateConfig
+from ddil_cli.evaluate.run import ALL_METRICS
 from ddil_cli.stages.evaluate import run_evaluate
 from ddil_cli.validate import BATCH, POSITIVE, SEED, Rule
 

@@ -14,7 +14,7 @@ from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_FROZEN_DTYPE, HE
                                  check_out_apart, console, distributed_context, progress, resolve_config,
                                  resolve_device)
 from ddil_cli.models import MODEL_HELP
-from ddil_cli.sampling import SampleConfig, load_models
+from ddil_cli.sample_folder import SampleConfig, load_models
 from ddil_cli.stages.sample import sample_to_folder
 from ddil_cli.validate import BATCH, FROZEN_DTYPE, GUIDANCE, PROBABILITY, SEED, STEPS, Rule
 

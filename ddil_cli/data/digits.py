@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ddil_cli.errors import UserError
+
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTION_TEMPLATES = (
     "a handwritten digit {word}",
@@ -77,41 +79,52 @@ def digits_split(seed: int = SPLIT_SEED, heldout_size: int = HELDOUT_SIZE):
 
 def build_digits_shards(out: str | Path, *, seed: int = SPLIT_SEED, heldout_size: int = HELDOUT_SIZE,
                         shard_size: int = SHARD_SIZE) -> dict:
-    """Write the digits shards into `out` (created); returns the description written to digits.json."""
-    import io
-
-    import webdataset as wds
-    from PIL import Image
+    """Write the digits shards into `out` (a new or empty folder, or an earlier digits folder,
+    replaced); returns the description written to digits.json. The folder appears whole or not at
+    all (built beside it and renamed)."""
+    from ddil_cli.atomic import atomic_folder
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and any(out.iterdir()) and not (out / "digits.json").is_file():
+        raise UserError(f"--out {out} holds other files; choose a new or empty folder for the digits shards")
     rng = np.random.default_rng(seed)
     splits = digits_split(seed, heldout_size)
     description = {"source": "sklearn.datasets.load_digits", "split_seed": seed,
                    "pixel_transform": f"uint8 = round(v * 255 / {SOURCE_LEVELS}), 8x8 grayscale PNG",
                    "caption_templates": list(CAPTION_TEMPLATES), "splits": {}}
-    for name, (images, labels, source_index) in splits.items():
-        templates = rng.integers(len(CAPTION_TEMPLATES), size=len(images))
-        # mtime fixed so the same data gives byte-identical shards.
-        with wds.ShardWriter(str(out / f"{name}-%06d.tar"), maxcount=shard_size, verbose=0, mtime=0) as sink:
-            for image, label, src, template in zip(images, labels, source_index, templates):
-                buf = io.BytesIO()
-                Image.fromarray(image, mode="L").save(buf, format="PNG")
-                meta = {"label": int(label), "source_index": int(src), "split": name,
-                        "caption_template": int(template)}
-                sink.write({"__key__": f"digits_{int(src):05d}", "png": buf.getvalue(),
-                            "txt": caption_for(int(label), int(template)), "json": json.dumps(meta)})
-        shards = sorted(out.glob(f"{name}-*.tar"))
-        description["splits"][name] = {
-            "count": int(len(images)),
-            "pattern": f"{name}-{{000000..{len(shards) - 1:06d}}}.tar",
-            "per_class": np.bincount(labels, minlength=10).tolist(),
-            "sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards},
-        }
-    (out / "digits.json").write_text(json.dumps(description, indent=2) + "\n")
-    # The canonical prompt of each digit: the default prompts of a teacher trained on these shards.
-    (out / "prompts.txt").write_text("".join(digit_prompt(d) + "\n" for d in range(10)))
+    with atomic_folder(out) as work:
+        for name, (images, labels, source_index) in splits.items():
+            shards = _write_split(work, name, images, labels, source_index,
+                                  rng.integers(len(CAPTION_TEMPLATES), size=len(images)), shard_size)
+            description["splits"][name] = {
+                "count": int(len(images)),
+                "pattern": f"{name}-{{000000..{len(shards) - 1:06d}}}.tar",
+                "per_class": np.bincount(labels, minlength=10).tolist(),
+                "sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards},
+            }
+        (work / "digits.json").write_text(json.dumps(description, indent=2) + "\n")
+        # The canonical prompt of each digit: the default prompts of a teacher trained on these shards.
+        (work / "prompts.txt").write_text("".join(digit_prompt(d) + "\n" for d in range(10)))
     return description
+
+
+def _write_split(folder: Path, name: str, images, labels, source_index, templates, shard_size: int) -> list[Path]:
+    """One split's image-caption shards `name-%06d.tar` in `folder`; returns their paths."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    # mtime fixed so the same data gives byte-identical shards.
+    with wds.ShardWriter(str(folder / f"{name}-%06d.tar"), maxcount=shard_size, verbose=0, mtime=0) as sink:
+        for image, label, src, template in zip(images, labels, source_index, templates):
+            buf = io.BytesIO()
+            Image.fromarray(image, mode="L").save(buf, format="PNG")
+            meta = {"label": int(label), "source_index": int(src), "split": name,
+                    "caption_template": int(template)}
+            sink.write({"__key__": f"digits_{int(src):05d}", "png": buf.getvalue(),
+                        "txt": caption_for(int(label), int(template)), "json": json.dumps(meta)})
+    return sorted(folder.glob(f"{name}-*.tar"))
 
 
 def split_source(data_dir: str | Path, split: str) -> str:

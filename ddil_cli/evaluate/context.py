@@ -13,20 +13,18 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 
-from ddil_cli.atomic import to_json
+from ddil_cli.atomic import save_npz_atomic, to_json
 from ddil_cli.errors import UserError
+from ddil_cli.evaluate.config import EvaluateConfig
 from ddil_cli.evaluate.features import (ExtractorOptions, FeatureExtractor, WeightsUnavailable,
                                         build_feature_extractor, default_cache_dir)
 from ddil_cli.evaluate.frechet import GaussianStats
 from ddil_cli.evaluate.images import prep_description
 from ddil_cli.evaluate.inputs import GMMReference, ImageReference, SampleSet, StatsReference, stats_problem
-
-if TYPE_CHECKING:
-    from ddil_cli.evaluate.run import EvaluateConfig
 
 STATS_VERSION = 1
 
@@ -35,11 +33,11 @@ class Unavailable(Exception):
     """Why one metric cannot run here (carried into metrics.json as its reason)."""
 
 
-def cache_dir(cfg: "EvaluateConfig") -> Path:
+def cache_dir(cfg: EvaluateConfig) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
 
 
-def extractor_options(cfg: "EvaluateConfig") -> ExtractorOptions:
+def extractor_options(cfg: EvaluateConfig) -> ExtractorOptions:
     return ExtractorOptions(device=cfg.device, batch_size=cfg.batch_size, inception=cfg.inception,
                             dinov2=cfg.dinov2, dinov2_repo=cfg.dinov2_repo, clip=cfg.clip, clip_arch=cfg.clip_arch,
                             lpips_backbone=cfg.lpips_backbone, digits_classifier=cfg.digits_classifier,
@@ -67,7 +65,7 @@ class Extractors:
 
 # ---- reference statistics (cached on disk) ----------------------------------------------------
 
-def _stats_key(reference: ImageReference, extractor: FeatureExtractor, res: int, cfg: "EvaluateConfig") -> str:
+def _stats_key(reference: ImageReference, extractor: FeatureExtractor, res: int, cfg: EvaluateConfig) -> str:
     key = {"version": STATS_VERSION, "manifest": reference.source.manifest_hash(), "space": extractor.name,
            "weights_sha256": extractor.weights_sha256, "eval_res": res, "prep": prep_description(res),
            "prdc_max": cfg.prdc_max, "seed": cfg.seed}
@@ -82,12 +80,12 @@ def subsample(x: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return x[idx]
 
 
-def _stats_path(reference: ImageReference, extractor: FeatureExtractor, res: int, cfg: "EvaluateConfig") -> Path:
+def _stats_path(reference: ImageReference, extractor: FeatureExtractor, res: int, cfg: EvaluateConfig) -> Path:
     key = _stats_key(reference, extractor, res, cfg)
     return cache_dir(cfg) / "reference-stats" / f"{extractor.name.replace(':', '-')}-{res}-{key[:20]}.npz"
 
 
-def cached_reference_stats(path: Path, cfg: "EvaluateConfig") -> tuple[GaussianStats, np.ndarray, dict] | None:
+def cached_reference_stats(path: Path, cfg: EvaluateConfig) -> tuple[GaussianStats, np.ndarray, dict] | None:
     if not path.is_file() or cfg.no_cache:
         return None
     try:
@@ -103,7 +101,7 @@ def cached_reference_stats(path: Path, cfg: "EvaluateConfig") -> tuple[GaussianS
         return None
 
 
-def reference_stats(reference: ImageReference, extractors: list[tuple[FeatureExtractor, int]], cfg: "EvaluateConfig",
+def reference_stats(reference: ImageReference, extractors: list[tuple[FeatureExtractor, int]], cfg: EvaluateConfig,
                     progress=None, workers: int = 0) -> dict[str, tuple[GaussianStats, np.ndarray, dict]]:
     """{space: (Gaussian stats over all reference images, features subsampled to prdc_max, info)}
     for (extractor, eval_res) pairs: read from the cache (keyed by the reference's content hash,
@@ -135,9 +133,7 @@ def reference_stats(reference: ImageReference, extractors: list[tuple[FeatureExt
         path = _stats_path(reference, extractor, res, cfg)
         if not cfg.no_cache:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.stem}.partial.npz")
-            np.savez(tmp, mu=stats.mu, sigma=stats.sigma, features=kept, meta=np.array(to_json(meta)))
-            tmp.replace(path)
+            save_npz_atomic(path, mu=stats.mu, sigma=stats.sigma, features=kept, meta=np.array(to_json(meta)))
         found[extractor.name] = (stats, kept, {"cache": None if cfg.no_cache else str(path), "cache_hit": False})
     return found
 
@@ -147,7 +143,7 @@ def reference_stats(reference: ImageReference, extractors: list[tuple[FeatureExt
 class EvaluationContext:
     """The inputs of one `ddil evaluate` run and the caches its metrics share."""
 
-    def __init__(self, cfg: "EvaluateConfig", samples: SampleSet, reference, progress=None):
+    def __init__(self, cfg: EvaluateConfig, samples: SampleSet, reference, progress=None):
         self.cfg, self.samples, self.reference, self.progress = cfg, samples, reference, progress
         self.extractors = Extractors(extractor_options(cfg))
         self.notes: list[str] = []

@@ -2,8 +2,8 @@
 
 Its penultimate features serve FD and PR/DC; its agreement with the digit each prompt names is
 the lab's prompt alignment (the CLIP-score analogue). The classifier and its helpers live in the
-lab's module (`ddil_cli.lab.digits`); this file only adapts them to the extractor interface and
-registers the space. When that module or its classifier file is missing, building the
+models layer (`ddil_cli.models.digits`); this file only adapts them to the extractor interface and
+registers the space. When its classifier file is missing, building the
 extractor raises WeightsUnavailable and the metrics are reported unavailable.
 """
 
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ddil_cli.errors import UserError
+from ddil_cli.models import digits
 from ddil_cli.evaluate.features import (ExtractorOptions, FeatureExtractor, WeightsUnavailable,
                                         feature_space_names, register_feature_space)
 
@@ -24,11 +25,6 @@ class DigitsExtractor(FeatureExtractor):
     description = "embedded digits classifier, penultimate features"
 
     def __init__(self, options: ExtractorOptions):
-        try:
-            from ddil_cli.lab import digits
-        except ImportError as exc:
-            raise WeightsUnavailable(f"{NAME} needs the embedded lab module ddil_cli.lab.digits ({exc}); "
-                                     "install a ddil-cli that ships it") from None
         path = getattr(options, "digits_classifier", None) or digits.CLASSIFIER_PATH
         try:
             self.model = digits.load_digits_classifier(path, device=options.device)

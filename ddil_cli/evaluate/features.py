@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddil_cli.atomic import to_json
+from ddil_cli.atomic import to_json, write_text_atomic
 from ddil_cli.errors import UserError
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
@@ -96,9 +96,7 @@ def file_sha256(path: str | Path, cache_dir: str | Path | None = None) -> str:
     memo[key] = h.hexdigest()
     try:
         memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(to_json(memo, indent=1))
-        tmp.replace(memo_file)
+        write_text_atomic(memo_file, to_json(memo, indent=1))
     except OSError:
         pass  # a read-only cache only costs a re-hash next time
     return memo[key]

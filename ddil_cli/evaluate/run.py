@@ -10,9 +10,10 @@ with the reason and the fix; `strict` makes that an error.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from ddil_cli.errors import UserError
+from ddil_cli.evaluate.config import EvaluateConfig
 from ddil_cli.evaluate import metrics as M
 from ddil_cli.evaluate.context import EvaluationContext
 from ddil_cli.evaluate.images import prep_description
@@ -21,36 +22,6 @@ from ddil_cli.evaluate.inputs import GMMReference, SampleSet, load_sample_set, r
 IMAGE_METRICS = M.names("images")
 LAB_METRICS = M.names("lab")
 ALL_METRICS = IMAGE_METRICS + LAB_METRICS
-
-
-@dataclass
-class EvaluateConfig:
-    samples: str = ""
-    reference: str | None = None
-    metrics: list[str] | None = None
-    features: str | None = None
-    eval_res: int = 256
-    num_reference: int | None = None
-    prdc_max: int = 10000
-    nearest_k: int = 5
-    inception: str | None = None
-    dinov2: str | None = None
-    dinov2_repo: str | None = None
-    clip: str | None = None
-    clip_arch: str = "ViT-g-14"
-    lpips_backbone: str | None = None
-    digits_classifier: str | None = None
-    cache_dir: str | None = None
-    no_cache: bool = False
-    compare: str | None = None
-    strict: bool = False
-    batch_size: int = 32
-    workers: int | None = None  # image decoding processes (None: 0 here; the CLI picks by cores)
-    seed: int = 0
-    device: str = "cpu"
-    out: str = "evaluation"
-    quiet: bool = False
-    overwrite: bool = False
 
 
 def requested_metrics(cfg: EvaluateConfig, samples: SampleSet, reference) -> tuple[list[str], bool]:

@@ -10,7 +10,6 @@ from ddil_cli.methods.lcm import LCMMethod
 from ddil_cli.methods.pd import PDMethod
 
 METHODS: dict[str, type[DistillMethod]] = {"pd": PDMethod, "lcm": LCMMethod, "dmd2": DMD2Method}
-PLANNED: tuple[str, ...] = ()
 
-__all__ = ["Batch", "DMD2Method", "DistillMethod", "LCMMethod", "METHODS", "MethodOptions", "PDMethod", "PLANNED", "Phase",
+__all__ = ["Batch", "DMD2Method", "DistillMethod", "LCMMethod", "METHODS", "MethodOptions", "PDMethod", "Phase",
            "PlanRequest", "TrainedGroup"]

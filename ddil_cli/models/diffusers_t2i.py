@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddil_cli.atomic import to_json
+from ddil_cli.atomic import to_json, write_text_atomic
 from ddil_cli.diffusion.parameterization import PREDICTION_TYPES
 from ddil_cli.diffusion.schedule import NoiseSchedule
 from ddil_cli.errors import UserError
@@ -46,6 +46,16 @@ SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule
 # SDXL's micro-conditioning: original size (2) + crop top-left (2) + target size (2)
 NUM_TIME_IDS = 6
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def write_model_index(folder: Path, index: dict) -> None:
+    """model_index.json, the one writer of it (teacher pipelines and saved students alike)."""
+    write_text_atomic(Path(folder) / "model_index.json", to_json(index, indent=2, sort_keys=True) + "\n")
+
+
+def write_sampling_defaults(folder: Path, defaults: dict) -> None:
+    """ddil_defaults.json (the guidance and prompts a command uses when given none), its one writer."""
+    write_text_atomic(Path(folder) / DEFAULTS_FILE, to_json(defaults, indent=2, sort_keys=True) + "\n")
 
 
 def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int) -> torch.Tensor:
@@ -529,7 +539,7 @@ class DiffusersDenoiser(Denoiser):
         sched.save_pretrained(path / "scheduler")
         (path / STUDENT_FILE).write_text(to_json(record, indent=2))
         if self.sampling_defaults:
-            (path / DEFAULTS_FILE).write_text(to_json(self.sampling_defaults, indent=2))
+            write_sampling_defaults(path, self.sampling_defaults)
         from ddil_cli.atomic import follow_umask
 
         follow_umask(path)  # safetensors writes private files; a saved model is an ordinary output
@@ -554,7 +564,7 @@ class DiffusersDenoiser(Denoiser):
             index[name] = _library_entry(component)
         if self.vae is None and "vae" in self.pipeline_index:
             index["vae"] = [None, None]
-        (path / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+        write_model_index(path, index)
 
     def _teacher_scheduler(self):
         import diffusers

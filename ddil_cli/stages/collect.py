@@ -21,7 +21,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -29,7 +29,8 @@ from ddil_cli.atomic import remove_path, save_tensors_atomic
 from ddil_cli.buffer import manifest as mf
 from ddil_cli.buffer.manifest import buffer_header, teacher_fingerprint
 from ddil_cli.buffer.replay import FIFOPolicy
-from ddil_cli.buffer.sources import DataStates, forward_diffuse, is_lab, record_spans, rollout_records
+from ddil_cli.buffer.sources import (DataStates, forward_diffuse, is_mixture_teacher, record_spans,
+                                     rollout_records)
 from ddil_cli.buffer.writer import (DEFAULT_SHARD_SAMPLES, BufferWriter, check_writable, load_manifest,
                                     prompt_id)
 from ddil_cli.diffusion.threshold import parse_threshold
@@ -103,7 +104,7 @@ def load_models(cfg: CollectConfig, device: str):
 def plan_collect(cfg: CollectConfig, teacher: Denoiser, student: Denoiser | None) -> CollectPlan:
     """Validate everything and fix the amounts; raises UserError before anything is written."""
     prior = parse_prior(cfg.prior)
-    lab = is_lab(teacher)
+    lab = is_mixture_teacher(teacher)
     require_sources(prior, {"student": None if student is not None else "pass --student DIR",
                             "data": None if (lab or cfg.data) else "pass --data SHARDS"})
     if cfg.data and lab:
@@ -194,6 +195,36 @@ def run_collect(cfg: CollectConfig, *, models: tuple[Denoiser, Denoiser | None] 
     if version is None and student is not None:
         version = 0
     blocks = [b for i, b in enumerate(make_blocks(plan, cfg.batch_size)) if i % world_size == rank]
+    writer, new_folder = _open_writer(cfg, plan, version, rank, world_size, launch_key)
+    total = sum(len(b.ids) * (1 if b.kind == "data" else plan.grid.num_transitions) for b in blocks)
+    task = progress.add_task(f"collecting (rank {rank})" if world_size > 1 else "collecting", total=total) \
+        if progress is not None else None
+    start = time.perf_counter()
+    used_prompts: dict[str, str] = {}
+    try:
+        for block in blocks:
+            rows = _block_rows(cfg, plan, block, teacher, student, data, threshold, writer.run)
+            _write_rows(writer, rows, plan, version, used_prompts,
+                        advance=(lambda n: progress.advance(task, n)) if task is not None else None)
+    except BaseException:
+        writer.abort()  # the shard in progress is dropped; committed shards and the manifest stay valid
+        if new_folder and not writer.committed:
+            remove_path(cfg.out)
+        raise
+    shards = writer.close()
+    if cfg.cache_prompts:
+        cache_prompt_embeddings(teacher, used_prompts, Path(cfg.out), writer.run, rank)
+    seconds = time.perf_counter() - start
+    manifest = load_manifest(Path(cfg.out))
+    return {"run": writer.run, "rank": rank, "states": writer.written, "shards": len(shards),
+            "seconds": round(seconds, 3), "states_per_second": round(writer.written / max(seconds, 1e-9), 2),
+            "buffer_total": manifest["counts"]["total"], "by_source": manifest["counts"]["by_source"],
+            "dropped_samples": manifest["dropped"]["samples"]}
+
+
+def _open_writer(cfg: CollectConfig, plan: CollectPlan, version: int | None, rank: int, world_size: int,
+                 launch_key: str | None) -> tuple[BufferWriter, bool]:
+    """(this run's opened buffer writer, whether the run creates the buffer folder)."""
     described = build_manifest("collect", cfg, inputs={"student": cfg.student, "data": cfg.data,
                                                        "prompts": cfg.prompts})
     run_info = {key: described[key] for key in ("command", "config", "inputs", "versions")}
@@ -214,51 +245,38 @@ def run_collect(cfg: CollectConfig, *, models: tuple[Denoiser, Denoiser | None] 
         if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise UserError(f"cannot create the buffer {cfg.out} ({exc.strerror}); choose a writable --out") from None
         raise
-    total = sum(len(b.ids) * (1 if b.kind == "data" else plan.grid.num_transitions) for b in blocks)
-    task = progress.add_task(f"collecting (rank {rank})" if world_size > 1 else "collecting", total=total) \
-        if progress is not None else None
-    start = time.perf_counter()
-    used_prompts: dict[str, str] = {}
-    try:
-        for block in blocks:
-            if block.kind == "data":
-                gen = torch.Generator().manual_seed(derived_seed(cfg.seed, writer.run, "data", block.ids[0]))
-                x0, prompts = data.batch(len(block.ids), gen, block.ids[0])
-                x_t, ts, t_indices = forward_diffuse(x0, teacher.schedule, plan.grid.student, gen)
-                rows = [(x_t[i], int(ts[i]), int(t_indices[i]), "data", None, prompts[i])
-                        for i in range(len(prompts))]
-            else:
-                prompts = ([plan.prompts[rid % len(plan.prompts)] for rid in block.ids] if plan.prompts is not None
-                           else data.captions(len(block.ids)))
-                rows = _rollout_block(plan, block, teacher, student, prompts, threshold, cfg.device,
-                                      cfg.seed, writer.run)
-            rows = list(rows)
-            metas = []
-            for _, t, t_index, source, rid, prompt in rows:
-                pid = prompt_id(prompt)
-                used_prompts[pid] = prompt
-                metas.append({"t": t, "t_index": t_index, "source": source, "rollout_id": rid, "prompt": prompt,
-                              "prompt_id": pid, "guidance": plan.guidance,
-                              "student_version": version if source == "student" else None})
-            # whole trajectories per record (a data block, whose rollout id is None, is one record)
-            for begin, end in record_spans([row[4] for row in rows], rows[0][0].numel() if rows else 1):
-                writer.write_group(torch.stack([row[0] for row in rows[begin:end]]).numpy(), metas[begin:end])
-                if task is not None:
-                    progress.advance(task, end - begin)
-    except BaseException:
-        writer.abort()  # the shard in progress is dropped; committed shards and the manifest stay valid
-        if new_folder and not writer.committed:
-            remove_path(cfg.out)
-        raise
-    shards = writer.close()
-    if cfg.cache_prompts:
-        cache_prompt_embeddings(teacher, used_prompts, Path(cfg.out), writer.run, rank)
-    seconds = time.perf_counter() - start
-    manifest = load_manifest(Path(cfg.out))
-    return {"run": writer.run, "rank": rank, "states": writer.written, "shards": len(shards),
-            "seconds": round(seconds, 3), "states_per_second": round(writer.written / max(seconds, 1e-9), 2),
-            "buffer_total": manifest["counts"]["total"], "by_source": manifest["counts"]["by_source"],
-            "dropped_samples": manifest["dropped"]["samples"]}
+    return writer, new_folder
+
+
+def _block_rows(cfg: CollectConfig, plan: CollectPlan, block, teacher: Denoiser, student: Denoiser | None,
+                data: DataStates | None, threshold, run: int) -> list[tuple]:
+    """The (state, t, t_index, source, rollout id, prompt) rows of one block: forward-diffused
+    data, or every state of its rollouts."""
+    if block.kind == "data":
+        gen = torch.Generator().manual_seed(derived_seed(cfg.seed, run, "data", block.ids[0]))
+        x0, prompts = data.batch(len(block.ids), gen, block.ids[0])
+        x_t, ts, t_indices = forward_diffuse(x0, teacher.schedule, plan.grid.student, gen)
+        return [(x_t[i], int(ts[i]), int(t_indices[i]), "data", None, prompts[i]) for i in range(len(prompts))]
+    prompts = ([plan.prompts[rid % len(plan.prompts)] for rid in block.ids] if plan.prompts is not None
+               else data.captions(len(block.ids)))
+    return list(_rollout_block(plan, block, teacher, student, prompts, threshold, cfg.device, cfg.seed, run))
+
+
+def _write_rows(writer: BufferWriter, rows: list[tuple], plan: CollectPlan, version: int | None,
+                used_prompts: dict[str, str], advance: Callable[[int], None] | None) -> None:
+    """One block's rows into the buffer, whole trajectories per record (a data block, whose
+    rollout id is None, is one record); notes each prompt used."""
+    metas = []
+    for _, t, t_index, source, rid, prompt in rows:
+        pid = prompt_id(prompt)
+        used_prompts[pid] = prompt
+        metas.append({"t": t, "t_index": t_index, "source": source, "rollout_id": rid, "prompt": prompt,
+                      "prompt_id": pid, "guidance": plan.guidance,
+                      "student_version": version if source == "student" else None})
+    for begin, end in record_spans([row[4] for row in rows], rows[0][0].numel() if rows else 1):
+        writer.write_group(torch.stack([row[0] for row in rows[begin:end]]).numpy(), metas[begin:end])
+        if advance is not None:
+            advance(end - begin)
 
 
 def cache_prompt_embeddings(teacher: Denoiser, prompts: dict[str, str], root: Path, run: int, rank: int,

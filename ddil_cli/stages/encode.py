@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ddil_cli.atomic import atomic_file, save_tensors_atomic, write_json_atomic
-from ddil_cli.buffer.sources import is_lab
+from ddil_cli.buffer.sources import is_mixture_teacher
 from ddil_cli.data.encoded import (DTYPES, MANIFEST_NAME, UNCOND_NAME, encoding_header, pack_sample, read_manifest,
                                    shard_name, shard_record_name)
 from ddil_cli.data.shards import ImageCaptionShards, resolve_shards
@@ -90,7 +90,7 @@ def encode_shard(teacher: Denoiser, url: str, index: int, out: Path, batch_size:
 
 def run_encode(cfg: EncodeConfig, teacher: Denoiser, *, rank: int = 0, world_size: int = 1, progress=None) -> dict:
     """Encode this process's share of the input shards into `cfg.out`. Returns a summary."""
-    if is_lab(teacher) or not hasattr(teacher, "image_hw"):
+    if is_mixture_teacher(teacher) or not hasattr(teacher, "image_hw"):
         raise UserError("--teacher must be an image model (a diffusers pipeline or embedded:digits); the "
                         "Gaussian-mixture lab draws its own data")
     if cfg.dtype not in DTYPES:

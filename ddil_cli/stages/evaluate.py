@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddil_cli.evaluate import report
-from ddil_cli.evaluate.run import EvaluateConfig, score
+from ddil_cli.evaluate.config import EvaluateConfig
+from ddil_cli.evaluate.run import score
 
 
 def run_evaluate(cfg: EvaluateConfig, work: Path | None = None, *, progress=None) -> dict:

@@ -22,7 +22,7 @@ from ddil_cli.atomic import (disk_full_error, kept_if_interrupted, publish_folde
                              write_json_atomic)
 from ddil_cli.errors import UserError
 from ddil_cli.manifest import fingerprint
-from ddil_cli.sampling import (SampleConfig, finish_folder, generate_part, is_complete, load_models, plan_sampling,
+from ddil_cli.sample_folder import (SampleConfig, finish_folder, generate_part, is_complete, load_models, plan_sampling,
                                read_rows, sample_threshold, write_sample_folder)
 
 LAUNCH_NAME = "launch.json"

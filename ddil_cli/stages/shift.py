@@ -22,20 +22,21 @@ from pathlib import Path
 
 import torch
 
-from ddil_cli.buffer.sources import DataStates, is_lab
+from ddil_cli.buffer.sources import DataStates, is_mixture_teacher
 from ddil_cli.diffusion.threshold import parse_threshold
 from ddil_cli.errors import UserError
 from ddil_cli.evaluate import report
 from ddil_cli.atomic import atomic_folder, write_json_atomic, write_text_atomic
 from ddil_cli.evaluate.inputs import resolve_reference
-from ddil_cli.evaluate.run import ALL_METRICS, EvaluateConfig, score
+from ddil_cli.evaluate.config import EvaluateConfig
+from ddil_cli.evaluate.run import ALL_METRICS, score
 from ddil_cli.manifest import fingerprint, write_manifest
 from ddil_cli.models import EMBEDDED, load_denoiser
 from ddil_cli.models.checks import check_student_of
-from ddil_cli.sampling import SampleConfig, load_models, plan_sampling, sample_seed, write_sample_folder
-from ddil_cli.shift import (REFERENCE_KINDS, Setting, build_settings, config_key, forward_diffused, load_json,
-                            markdown_table, measure_rows, parse_number_list, plot_beta, plot_direct, plot_switch,
-                            pure_rollout_states, select)
+from ddil_cli.sample_folder import SampleConfig, load_models, plan_sampling, sample_seed, write_sample_folder
+from ddil_cli.covariate_shift import (REFERENCE_KINDS, Setting, build_settings, config_key, forward_diffused,
+                                      load_json, markdown_table, measure_rows, parse_number_list, plot_beta,
+                                      plot_direct, plot_switch, pure_rollout_states, select)
 
 # Bump when a change in this code changes stored results, so old ones are recomputed.
 RESULT_VERSION = 1
@@ -154,7 +155,7 @@ def resolve_inputs(cfg: ShiftConfig) -> Inputs:
                             f"{tuple(teacher.state_shape)}; give a student distilled from this teacher")
         check_student_of(other, teacher)
         students[other_label], paths[other_label] = other, path
-    reference = cfg.reference or (cfg.teacher if is_lab(teacher) else None)
+    reference = cfg.reference or (cfg.teacher if is_mixture_teacher(teacher) else None)
     resolve_reference(reference, None)  # a bad --reference fails now, not after the first setting
     evaluate_cfg = EvaluateConfig(reference=reference, metrics=_metric_names(cfg.metrics), features=cfg.features,
                                   batch_size=min(cfg.batch_size, 64), seed=cfg.seed, device=cfg.device, quiet=True)
@@ -163,8 +164,8 @@ def resolve_inputs(cfg: ShiftConfig) -> Inputs:
                               teacher.schedule.num_train_timesteps)
     kind = cfg.shift_reference
     if kind == "auto":
-        kind = "data" if (is_lab(teacher) or cfg.data) else "teacher"
-    if kind == "data" and not is_lab(teacher) and not cfg.data:
+        kind = "data" if (is_mixture_teacher(teacher) or cfg.data) else "teacher"
+    if kind == "data" and not is_mixture_teacher(teacher) and not cfg.data:
         raise UserError("--shift-reference data needs real images for this teacher; pass --data SHARDS "
                         "or use --shift-reference teacher")
     fingerprints = {"teacher": model_fingerprint(cfg.teacher), "data": fingerprint(cfg.data),
@@ -255,7 +256,7 @@ class References:
             cfg, inputs, plan = self.cfg, self.inputs, self.inputs.plan
             n = cfg.shift_samples
             if inputs.reference_kind == "data":
-                data = DataStates(inputs.teacher, data=None if is_lab(inputs.teacher) else cfg.data,
+                data = DataStates(inputs.teacher, data=None if is_mixture_teacher(inputs.teacher) else cfg.data,
                                   prompts=plan.prompts)
                 gen = torch.Generator().manual_seed(cfg.seed)
                 self.sets = tuple(forward_diffused(data, inputs.teacher, plan.grid, n, gen, cfg.batch_size)
@@ -294,6 +295,9 @@ def compute_direct(cfg: ShiftConfig, inputs: Inputs, label: str, key: str, folde
 # ---- the stage --------------------------------------------------------------------------------
 
 def run_shift(cfg: ShiftConfig, *, progress=None, inputs: Inputs | None = None) -> dict:
+    """Every chosen setting into `cfg.out` (reusing stored ones), then the tables and plots.
+    Returns the summary, plus `results` ({setting: its record, as table.csv lists it}) and
+    `measures` ({student label: its direct-measure rows, as direct.csv lists them})."""
     inputs = inputs or resolve_inputs(cfg)
     out = Path(cfg.out)
     prepare_out(out)
@@ -330,7 +334,8 @@ def run_shift(cfg: ShiftConfig, *, progress=None, inputs: Inputs | None = None) 
                                             **{f"student:{k}": v for k, v in inputs.student_paths.items()}},
                    extra={"summary": summary, "grid": inputs.plan.grid.student,
                           "reference_states": inputs.reference_kind, "keys": keys})
-    return summary
+    # the numbers themselves too, for callers (the manifest keeps the short summary)
+    return {**summary, "results": results, "measures": measures}
 
 
 # ---- tables and plots -------------------------------------------------------------------------

@@ -33,14 +33,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ddil_cli.atomic import to_json, unreadable_file
+from ddil_cli.atomic import to_json, unreadable_file, write_json_atomic
 from ddil_cli.data.shards import load_image_captions
 from ddil_cli.diffusion.parameterization import to_v
 from ddil_cli.diffusion.schedule import NoiseSchedule, bcast
 from ddil_cli.errors import UserError
-from ddil_cli.lab.digits import (TeacherArch, build_clip_tokenizer, make_scheduler, make_text_encoder,
+from ddil_cli.models.digits import (TeacherArch, build_clip_tokenizer, make_scheduler, make_text_encoder,
                                  make_unet, tokenize)
 from ddil_cli.methods.base import TrainedGroup
+from ddil_cli.models.diffusers_t2i import write_model_index, write_sampling_defaults
 from ddil_cli.train import TrainConfig, Trainer, newest_readable_checkpoint
 
 TRAINABLE_PREDICTIONS = ("epsilon", "v_prediction")
@@ -277,10 +278,10 @@ def save_pipeline(out: Path, unet, text_encoder, tokenizer_dir: Path, scheduler)
         "unet": ["diffusers", type(unet).__name__],
         "vae": [None, None],
     }
-    (out / "model_index.json").write_text(to_json(index, indent=2) + "\n")
+    write_model_index(out, index)
 
 
-def write_sampling_defaults(out: Path, config: TeacherTrainConfig) -> None:
+def write_teacher_defaults(out: Path, config: TeacherTrainConfig) -> None:
     """ddil_defaults.json: the guidance scale (and prompts) the models layer uses for this pipeline
     when a command is given none: a tiny CFG teacher wants a far lower scale than SD's 7.5."""
     from ddil_cli.specs import read_prompts
@@ -288,7 +289,7 @@ def write_sampling_defaults(out: Path, config: TeacherTrainConfig) -> None:
     defaults: dict[str, Any] = {"guidance": config.default_guidance}
     if config.default_prompts:
         defaults["prompts"] = read_prompts(None, config.default_prompts, None)
-    (out / "ddil_defaults.json").write_text(to_json(defaults, indent=2) + "\n")
+    write_sampling_defaults(out, defaults)
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -302,7 +303,6 @@ def train_teacher(config: TeacherTrainConfig, out: str | Path, checkpoint_dir: s
     folder. `progress`: a started rich Progress to report on; `console`: where the data summary goes.
     `on_step(step, loss)` runs at every logged step."""
     from accelerate import Accelerator
-    from transformers import CLIPTokenizer
 
     config.validate()
     if config.default_prompts:
@@ -316,53 +316,18 @@ def train_teacher(config: TeacherTrainConfig, out: str | Path, checkpoint_dir: s
     if console is not None and accelerator.is_main_process:
         console.print(f"data: {data.stats.summary()}", markup=False)
     resume_path = resolve_resume(resume, checkpoint_dir)
-    saved = None
-    if resume_path is not None:
-        try:
-            saved = json.loads((resume_path / "state.json").read_text())
-            if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict):
-                raise ValueError("no training state")
-        except ValueError:
-            raise UserError(f"{resume_path / 'state.json'} is not a teacher checkpoint's state (checkpoints of "
-                            "the earlier teacher loop do not resume in this one); pass another checkpoint to "
-                            "--resume-from, or start fresh") from None
-        _check_resume_config(saved.get("extra", {}).get("teacher_config", {}), config)
-        start_step = int(saved["train"]["update"])
-        if start_step > config.steps:
-            raise UserError(f"the checkpoint {resume_path} is already at step {start_step} > --steps "
-                            f"{config.steps}; raise --steps to train further (or equal it to export that checkpoint)")
-    else:
-        start_step = 0
-
-    arch = config.arch()
-    tokenizer_dir = checkpoint_dir / "tokenizer"
-    if accelerator.is_main_process:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        if resume_path is None or not tokenizer_dir.is_dir():
-            shutil.rmtree(tokenizer_dir, ignore_errors=True)
-            build_clip_tokenizer(data.captions, tokenizer_dir, arch.max_length)
-    accelerator.wait_for_everyone()
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    start_step = _resumed_step(resume_path, config)
+    arch, tokenizer_dir = config.arch(), checkpoint_dir / "tokenizer"
+    tokenizer = _tokenizer(accelerator, tokenizer_dir, data.captions, arch, fresh=resume_path is None)
 
     torch.manual_seed(config.seed)  # network initialisation
     net = TextToImageNet(make_unet(arch), make_text_encoder(arch, tokenizer))
     schedule = NoiseSchedule.from_scheduler_config(make_scheduler(config.prediction_type, config.beta_schedule).config)
     batches = DenoisingBatches(config, data.images, tokenize(tokenizer, data.captions), tokenize(tokenizer, [""])[0],
                                schedule, accelerator.process_index, accelerator.device)
-    log: list[dict[str, Any]] = []
-    log_file = checkpoint_dir / "train_log.jsonl"
+    log = _StepLog(checkpoint_dir / "train_log.jsonl", on_step)
     if resume_path is None and accelerator.is_main_process:
-        log_file.unlink(missing_ok=True)  # a fresh run starts a fresh log
-    started = time.time()
-
-    def write_log(row: dict) -> None:
-        entry = {"step": row["update"], "loss": row["loss"], "lr": row["lr"], "seconds": round(time.time() - started, 2)}
-        log.append(entry)
-        with log_file.open("a") as fh:
-            fh.write(to_json(entry) + "\n")
-        if on_step is not None:
-            on_step(entry["step"], entry["loss"])
-
+        log.path.unlink(missing_ok=True)  # a fresh run starts a fresh log
     train_cfg = TrainConfig(max_updates=config.steps, lr=config.lr, warmup=config.warmup_steps,
                             weight_decay=config.weight_decay,
                             max_grad_norm=config.grad_clip if config.grad_clip > 0 else math.inf,
@@ -371,29 +336,88 @@ def train_teacher(config: TeacherTrainConfig, out: str | Path, checkpoint_dir: s
                             max_nonfinite=1, lr_schedule=config.lr_schedule)
     trainer = Trainer(accelerator=accelerator, method=DenoisingObjective(net), config=train_cfg, run_dir=out,
                       phase="teacher", make_batch=batches, extra_state=_TeacherRunState(config),
-                      progress=progress, log=write_log, checkpoint_dir=checkpoint_dir)
+                      progress=progress, log=log.write, checkpoint_dir=checkpoint_dir)
     if resume_path is not None:
         trainer.load_checkpoint(resume_path)
     state = trainer.run()
     if start_step < config.steps:  # else: exporting the checkpoint resumed from, as it is
         trainer.save_checkpoint()
     accelerator.wait_for_everyone()
-    last_loss = log[-1]["loss"] if log else float("nan")
     if accelerator.is_main_process:
-        with trainer.final_weights() as final_net:
-            save_pipeline(out, final_net.unet, final_net.text_encoder, tokenizer_dir,
-                          make_scheduler(config.prediction_type, config.beta_schedule))
-        write_sampling_defaults(out, config)
-        (out / "train_config.json").write_text(to_json(
-            {"config": asdict(config), "data": data.stats.as_dict(), "weights": "ema" if config.ema_decay > 0 else "raw"},
-            indent=2) + "\n")
-        if log_file.is_file():
-            shutil.copy(log_file, out / "train_log.jsonl")
-    if not log and log_file.is_file():  # an export: report the run's last logged loss
-        lines = log_file.read_text().splitlines()
-        last_loss = json.loads(lines[-1])["loss"] if lines else last_loss
-    return TrainResult(state.update, last_loss, time.time() - started, data.stats.as_dict(),
-                       str(resume_path) if resume_path else None, log)
+        _export(trainer, out, config, tokenizer_dir, data.stats.as_dict(), log.path)
+    return TrainResult(state.update, log.last_loss(), time.time() - log.started, data.stats.as_dict(),
+                       str(resume_path) if resume_path else None, log.rows)
+
+
+def _resumed_step(resume_path: Path | None, config: TeacherTrainConfig) -> int:
+    """The step the checkpoint at `resume_path` reached (0 for a fresh run), once it is checked to
+    be a teacher checkpoint trained with these settings and not past --steps."""
+    if resume_path is None:
+        return 0
+    try:
+        saved = json.loads((resume_path / "state.json").read_text())
+        if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict):
+            raise ValueError("no training state")
+    except ValueError:
+        raise UserError(f"{resume_path / 'state.json'} is not a teacher checkpoint's state (checkpoints of "
+                        "the earlier teacher loop do not resume in this one); pass another checkpoint to "
+                        "--resume-from, or start fresh") from None
+    _check_resume_config(saved.get("extra", {}).get("teacher_config", {}), config)
+    start_step = int(saved["train"]["update"])
+    if start_step > config.steps:
+        raise UserError(f"the checkpoint {resume_path} is already at step {start_step} > --steps "
+                        f"{config.steps}; raise --steps to train further (or equal it to export that checkpoint)")
+    return start_step
+
+
+def _tokenizer(accelerator, tokenizer_dir: Path, captions: list[str], arch: TeacherArch, *, fresh: bool):
+    """The run's tokenizer, built from the captions by the main process (kept across resumes)."""
+    from transformers import CLIPTokenizer
+
+    if accelerator.is_main_process:
+        tokenizer_dir.parent.mkdir(parents=True, exist_ok=True)
+        if fresh or not tokenizer_dir.is_dir():
+            shutil.rmtree(tokenizer_dir, ignore_errors=True)
+            build_clip_tokenizer(captions, tokenizer_dir, arch.max_length)
+    accelerator.wait_for_everyone()
+    return CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+class _StepLog:
+    """The logged steps: kept in memory, appended to train_log.jsonl, passed to `on_step`."""
+
+    def __init__(self, path: Path, on_step: Callable[[int, float], None] | None):
+        self.path, self.on_step, self.rows = path, on_step, []
+        self.started = time.time()
+
+    def write(self, row: dict) -> None:
+        entry = {"step": row["update"], "loss": row["loss"], "lr": row["lr"],
+                 "seconds": round(time.time() - self.started, 2)}
+        self.rows.append(entry)
+        with self.path.open("a") as fh:
+            fh.write(to_json(entry) + "\n")
+        if self.on_step is not None:
+            self.on_step(entry["step"], entry["loss"])
+
+    def last_loss(self) -> float:
+        """This run's last logged loss; for an export (nothing logged now), the file's last."""
+        if self.rows:
+            return self.rows[-1]["loss"]
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        return json.loads(lines[-1])["loss"] if lines else float("nan")
+
+
+def _export(trainer, out: Path, config: TeacherTrainConfig, tokenizer_dir: Path, data_stats: dict,
+            log_file: Path) -> None:
+    """The pipeline folder in `out`: the final (EMA) weights, defaults, config and the log."""
+    with trainer.final_weights() as final_net:
+        save_pipeline(out, final_net.unet, final_net.text_encoder, tokenizer_dir,
+                      make_scheduler(config.prediction_type, config.beta_schedule))
+    write_teacher_defaults(out, config)
+    write_json_atomic(out / "train_config.json", {"config": asdict(config), "data": data_stats,
+                                                  "weights": "ema" if config.ema_decay > 0 else "raw"})
+    if log_file.is_file():
+        shutil.copy(log_file, out / "train_log.jsonl")
 
 
 # ---- the command ------------------------------------------------------------------------------

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ddil_cli.buffer.sources import is_lab
+from ddil_cli.buffer.sources import is_mixture_teacher
 from ddil_cli.diffusion.threshold import Threshold, parse_threshold
 from ddil_cli.errors import UserError
-from ddil_cli.methods import METHODS, PLANNED, DistillMethod, MethodOptions, Phase, PlanRequest
+from ddil_cli.methods import METHODS, DistillMethod, MethodOptions, Phase, PlanRequest
 from ddil_cli.models.base import Denoiser
 from ddil_cli.models.lora import LoraSpec
 from ddil_cli.priors import PhaseSchedule, PriorSchedule
@@ -116,9 +116,7 @@ def _parse_student_prob(text: str) -> PhaseSchedule:
 
 def method_class(name: str) -> type[DistillMethod]:
     if name not in METHODS:
-        if name in PLANNED:
-            raise UserError(f"--method {name} is not implemented yet; use one of {', '.join(METHODS)}")
-        raise UserError(f"unknown --method {name!r}; use one of {', '.join([*METHODS, *PLANNED])}")
+        raise UserError(f"unknown --method {name!r}; use one of {', '.join(METHODS)}")
     return METHODS[name]
 
 
@@ -153,7 +151,7 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
     _refuse_stage_flags(cfg, method)
     options = method.Options.from_dict(cfg.method, dict(cfg.options or {}))
     lora = _lean_settings(cfg, teacher, options)
-    if options.lab_init_steps and not is_lab(teacher):
+    if options.lab_init_steps and not is_mixture_teacher(teacher):
         raise UserError(f"--lab-init-steps fits a lab MLP to an analytic lab teacher; {cfg.teacher} is not one "
                         "(its student starts from its weights): drop the flag")
     options.resolve(teacher)
@@ -167,17 +165,17 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
     if cfg.prior and cfg.prior_schedule:
         raise UserError("give --prior or --prior-schedule, not both")
     uses = {s for p in schedule.priors for s, w in p.items() if w > 0}
-    if "data" in uses and not is_lab(teacher) and not cfg.data:
+    if "data" in uses and not is_mixture_teacher(teacher) and not cfg.data:
         raise UserError("the prior gives weight to data but this teacher has no built-in data; pass "
                         "--data SHARDS (image-caption webdataset) or set data=0")
-    if not all(p.ddil for p in phases) and not is_lab(teacher) and not cfg.data:
+    if not all(p.ddil for p in phases) and not is_mixture_teacher(teacher) and not cfg.data:
         first = next(p.name for p in phases if not p.ddil)
         raise UserError(f"stage {first} comes before --ddil-from-stage, so it trains on data alone, and this "
                         "teacher has no built-in data; pass --data SHARDS or --ddil-from-stage 1")
-    if method.needs_data(options) and not is_lab(teacher) and not cfg.data:
+    if method.needs_data(options) and not is_mixture_teacher(teacher) and not cfg.data:
         raise UserError(f"--method {cfg.method} with these options draws real data in its loss but this teacher "
                         "has no built-in data; pass --data SHARDS (image-caption webdataset)")
-    if cfg.data and is_lab(teacher):
+    if cfg.data and is_mixture_teacher(teacher):
         raise UserError("the Gaussian-mixture lab draws exact samples of its mixture as data; drop --data")
     if uses & {"student", "teacher"} and cfg.collect_every < 1 and not cfg.buffer:
         raise UserError("the prior draws buffer states but --collect-every is 0 and no --buffer is given; "
@@ -202,7 +200,7 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
     # (a LoRA cannot add the layer: it folds the guided teacher into one pass instead, LCM-LoRA's way)
     guidance_embedding = (guidance_range != (1.0, 1.0) or method.needs_guidance_embedding) and lora is None
     try:
-        default_threshold = "static:1" if (is_lab(teacher) or getattr(teacher, "vae", 1) is None) else "none"
+        default_threshold = "static:1" if is_mixture_teacher(teacher) or getattr(teacher, "vae", 1) is None else "none"
         threshold = parse_threshold(cfg.threshold or default_threshold)
     except ValueError as exc:
         raise UserError(f"--threshold: {exc}") from None
@@ -210,7 +208,7 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
         raise UserError(f"--student-prediction {cfg.student_prediction!r}: use epsilon, v_prediction or sample")
     prompts = read_prompts([], cfg.prompts, getattr(teacher, "default_prompts", lambda: None)()) \
         if (cfg.prompts or not cfg.data) else None
-    if prompts and is_lab(teacher):
+    if prompts and is_mixture_teacher(teacher):
         teacher.encode(prompts)  # a prompt that is no class of the mixture fails now, not at the first batch
     # a student that folded the guidance in samples in one pass: guidance 1 (diffusers' guidance_scale=1)
     sampling_guidance = 1.0 if lora is not None and not teacher.guidance_conditioned else \

@@ -23,7 +23,7 @@ import torch
 from ddil_cli.atomic import atomic_folder, to_json, writable_parent, write_bytes_atomic, write_json_atomic
 from ddil_cli.buffer.pool import ReplayPool
 from ddil_cli.buffer.replay import FIFOPolicy, PrioritizedPolicy
-from ddil_cli.buffer.sources import DataStates, is_lab, without_vae_on_device
+from ddil_cli.buffer.sources import DataStates, is_mixture_teacher, without_vae_on_device
 from ddil_cli.methods import Phase
 from ddil_cli.models import load_denoiser
 from ddil_cli.models.base import Denoiser
@@ -179,7 +179,7 @@ def _run_phase(run: DistillRun, job: PhaseJob) -> dict:
     if not phase.ddil:  # teacher-forced: data alone, so nothing is collected either
         plan = replace(plan, schedule=PriorSchedule.parse("data=1"))
     kwargs = {}
-    if is_lab(job.teacher) and cfg.student_prediction:
+    if is_mixture_teacher(job.teacher) and cfg.student_prediction:
         kwargs["prediction_type"] = cfg.student_prediction
     if plan.lora is not None:
         kwargs["lora"] = plan.lora

@@ -1,6 +1,6 @@
 """The quality bar of a pixel-space digits teacher, measured with the embedded classifier.
 
-    python -m ddil_cli.lab.measure --teacher ddil_cli/assets/digits/teacher --data runs/data/digits \
+    python -m ddil_cli.scripts.measure_digits --teacher ddil_cli/assets/digits/teacher --data runs/data/digits \
         --num-per-digit 100 --steps 32 --guidance 3 --out docs/embedded-lab
 
 For each digit d, `--num-per-digit` samples of the canonical prompt ("a handwritten digit
@@ -29,12 +29,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ddil_cli.atomic import atomic_file, write_text_atomic
 from ddil_cli.data.digits import digit_prompt, split_source
 from ddil_cli.data.shards import load_image_captions, to_model_tensor
 from ddil_cli.diffusion.threshold import parse_threshold
-from ddil_cli.lab.digits import TEACHER_PATH, classify, load_digits_classifier, prompt_alignment
+from ddil_cli.models.digits import TEACHER_PATH, classify, load_digits_classifier, prompt_alignment
 from ddil_cli.models import load_denoiser
-from ddil_cli.sampling import SampleConfig, generate, plan_sampling, sample_seed
+from ddil_cli.sample_folder import SampleConfig, generate, plan_sampling, sample_seed
 
 
 def save_grid(images: np.ndarray, columns: int, path: Path, upscale: int = 4) -> None:
@@ -45,7 +46,9 @@ def save_grid(images: np.ndarray, columns: int, path: Path, upscale: int = 4) ->
     for i, img in enumerate(images):
         r, c = divmod(i, columns)
         canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = img
-    Image.fromarray(canvas).resize((canvas.shape[1] * upscale, canvas.shape[0] * upscale), Image.NEAREST).save(path)
+    with atomic_file(path) as tmp:
+        Image.fromarray(canvas).resize((canvas.shape[1] * upscale, canvas.shape[0] * upscale),
+                                       Image.NEAREST).save(tmp, format="PNG")
 
 
 def sample_digits(teacher: str | Path, *, num_per_digit: int, steps: int, guidance: float, seed: int,
@@ -107,7 +110,7 @@ def measure_teacher(teacher: str | Path, data_dir: str | Path, *, num_per_digit:
             save_grid(per_digit[d, :shown], 8, out / f"grid-{d}.png")
         save_grid(per_digit[:, :min(16, num_per_digit)].reshape(-1, *images.shape[1:]), min(16, num_per_digit),
                   out / "grid.png")
-        (out / "measure.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(out / "measure.json", json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -43,7 +43,6 @@ from ddil_cli.evaluate.frechet import frechet_distance_features
 from ddil_cli.models.base import Denoiser
 from ddil_cli.rollout import Grid, ddim_path, rollout_seeds
 
-SETTING_KINDS = ("beta", "t2s", "s2t")
 REFERENCE_KINDS = ("auto", "data", "teacher")
 
 

@@ -1,4 +1,4 @@
-"""The embedded image lab: tiny pixel-space text-to-image teachers and the digits classifier.
+"""The embedded digits teacher (tiny pixel-space text-to-image models) and the digits classifier.
 
 Teacher architecture (`make_unet`, `make_text_encoder`, `build_clip_tokenizer`, `make_scheduler`;
 what `ddil teacher` trains):
@@ -29,6 +29,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from ddil_cli.atomic import save_tensors_atomic, write_bytes_atomic, write_text_atomic
 from ddil_cli.data.digits import DIGIT_WORDS, digit_from_prompt, digit_prompt  # noqa: F401 (re-exported)
 from ddil_cli.errors import UserError
 
@@ -83,8 +84,8 @@ def write_clip_bpe_files(words: Sequence[str], folder: str | Path) -> tuple[Path
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
-    vocab_file.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
-    merges_file.write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
+    write_bytes_atomic(vocab_file, json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False).encode())
+    write_bytes_atomic(merges_file, ("#version: 0.2\n" + "".join(m + "\n" for m in merges)).encode())
     return vocab_file, merges_file
 
 
@@ -220,13 +221,11 @@ class DigitsClassifier(nn.Module):
 
 
 def save_classifier(model: DigitsClassifier, path: str | Path = CLASSIFIER_PATH, extra: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    save_tensors_atomic({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     config = {"config": asdict(model.config), **(extra or {})}
-    path.with_suffix(".json").write_text(json.dumps(config, indent=2) + "\n")
+    write_text_atomic(path.with_suffix(".json"), json.dumps(config, indent=2) + "\n")
 
 
 def load_digits_classifier(path: str | Path = CLASSIFIER_PATH, device: str | torch.device = "cpu") -> DigitsClassifier:
@@ -237,7 +236,7 @@ def load_digits_classifier(path: str | Path = CLASSIFIER_PATH, device: str | tor
     config_path = path.with_suffix(".json")
     if not path.is_file() or not config_path.is_file():
         raise UserError(f"digits classifier not found at {path} (+ .json); reinstall the package or train one "
-                        f"with `python -m ddil_cli.lab.train_classifier`")
+                        f"with `python -m ddil_cli.scripts.train_digits_classifier`")
     raw = json.loads(config_path.read_text())["config"]
     raw["widths"] = tuple(raw["widths"])
     model = DigitsClassifier(ClassifierConfig(**raw))

@@ -1,7 +1,7 @@
 """Train the embedded digits classifier (the lab's evaluator) on the digits train split.
 
     python -m ddil_cli.data.digits --out runs/data/digits
-    python -m ddil_cli.lab.train_classifier --data runs/data/digits \
+    python -m ddil_cli.scripts.train_digits_classifier --data runs/data/digits \
         --out ddil_cli/assets/digits/classifier.safetensors
 
 Both splits are read through the shard reader at the teacher's resolution (16x16, 1 channel,
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ddil_cli.data.digits import digit_from_prompt, split_source
 from ddil_cli.data.shards import load_image_captions
 from ddil_cli.errors import UserError
-from ddil_cli.lab.digits import CLASSIFIER_PATH, ClassifierConfig, DigitsClassifier, classify, save_classifier
+from ddil_cli.models.digits import CLASSIFIER_PATH, ClassifierConfig, DigitsClassifier, classify, save_classifier
 
 
 def labels_of(data) -> torch.Tensor:
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model, accuracy, details = train_classifier(split_source(args.data, "train"), split_source(args.data, "heldout"),
                                                 epochs=args.epochs, seed=args.seed)
-    details["command"] = f"python -m ddil_cli.lab.train_classifier --data {args.data} --out {args.out} " \
+    details["command"] = f"python -m ddil_cli.scripts.train_digits_classifier --data {args.data} --out {args.out} " \
                          f"--epochs {args.epochs} --seed {args.seed}"
     save_classifier(model, args.out, details)
     print(json.dumps(details, indent=2))

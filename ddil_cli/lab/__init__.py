@@ -1,1 +1,0 @@
-"""The embedded image lab: tiny pixel-space teachers and the digits classifier."""
