@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ddil_cli.buffer.sources import conditioning_with_stored
 from ddil_cli.diffusion.consistency import consistency_output
 from ddil_cli.diffusion.parameterization import to_eps
 from ddil_cli.diffusion.schedule import bcast, trailing_timesteps
@@ -57,13 +58,11 @@ class DMD2Options(ConsistencyOptions):
     critic_gan_weight: float = option(1e-2, "weight of the critic-side GAN term (1e-2).", Rule(low=0, high=1000))
     tau_min: float = option(0.02, "the DM timestep tau ~ U[MIN T, MAX T], MIN (0.02).")
     tau_max: float = option(0.98, "... MAX (0.98).")
-    # > 0: the fake critic is a LoRA of this rank on the teacher's own frozen UNet (alpha = rank,
-    # the student's --lora-targets), so generator, critic and teacher share one base; 0: a full copy
+    # a LoRA critic: alpha = rank, on the student's --lora-targets (generator, critic, teacher: one base)
     critic_lora_rank: int = option(0, "> 0 makes the fake critic a LoRA of this rank on the teacher's own frozen "
                                       "UNet (one base for generator, critic and teacher); 0: a full copy (default).")
-    # lab_init_steps (every method's option) fits the critic too: DMD2 starts generator and critic
-    # from the teacher. 0, fresh MLPs, stays the default: on the lab the fitted start was not better
-    # (docs/distill.md, "DMD2")
+    # lab_init_steps (every method's) fits the critic too, as DMD2 starts both from the teacher; 0 (fresh
+    # MLPs) stays the default: on the lab the fitted start was not better (docs/distill.md, "DMD2")
 
     def validate(self) -> None:
         if not 0 <= self.tau_min < self.tau_max <= 1:
@@ -251,10 +250,7 @@ class DMD2Method(DistillMethod):
         return loss, metrics
 
     def real_data(self, n: int) -> tuple[torch.Tensor, Conditioning]:
-        """n real clean states and their conditioning, from the stage's data stream (the one the
-        data source's inputs come from; its position is checkpointed with the run's)."""
-        from ddil_cli.buffer.sources import conditioning_with_stored
-
+        """n real clean states and their conditioning, from the stage's (checkpointed) data stream."""
         x0, prompts, stored = self.data.draw(n, self.data_generator, self.data_index)
         self.data_index += n
         return x0.to(self.student.device), conditioning_with_stored(self.teacher, prompts, stored)
