@@ -111,10 +111,10 @@ def test_a_finished_stage_is_released_before_the_next(tmp_path, monkeypatch):
     optimizers, alive_at_start = [], []
     init = _Group.__init__
 
-    def tracked(self, spec, accelerator, config):
+    def tracked(self, spec, accelerator, config, **kwargs):
         gc.collect()
         alive_at_start.append(sum(ref() is not None for ref in optimizers))
-        init(self, spec, accelerator, config)
+        init(self, spec, accelerator, config, **kwargs)
         optimizers.append(weakref.ref(self.optimizer))
     monkeypatch.setattr(_Group, "__init__", tracked)
     run_distill(DistillConfig(**{**LAB, "teacher_steps": 32}, options={"stage_updates": "3"}, prior="data=1",
