@@ -22,14 +22,14 @@ import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ddil_cli.atomic import atomic_folder, to_json, write_json_atomic
 from ddil_cli.errors import UserError
-from ddil_cli.methods.base import Batch, DistillMethod, TrainedGroup
+from ddil_cli.methods.base import Batch, TrainedGroup
 from ddil_cli.models.lora import load_trained_state, trained_parameters, trained_state
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -163,8 +163,8 @@ class TrainState:
 class _Group:
     """One optimiser's networks at run time: raw modules (checkpoints) and wrapped ones (losses)."""
 
-    def __init__(self, spec: TrainedGroup, accelerator, config: TrainConfig):
-        self.name = spec.name
+    def __init__(self, spec: TrainedGroup, accelerator, config: TrainConfig, *, primary: bool = False):
+        self.name, self.primary = spec.name, primary
         self.steps_per_update = max(1, int(spec.steps_per_update))
         self.raw = dict(spec.modules)
         self.adapters = dict(spec.adapters)  # a LoRA module trains its adapter; its base stays frozen
@@ -192,8 +192,8 @@ class _Group:
 
     @property
     def key(self) -> str:
-        """Checkpoint key prefix: the student's keep the names of one-network checkpoints."""
-        return "" if self.name == "student" else f".{self.name}"
+        """Checkpoint key prefix: the primary group's keep the names of one-network checkpoints."""
+        return "" if self.primary else f".{self.name}"
 
 
 # per-position loss metrics: a phase's training grid has at most 16 positions or bins (distill's batches)
@@ -214,11 +214,28 @@ def _loss_and_metrics(output) -> tuple[torch.Tensor, dict[str, float]]:
     return output, {}
 
 
+class Objective(Protocol):
+    """What the loop calls: a distill method (methods.base.DistillMethod) or the teacher trainer's
+    denoising objective. `groups()[0]` is the primary group: its loss is logged as `loss`, its
+    first module is the network the loop EMAs and publishes (`final_weights`)."""
+
+    def groups(self) -> list[TrainedGroup]: ...
+
+    def loss(self, group: str, nets: dict[str, torch.nn.Module], batch: Any) -> Any:
+        """Per-example loss (B,) for the optimiser of `group`, or (loss, metrics)."""
+
+    def after_update(self, nets: dict[str, torch.nn.Module]) -> None: ...
+
+    def extra_state(self) -> tuple[dict[str, torch.Tensor], dict]: ...
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor], info: dict) -> None: ...
+
+
 class Trainer:
     """Owns one training phase's optimisation (one PD stage, one LCM run...): every network the
     method trains, each through its own optimiser, all prepared by accelerate."""
 
-    def __init__(self, *, accelerator, method: DistillMethod, config: TrainConfig, run_dir: Path,
+    def __init__(self, *, accelerator, method: Objective, config: TrainConfig, run_dir: Path,
                  phase: str, make_batch: Callable[[int], Batch], hooks=(), extra_state=None,
                  progress=None, log: Callable[[dict], None] | None = None, update_offset: int = 0,
                  loss_observers=(), checkpoint_dir: Path | None = None,
@@ -241,16 +258,17 @@ class Trainer:
         # main process, after each checkpoint, while the others wait (distill publishes its run at the first)
         self.on_checkpoint = on_checkpoint
         specs = method.groups()
-        if not specs or specs[0].name != "student" or "student" not in specs[0].modules:
-            raise ValueError(f"{type(method).__name__}.groups() must start with the 'student' group")
+        if not specs or not specs[0].modules:
+            raise ValueError(f"{type(method).__name__}.groups() must start with the primary group")
         names = [n for spec in specs for n in spec.modules]
         if len(set(names)) != len(names) or len({s.name for s in specs}) != len(specs):
             raise ValueError(f"{type(method).__name__}.groups(): group and module names must be unique")
-        self.groups = [_Group(spec, accelerator, config) for spec in specs]
-        self.student_group = self.groups[0]
+        self.groups = [_Group(spec, accelerator, config, primary=i == 0) for i, spec in enumerate(specs)]
+        self.primary = self.groups[0]
+        self.published = next(iter(specs[0].modules))  # the primary group's first module: EMA'd and published
         self.nets = {n: m for g in self.groups for n, m in g.wrapped.items()}
-        student_params = self.student_group.trained("student")  # a LoRA student: the EMA of its adapter
-        self.ema = EMAModel(student_params, decay=config.ema_decay) if config.ema_decay > 0 else None
+        published = self.primary.trained(self.published)  # a LoRA student: the EMA of its adapter
+        self.ema = EMAModel(published, decay=config.ema_decay) if config.ema_decay > 0 else None
         self.state = TrainState()
         self._sums: dict[str, torch.Tensor] = {}  # the logging window's sums and counts, on the device
         self._counts: dict[str, torch.Tensor] = {}
@@ -436,7 +454,7 @@ class Trainer:
         others waiting in the all-reduce). Whether the loss was finite is reduced across ranks
         on the device; the step reads one flag from the device, once."""
         cfg, acc = self.config, self.accelerator
-        is_student = group is self.student_group
+        is_primary = group.primary
         group.optimizer.zero_grad(set_to_none=True)  # also drops what another group's loss left here
         loss_ok = torch.ones((), device=acc.device)
         for micro in range(cfg.grad_accum):
@@ -453,10 +471,10 @@ class Trainer:
                 finite = torch.isfinite(loss.detach()).float()
                 loss_ok = loss_ok * finite
                 acc.backward(loss)
-            self._average("loss" if is_student else f"loss/{group.name}", per_example.detach().float().mean(), finite)
+            self._average("loss" if is_primary else f"loss/{group.name}", per_example.detach().float().mean(), finite)
             for key, value in metrics.items():
                 self._average(key, value, finite)
-            if is_student:
+            if is_primary:
                 self._record(batch, per_example, finite)
                 for observe in self.loss_observers:
                     observe(batch, per_example.detach())
@@ -475,7 +493,7 @@ class Trainer:
         scaler_skip = not stepped and loss_ok and acc.scaler is not None
         self.state.scaler_skipped += int(scaler_skip)
         group.optimizer.zero_grad(set_to_none=True)
-        if not is_student:
+        if not is_primary:
             self._average(f"grad_norm/{group.name}", grad_norm, ok.float())
         return StepResult(stepped, not stepped and not scaler_skip, grad_norm)
 
@@ -495,13 +513,13 @@ class Trainer:
             for group in self.groups[1:]:  # auxiliary networks first (DMD2's critic follows the generator)
                 for _ in range(group.steps_per_update):
                     nonfinite = self._step(group, state.update).nonfinite or nonfinite
-            student = self._step(self.student_group, state.update)
-            grad_norm = student.grad_norm
-            if student.stepped:
+            primary = self._step(self.primary, state.update)
+            grad_norm = primary.grad_norm
+            if primary.stepped:
                 if self.ema is not None:
-                    self.ema.step(self.student_group.trained("student"))
+                    self.ema.step(self.primary.trained(self.published))
                 self.method.after_update(self.nets)
-            if student.nonfinite or nonfinite:
+            if primary.nonfinite or nonfinite:
                 state.nonfinite_total += 1
                 state.nonfinite_in_row += 1
             else:
@@ -518,7 +536,7 @@ class Trainer:
             if state.update % cfg.log_every == 0 or state.update == cfg.max_updates:
                 elapsed = time.perf_counter() - window_start
                 row = {"phase": self.phase, "update": state.update,
-                       "lr": self.student_group.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "lr": self.primary.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                        "updates_per_s": window_updates / elapsed, "samples_per_s": self._window_samples / elapsed,
                        "nonfinite_skipped": state.nonfinite_total, "scaler_skipped": state.scaler_skipped,
                        "collect_share": state.collect_seconds / max(1e-9, state.collect_seconds + state.train_seconds),
@@ -535,13 +553,13 @@ class Trainer:
 
     @contextmanager
     def final_weights(self):
-        """The student's network with the weights to publish (the EMA's when EMA is on); the
-        online weights are put back on exit, so a checkpoint taken later still holds them."""
-        net = self.student_group.raw["student"]
+        """The published network (the student) with the weights to publish (the EMA's when EMA is
+        on); the online weights are put back on exit, so a checkpoint taken later still holds them."""
+        net = self.primary.raw[self.published]
         if self.ema is None:
             yield net
             return
-        params = self.student_group.trained("student")
+        params = self.primary.trained(self.published)
         self.ema.store(params)
         self.ema.copy_to(params)
         try:

@@ -80,7 +80,7 @@ def test_a_cached_arm_counts_only_under_the_settings_it_ran_with():
     assert not matches(record(plain, 0.0), dataclasses.replace(plain, max_updates=7))
     # a record from before a field existed had that field's default
     old = record(ddil, 1.0)
-    del old["config"]["guided_updates"]
+    del old["config"]["merge_lora"]
     assert matches(old, ddil)
 
 

@@ -31,8 +31,8 @@ def _stage_weights(run: Path, stage: str) -> dict:
 
 
 def test_lab_run_with_and_without_ddil(tmp_path):
-    ddil = run_distill(DistillConfig(**LAB, stage_updates="6", out=str(tmp_path / "ddil")))
-    plain = run_distill(DistillConfig(**LAB, stage_updates="6", prior="data=1", out=str(tmp_path / "plain")))
+    ddil = run_distill(DistillConfig(**LAB, options={"stage_updates": "6"}, out=str(tmp_path / "ddil")))
+    plain = run_distill(DistillConfig(**LAB, options={"stage_updates": "6"}, prior="data=1", out=str(tmp_path / "plain")))
     assert [p["phase"] for p in ddil["phases"]] == ["pd-8", "pd-4"]
     # the default schedule starts DDIL at the second halving stage (--ddil-from-stage 2)
     assert [p["buffer_states"] > 0 for p in ddil["phases"]] == [False, True]
@@ -57,7 +57,8 @@ def test_lab_run_with_and_without_ddil(tmp_path):
 
 @pytest.mark.parametrize("options", [None, {"lab_init_steps": 20}], ids=["fresh", "fitted"])
 def test_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch, options):
-    cfg = DistillConfig(**LAB, stage_updates="8", checkpoint_every=4, options=options, out=str(tmp_path / "full"))
+    cfg = DistillConfig(**LAB, options={"stage_updates": "8", **(options or {})}, checkpoint_every=4,
+                        out=str(tmp_path / "full"))
     run_distill(cfg)
     crash_and_resume(cfg, tmp_path / "broken", monkeypatch, 12)
     full = load_file(str(tmp_path / "full/student/model.safetensors"))
@@ -70,7 +71,7 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch, options):
 def test_checkpoints_read_the_replay_pool_back_from_the_run_s_shards(tmp_path, monkeypatch):
     # a small --buffer-size: the FIFO drops shards between checkpoints, but never one the latest reads
     cfg = DistillConfig(**{**LAB, "prior": "data=0.5,student=0.5", "collect_every": 2, "rollouts_per_collect": 2},
-                        stage_updates="8", checkpoint_every=2, buffer_size=12, out=str(tmp_path / "full"))
+                        options={"stage_updates": "8"}, checkpoint_every=2, buffer_size=12, out=str(tmp_path / "full"))
     run_distill(cfg)
     crash_and_resume(cfg, tmp_path / "broken", monkeypatch, 12)
     dropped = json.loads((tmp_path / "full/buffer/pd-4/manifest.json").read_text())
@@ -107,7 +108,7 @@ def test_lab_init_fits_the_first_stage_student_to_the_analytic_teacher():
 
 
 def test_ema_is_published_and_the_checkpoint_keeps_the_online_weights(tmp_path):
-    run_distill(DistillConfig(**{**LAB, "teacher_steps": 8}, stage_updates="6", prior="data=1", ema_decay=0.5,
+    run_distill(DistillConfig(**{**LAB, "teacher_steps": 8}, options={"stage_updates": "6"}, prior="data=1", ema_decay=0.5,
                               out=str(tmp_path / "run")))
     published = load_file(str(tmp_path / "run/student/model.safetensors"))
     (last,) = sorted((tmp_path / "run/checkpoints").iterdir())[-1:]
@@ -131,12 +132,12 @@ def test_nonfinite_loss_is_skipped_counted_and_stops(tmp_path, monkeypatch):
         value = loss(self, group, nets, batch)
         return value * float("nan") if calls["n"] in (2, 3) else value
     monkeypatch.setattr(PDMethod, "loss", sometimes_nan)
-    summary = run_distill(DistillConfig(**{**LAB, "teacher_steps": 8}, stage_updates="6", prior="data=1",
+    summary = run_distill(DistillConfig(**{**LAB, "teacher_steps": 8}, options={"stage_updates": "6"}, prior="data=1",
                                         out=str(tmp_path / "a")))
     assert summary["phases"][0]["nonfinite_skipped"] == 2
     monkeypatch.setattr(PDMethod, "loss", lambda self, group, nets, batch: loss(self, group, nets, batch) * float("nan"))
     with pytest.raises(UserError, match="non-finite for 3 updates in a row"):
-        run_distill(DistillConfig(**{**LAB, "teacher_steps": 8}, stage_updates="6", prior="data=1",
+        run_distill(DistillConfig(**{**LAB, "teacher_steps": 8}, options={"stage_updates": "6"}, prior="data=1",
                                   max_nonfinite=3, out=str(tmp_path / "b")))
 
 
@@ -216,7 +217,7 @@ def test_diffusers_student_loads_in_plain_diffusers(tmp_path):
     (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
     summary = run_distill(DistillConfig(method="pd", teacher=str(teacher), prompts=str(tmp_path / "prompts.txt"),
                                         prior="student=0.5,teacher=0.5", steps=4, teacher_steps=8,
-                                        stage_updates="2", batch_size=2, collect_every=2, rollouts_per_collect=2,
+                                        options={"stage_updates": "2"}, batch_size=2, collect_every=2, rollouts_per_collect=2,
                                         guidance=2.0, quiet=True, out=str(tmp_path / "run")))
     assert summary["phases"][0]["buffer_states"] > 0
     student = tmp_path / "run/student"
@@ -276,8 +277,8 @@ def test_lab_init_on_a_teacher_with_weights_is_refused(tmp_path, capsys):
 
 def test_a_student_only_prior_after_a_data_stage(tmp_path):
     # the lab opens its data for the teacher-forced first stage though the prior gives data no weight
-    cfg = DistillConfig(**LAB, stage_updates="4", prior="student=1", student_prob="1",
-                        options={"ddil_from_stage": 2}, out=str(tmp_path / "run"))
+    cfg = DistillConfig(**LAB, prior="student=1", student_prob="1",
+                        options={"stage_updates": "4", "ddil_from_stage": 2}, out=str(tmp_path / "run"))
     summary = run_distill(cfg)
     assert [p["buffer_states"] > 0 for p in summary["phases"]] == [False, True]
     rows = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
@@ -326,7 +327,7 @@ def test_external_collect_buffer_feeds_the_matching_stage(tmp_path, capsys):
     buffer = tmp_path / "buffer"
     assert cli(["collect", "--quiet", "--teacher", "gmm:ring:8", "--steps", "4", "--teacher-steps", "8",
                 "--prior", "teacher=1", "--rollouts", "6", "--out", str(buffer)], capsys)[0] == 0
-    summary = run_distill(DistillConfig(**{**LAB, "teacher_steps": 8, "collect_every": 0}, stage_updates="3",
+    summary = run_distill(DistillConfig(**{**LAB, "teacher_steps": 8, "collect_every": 0}, options={"stage_updates": "3"},
                                         buffer=str(buffer), prior="teacher=1", out=str(tmp_path / "run")))
     assert summary["phases"][0]["buffer_states"] == 6 * 4
     code, err = cli(["distill", "--quiet", "--teacher-steps", "16", "--steps", "8", "--buffer", str(buffer),
@@ -335,7 +336,7 @@ def test_external_collect_buffer_feeds_the_matching_stage(tmp_path, capsys):
 
 
 def test_tensorboard_tracker_logs_through_accelerate(tmp_path):
-    run_distill(DistillConfig(**{**LAB, "teacher_steps": 8}, stage_updates="4", prior="data=1",
+    run_distill(DistillConfig(**{**LAB, "teacher_steps": 8}, options={"stage_updates": "4"}, prior="data=1",
                               tracker="tensorboard", out=str(tmp_path / "run")))
     assert list((tmp_path / "run/logs").rglob("events.out.tfevents*"))
 
@@ -351,7 +352,7 @@ def test_pixel_diffusers_teacher_with_real_data_with_and_without_ddil(tmp_path, 
     build_digits_shards(tmp_path / "digits")
     summary = run_distill(DistillConfig(method="pd", teacher=str(tmp_path / "teacher"), prior=prior,
                                         data=str(tmp_path / "digits/train-{000000..000001}.tar"),
-                                        steps=4, teacher_steps=8, stage_updates="3", batch_size=4,
+                                        steps=4, teacher_steps=8, options={"stage_updates": "3"}, batch_size=4,
                                         collect_every=2, rollouts_per_collect=2, quiet=True,
                                         out=str(tmp_path / "run")))
     (phase,) = summary["phases"]
@@ -392,7 +393,7 @@ def test_two_processes_under_torchrun_share_one_run(tmp_path):
 
 def test_teacher_states_are_rolled_at_every_collection(tmp_path):
     # rolled only while the pool had none, the `teacher` source was a few trajectories for a whole stage
-    cfg = DistillConfig(**{**LAB, "teacher_steps": 8}, stage_updates="7", prior="data=0.5,teacher=0.5",
+    cfg = DistillConfig(**{**LAB, "teacher_steps": 8}, options={"stage_updates": "7"}, prior="data=0.5,teacher=0.5",
                         out=str(tmp_path / "run"))
     summary = run_distill(cfg)
     collections = -(-7 // LAB["collect_every"])  # updates 0, 3, 6
@@ -422,7 +423,7 @@ def test_teacher_states_are_rolled_at_every_collection(tmp_path):
 
 def test_no_collection_once_no_later_prior_draws_buffer_states(tmp_path):
     # a schedule that ends on data only: rollouts after the switch would never be drawn
-    cfg = DistillConfig(**{**LAB, "teacher_steps": 8}, stage_updates="7",
+    cfg = DistillConfig(**{**LAB, "teacher_steps": 8}, options={"stage_updates": "7"},
                         prior_schedule="0:data=0.5,student=0.5;4:data=1", out=str(tmp_path / "run"))
     summary = run_distill(cfg)
     collections = 2  # updates 0 and 3; the one at update 6 falls in the data-only phase

@@ -49,7 +49,7 @@ def cpu_grad_scaler(monkeypatch):
 
 
 def test_fp16_overflow_is_a_skipped_step_and_resume_restores_the_scale(tmp_path, cpu_grad_scaler, monkeypatch):
-    cfg = DistillConfig(**LAB, stage_updates="40", prior="data=1", mixed_precision="fp16", checkpoint_every=20,
+    cfg = DistillConfig(**LAB, options={"stage_updates": "40"}, prior="data=1", mixed_precision="fp16", checkpoint_every=20,
                         out=str(tmp_path / "run"))
     summary = run_distill(cfg)  # died at the second clip ("unscale_() has already been called") before
     (scaler,) = cpu_grad_scaler
@@ -111,13 +111,13 @@ def test_a_finished_stage_is_released_before_the_next(tmp_path, monkeypatch):
     optimizers, alive_at_start = [], []
     init = _Group.__init__
 
-    def tracked(self, spec, accelerator, config):
+    def tracked(self, spec, accelerator, config, **kwargs):
         gc.collect()
         alive_at_start.append(sum(ref() is not None for ref in optimizers))
-        init(self, spec, accelerator, config)
+        init(self, spec, accelerator, config, **kwargs)
         optimizers.append(weakref.ref(self.optimizer))
     monkeypatch.setattr(_Group, "__init__", tracked)
-    run_distill(DistillConfig(**{**LAB, "teacher_steps": 32}, stage_updates="3", prior="data=1",
+    run_distill(DistillConfig(**{**LAB, "teacher_steps": 32}, options={"stage_updates": "3"}, prior="data=1",
                               out=str(tmp_path / "run")))
     assert len(alive_at_start) == 3  # 32 -> 16 -> 8 -> 4
     assert alive_at_start == [0, 0, 0]  # no earlier stage's optimiser (nor its student) is alive
@@ -144,7 +144,7 @@ def test_distill_with_bf16_frozen_networks_runs(tmp_path):
 
     folder = build_tiny_sd(tmp_path / "sd")
     (tmp_path / "prompts.txt").write_text("a red square\na blue circle\n")
-    cfg = DistillConfig(method="pd", teacher=str(folder), steps=2, teacher_steps=4, stage_updates="2",
+    cfg = DistillConfig(method="pd", teacher=str(folder), steps=2, teacher_steps=4, options={"stage_updates": "2"},
                         batch_size=2, prior="teacher=1", prompts=str(tmp_path / "prompts.txt"), collect_every=1, rollouts_per_collect=2,
                         rollout_batch_size=1, frozen_dtype="bf16", quiet=True, out=str(tmp_path / "run"))
     run_distill(cfg)
@@ -190,7 +190,7 @@ def test_one_update_reads_the_device_once_per_optimiser_step(tmp_path, monkeypat
             self.make_batch = make_batch
             steps["n"] += 1
     monkeypatch.setattr(Trainer, "_step", counted_step)
-    extra = {"dmd2": dict(options={"critic_updates": 2}), "lcm": {}, "pd": dict(stage_updates="4")}[method]
+    extra = {"dmd2": dict(options={"critic_updates": 2}), "lcm": {}, "pd": dict(options={"stage_updates": "4"})}[method]
     cfg = DistillConfig(**{**LAB, "method": method, "max_updates": 4, "log_every": 100, "collect_every": 100,
                            "prior": "data=1", **extra}, out=str(tmp_path / "run"))
     run_distill(replace(cfg))

@@ -167,7 +167,7 @@ def test_default_guidance_ranges_and_option_checks():
 @pytest.mark.parametrize("extra,needle", [
     (["--method", "lcm", "--steps", "60"], "1 to --solver-steps (50)"),
     (["--method", "lcm", "--loss", "l1"], "huber or l2"),
-    (["--method", "lcm", "--guided-updates", "5"], "trains one phase of --max-updates"),
+    (["--method", "lcm", "--guided-updates", "5"], "--guided-updates is not an option of --method lcm"),
     (["--method", "pd", "--solver-steps", "20"], "--solver-steps is not an option of --method pd"),
 ])
 def test_bad_lcm_input_is_one_line(tmp_path, capsys, extra, needle):

@@ -116,7 +116,7 @@ def _cfg(teacher, data, out, **kwargs):
     from ddil_cli.stages.distill import DistillConfig
 
     return DistillConfig(**{"method": "pd", "teacher": str(teacher), "data": str(data), "steps": 2,
-                            "teacher_steps": 8, "stage_updates": "3", "batch_size": 3, "prior": "data=1",
+                            "teacher_steps": 8, "options": {"stage_updates": "3"}, "batch_size": 3, "prior": "data=1",
                             "checkpoint_every": 2, "data_workers": 2, "out": str(out), "quiet": True, **kwargs})
 
 

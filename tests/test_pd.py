@@ -89,9 +89,9 @@ def test_ddil_starts_at_the_second_stage_under_the_default_schedule_and_everywhe
     assert _plan_ddil({}) == ({"pd-16": False, "pd-8": True, "pd-4": True}, 2)
     assert _plan_ddil({}, explicit_prior=True) == ({"pd-16": True, "pd-8": True, "pd-4": True}, 1)
     # the flag wins over either default; the guided stage goes with the first halving stage
-    assert _plan_ddil({"ddil_from_stage": 3}, explicit_prior=True, guided_updates=5) == (
+    assert _plan_ddil({"ddil_from_stage": 3, "guided_updates": 5}, explicit_prior=True) == (
         {"guided-32": False, "pd-16": False, "pd-8": False, "pd-4": True}, 3)
-    assert _plan_ddil({"ddil_from_stage": 1}, guided_updates=5)[0]["guided-32"] is True
+    assert _plan_ddil({"ddil_from_stage": 1, "guided_updates": 5})[0]["guided-32"] is True
     # clipped to the last stage: a one-halving run (8 -> 4) still trains on DDIL's inputs
     assert _plan_ddil({}, teacher_steps=8) == ({"pd-4": True}, 2)
     assert _plan_ddil({"ddil_from_stage": 9})[0] == {"pd-16": False, "pd-8": False, "pd-4": True}
@@ -121,11 +121,11 @@ def test_pd_stages_plan_any_ratio_and_the_halving_chain_is_the_default():
     assert [(p.name, p.updates, p.timesteps, p.options["ratio"], p.ddil) for p in one] == [
         ("pd-4", 30, [999, 749, 499, 249], 8, True)]  # a one-stage run trains on DDIL's inputs
     assert len(one[0].rollout_grids[0].teacher) == 32 and one[0].rollout_grids[0].ratio == 8
-    two = _phases({"pd_stages": "32,8,4"}, stage_updates="10,20")
+    two = _phases({"pd_stages": "32,8,4", "stage_updates": "10,20"})
     assert [(p.name, p.updates, p.options["ratio"], len(p.rollout_grids[0].teacher)) for p in two] == [
         ("pd-8", 10, 4, 32), ("pd-4", 20, 2, 8)]
     # the guided stage still goes first, at the teacher's steps
-    assert [p.name for p in _phases({"pd_stages": "32,2"}, steps=2, guided_updates=3)] == ["guided-32", "pd-2"]
+    assert [p.name for p in _phases({"pd_stages": "32,2", "guided_updates": 3}, steps=2)] == ["guided-32", "pd-2"]
 
 
 @pytest.mark.parametrize("args,message", [

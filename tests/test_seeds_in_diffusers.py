@@ -17,7 +17,7 @@ from cli_runner import run_cli as cli
 TINY = dict(steps=4, teacher_steps=8, batch_size=2, collect_every=2, rollouts_per_collect=2, quiet=True)
 # the method, its run options, and the pipeline class a user loads its student with
 METHODS = {
-    "pd": (dict(stage_updates="1", guidance=2.0), "StableDiffusionPipeline"),
+    "pd": (dict(options={"stage_updates": "1"}, guidance=2.0), "StableDiffusionPipeline"),
     "lcm": (dict(max_updates=1, options={"unroll_steps": "4"}), "LatentConsistencyModelPipeline"),
     "dmd2": (dict(max_updates=1, options={"critic_updates": 1, "real_guidance": 3.0}), "StableDiffusionPipeline"),
 }

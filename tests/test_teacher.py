@@ -74,7 +74,7 @@ def test_train_save_and_load_through_the_adapter(shards, tmp_path):
     state = load_file(str(tmp_path / "ckpt" / "checkpoint-00000003" / "state.safetensors"))
     shadow = [state[f"ema.shadow_params.{i}"] for i in range(len(list(teacher.unet.parameters())))]
     assert all(torch.equal(s, p) for s, p in zip(shadow, teacher.unet.parameters()))
-    online = load_file(str(tmp_path / "ckpt" / "checkpoint-00000003" / "student.safetensors"))
+    online = load_file(str(tmp_path / "ckpt" / "checkpoint-00000003" / "teacher.safetensors"))
     assert any(not torch.equal(online[f"unet.{k}"], v) for k, v in teacher.unet.state_dict().items())
 
 

@@ -35,7 +35,7 @@ def test_two_processes_train_one_student(tmp_path, launcher):
     assert all(torch.equal(published[k], rank0[k]) for k in rank0)
     # one LR step per update: the same LR per logged update as a one-process run
     single = tmp_path / "single"
-    run_distill(DistillConfig(teacher="gmm:ring:8", teacher_steps=8, steps=4, stage_updates="8", batch_size=16,
+    run_distill(DistillConfig(teacher="gmm:ring:8", teacher_steps=8, steps=4, options={"stage_updates": "8"}, batch_size=16,
                               lr=1e-3, collect_every=3, rollouts_per_collect=4, log_every=2, quiet=True,
                               out=str(single)))
     assert _lrs(run) == _lrs(single)
@@ -95,7 +95,7 @@ def test_a_second_trained_network_steps_logs_and_resumes_exactly(tmp_path, monke
 
     method = _WithCritic.make()
     monkeypatch.setitem(methods.METHODS, "pd-critic", method)
-    cfg = DistillConfig(method="pd-critic", teacher="gmm:ring:8", teacher_steps=8, steps=4, stage_updates="8",
+    cfg = DistillConfig(method="pd-critic", teacher="gmm:ring:8", teacher_steps=8, steps=4, options={"stage_updates": "8"},
                         batch_size=16, lr=1e-3, collect_every=3, rollouts_per_collect=4, log_every=4,
                         checkpoint_every=4, quiet=True, out=str(tmp_path / "full"))
     run_distill(cfg)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import types
+import typing
 from pathlib import Path
 from typing import Optional
 
@@ -11,33 +14,13 @@ from rich.markup import escape
 
 from ddil_cli.cli.common import (HELP_CONFIG, HELP_DEVICE, HELP_QUIET, HELP_SEED, check_out_apart, console, progress,
                                  resolve_config, resolve_device)
-from ddil_cli.data.loader import LANES, WORKER_COUNTS
 from ddil_cli.methods import METHODS
+from ddil_cli.methods.base import option_help
 from ddil_cli.models import MODEL_HELP
 from ddil_cli.stages.distill import DistillConfig, run_distill
-from ddil_cli.stages.distill.plan import DEFAULT_PRIOR_SCHEDULE, DEFAULT_STUDENT_PROB
-from ddil_cli.validate import BATCH, FROZEN_DTYPE, GUIDANCE, NON_NEGATIVE, POSITIVE, SEED, STEPS, Rule
+from ddil_cli.stages.distill.plan import CONFIG_RULES, DEFAULT_PRIOR_SCHEDULE, DEFAULT_STUDENT_PROB
 
 D = DistillConfig()
-
-# what each option must satisfy beyond its type (validate.py), checked before the run folder is
-# touched (so --overwrite clears nothing for a bad flag)
-RULES = {"steps": STEPS, "teacher_steps": STEPS, "max_updates": Rule(low=1, high=10**9),
-         "guided_updates": Rule(low=0, high=10**9), "batch_size": BATCH,
-         "lr": Rule(above=0, high=10, hint="; try 1e-4 (diffusers) or 1e-3 (the lab)"), "warmup": NON_NEGATIVE,
-         "weight_decay": Rule(low=0, high=10), "max_grad_norm": Rule(above=0), "grad_accum": Rule(low=1, high=4096),
-         "mixed_precision": Rule(choices=("no", "fp16", "bf16")), "ema_decay": Rule(low=0, below=1),
-         "frozen_dtype": FROZEN_DTYPE, "rollout_batch_size": BATCH,
-         "collect_every": NON_NEGATIVE, "rollouts_per_collect": Rule(low=1, high=65536),
-         "replay": Rule(choices=("fifo", "prioritised")), "buffer_size": POSITIVE,
-         "priority_alpha": Rule(low=0, high=10),
-         "guidance": GUIDANCE, "student_prediction": Rule(choices=("epsilon", "v_prediction", "sample")),
-         "checkpoint_every": NON_NEGATIVE, "keep_checkpoints": POSITIVE, "log_every": POSITIVE,
-         "max_nonfinite": POSITIVE, "tracker": Rule(choices=("none", "tensorboard", "wandb")), "seed": SEED,
-         "stage_updates": Rule(comma_list=True), "optimizer": Rule(choices=("adamw", "adamw8bit")),
-         "data_workers": Rule(choices=WORKER_COUNTS, hint=f"; the data are read in {LANES} lanes, each worker a "
-                              "share of them"),
-         "lora_rank": NON_NEGATIVE, "lora_alpha": Rule(above=0), "lora_targets": Rule(comma_list=True)}
 
 DISTILL_HELP = f"""Distil a teacher into a few-step student, with DDIL inputs and reflected thresholding.
 
@@ -83,10 +66,33 @@ Examples:
 """
 
 
-# Each method's own flags (its Options fields) are declared below with default None, so that only
-# the flags a user gives reach the method, which checks they are its own.
-METHOD_OPTION_KEYS: tuple[str, ...] = tuple(sorted({f.name for m in METHODS.values()
-                                                    for f in dataclasses.fields(m.Options)}))
+def method_flags() -> list[inspect.Parameter]:
+    """Each method's own flags, built from its Options fields (`methods.base.option`): one flag per
+    field name, its help prefixed by the methods that take it, default None so that only the flags
+    a user gives reach the method, which checks they are its own."""
+    declared: dict[str, tuple[dataclasses.Field, type, list[str]]] = {}
+    for name, method in METHODS.items():
+        hints = typing.get_type_hints(method.Options)
+        for f in dataclasses.fields(method.Options):
+            declared.setdefault(f.name, (f, hints[f.name], []))[2].append(name.upper())
+    flags = []
+    for name, (f, kind, takers) in declared.items():
+        kind = typing.get_args(kind)[0] if typing.get_origin(kind) in (typing.Union, types.UnionType) else kind
+        prefix = "" if len(takers) == len(METHODS) else ", ".join(takers) + ": "
+        flags.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
+                                       default=typer.Option(None, help=prefix + option_help(f))))
+    return flags
+
+
+def with_method_flags(command):
+    """`command` taking every registered method's flags (gathered into the config's `options`)."""
+    signature = inspect.signature(command)
+    flags = method_flags()
+    fixed = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    command.__signature__ = signature.replace(parameters=[*fixed, *flags])
+    command.__annotations__ = {**command.__annotations__,
+                               **{p.name: p.annotation for p in flags}}
+    return command
 
 
 def distill_command(
@@ -101,9 +107,6 @@ def distill_command(
     steps: int = typer.Option(D.steps, help="The student's final number of steps."),
     teacher_steps: int = typer.Option(D.teacher_steps, help="The teacher's steps (PD halves from here)."),
     max_updates: int = typer.Option(D.max_updates, help="Student updates in all, split over PD stages."),
-    stage_updates: Optional[str] = typer.Option(None, help="Updates per PD stage: N or N1,N2,... (overrides)."),
-    guided_updates: int = typer.Option(D.guided_updates, help="Updates of the guided stage (CFG into a "
-                                       "w-conditioned student at the teacher's steps); 0 skips it."),
     batch_size: int = typer.Option(D.batch_size, help="Examples per micro-batch (per process)."),
     lr: float = typer.Option(D.lr, help="AdamW learning rate."),
     warmup: int = typer.Option(D.warmup, help="Linear warmup updates (then linear decay to 0)."),
@@ -144,67 +147,22 @@ def distill_command(
     threshold: Optional[str] = typer.Option(None, help="none, static:C or dynamic:P on the teacher's x0 "
                                             "(default static:1 for pixel and lab models)."),
     student_prediction: Optional[str] = typer.Option(None, help="Lab MLP student's output: epsilon, v_prediction, sample. Default: v_prediction."),
-    generator_timesteps: Optional[str] = typer.Option(None, help="DMD2: the generator's timesteps, e.g. "
-                                                      "999,749,499,249 (default: trailing spacing of --steps)."),
-    real_guidance: Optional[float] = typer.Option(None, help="DMD2: CFG of the real score (default: --guidance "
-                                                  "or the teacher's)."),
-    critic_lr: Optional[float] = typer.Option(None, help="DMD2: the critic's (and GAN head's) learning rate "
-                                              "(default: --lr)."),
-    critic_updates: Optional[int] = typer.Option(None, help="DMD2: critic steps per generator update (10)."),
-    gan_weight: Optional[float] = typer.Option(None, help="DMD2: weight of the generator's GAN term (0: no GAN "
-                                               "head; DMD2 used 1e-3 SD1.5, 5e-3 SDXL)."),
-    critic_gan_weight: Optional[float] = typer.Option(None, help="DMD2: weight of the critic-side GAN term (1e-2)."),
-    tau_min: Optional[float] = typer.Option(None, help="DMD2: the DM timestep tau ~ U[MIN T, MAX T], MIN (0.02)."),
-    tau_max: Optional[float] = typer.Option(None, help="DMD2: ... MAX (0.98)."),
-    critic_lora_rank: Optional[int] = typer.Option(None, help="DMD2: > 0 makes the fake critic a LoRA of this rank "
-                                                   "on the teacher's own frozen UNet (one base for generator, critic "
-                                                   "and teacher); 0: a full copy (default)."),
-    lab_init_steps: Optional[int] = typer.Option(None, help="Lab teachers: steps fitting the first student MLP "
-                                                 "(DMD2: and its critic) to the analytic teacher first, as real "
-                                                 "students start from their teacher's weights (e.g. 2000; default "
-                                                 "0: a fresh MLP)."),
     checkpoint_every: int = typer.Option(D.checkpoint_every, help="Checkpoint every N updates (0: at stage ends)."),
     keep_checkpoints: int = typer.Option(D.keep_checkpoints, help="How many checkpoints to keep."),
     log_every: int = typer.Option(D.log_every, help="metrics.jsonl row every N updates."),
     max_nonfinite: int = typer.Option(D.max_nonfinite, help="Stop after this many non-finite updates in a row."),
     resume: Optional[str] = typer.Option(None, help="latest or a checkpoint folder: continue the run in --out."),
     tracker: str = typer.Option(D.tracker, help="none, tensorboard or wandb (through accelerate)."),
-    # --method lcm (LCMOptions)
-    solver_steps: Optional[int] = typer.Option(None, help="LCM: DDIM solver grid the teacher steps on, skip "
-                                               "k = T / N (default 50)."),
-    w_min: Optional[float] = typer.Option(None, help="LCM: lowest CFG scale w ~ U[w-min, w-max] (default: 0.4 x "
-                                          "the teacher's default guidance, at least 1; 3 for SD's 7.5)."),
-    w_max: Optional[float] = typer.Option(None, help="LCM: highest CFG scale (default: 2 x the teacher's default "
-                                          "guidance, at least w-min; 15 for SD's 7.5)."),
-    timestep_scaling: Optional[float] = typer.Option(None, help="LCM and DMD2 (consistency students): g in the "
-                                                     "boundary scalings c_skip, c_out (default 10, as diffusers' "
-                                                     "LCMScheduler)."),
-    target_ema: Optional[float] = typer.Option(None, help="LCM: decay of the EMA target network (default 0.95)."),
-    loss: Optional[str] = typer.Option(None, help="LCM: huber (pseudo-Huber, default) or l2."),
-    huber_c: Optional[float] = typer.Option(None, help="LCM: pseudo-Huber c (default 0.001)."),
-    unroll_steps: Optional[str] = typer.Option(None, help="LCM + DDIL: the student's LCM samplers rolled out, "
-                                               "one per collection in turn (default: --steps - 1, --steps, --steps + 1, "
-                                               "i.e. 3,4,5 for 4 steps)."),
-    ddil_mix: Optional[str] = typer.Option(None, help="LCM + DDIL: matched (default: each input's solver "
-                                           "timestep first, a buffer state only where the buffer holds one "
-                                           "at it) or batch (the prior splits every batch, the paper's wording)."),
-    # --method pd (PDOptions)
-    ddil_from_stage: Optional[int] = typer.Option(None, help="PD + DDIL: the first halving stage trained on the "
-                                                  "prior; earlier stages train on data alone (default 2 under the "
-                                                  "default schedule, 1 with --prior / --prior-schedule; at most the "
-                                                  "last stage)."),
-    pd_stages: Optional[str] = typer.Option(None, help="PD: the stages as step counts from --teacher-steps to "
-                                            "--steps, each a multiple of the next: 32,4 is one stage whose "
-                                            "student step spans 8 teacher steps; 32,8,4 two (default: halving, "
-                                            "32,16,8,4)."),
     seed: int = typer.Option(D.seed, help=HELP_SEED),
     device: str = typer.Option("auto", help=HELP_DEVICE),
     out: Path = typer.Option(Path(D.out), help="Run folder."),
     quiet: bool = typer.Option(False, help=HELP_QUIET),
     overwrite: bool = typer.Option(False, help="Start again in an existing run folder (replaced when the new run has its first checkpoint)."),
     config: Optional[Path] = typer.Option(None, help=HELP_CONFIG),
+    **method_options,
 ):
-    cfg = resolve_config(ctx, DistillConfig, config, RULES, options_keys=METHOD_OPTION_KEYS)
+    keys = tuple(p.name for p in method_flags())
+    cfg = resolve_config(ctx, DistillConfig, config, CONFIG_RULES, options_keys=keys)
     cfg.device = resolve_device(cfg.device)
     check_out_apart(cfg.out, {"--teacher": cfg.teacher, "--data": cfg.data, "--buffer": cfg.buffer,
                               "--prompts": cfg.prompts, "--config": config})
@@ -219,3 +177,4 @@ def distill_command(
 
 
 distill_command.__doc__ = DISTILL_HELP
+distill_command = with_method_flags(distill_command)

@@ -15,8 +15,8 @@ A method owns:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -24,6 +24,7 @@ from ddil_cli.diffusion.threshold import Threshold
 from ddil_cli.errors import UserError
 from ddil_cli.models.base import Conditioning, Denoiser
 from ddil_cli.rollout import Grid
+from ddil_cli.validate import Rule, check_values
 
 
 @dataclass
@@ -85,15 +86,14 @@ class PlanRequest:
     steps: int
     teacher_steps: int
     max_updates: int
-    stage_updates: str | None = None
-    guided_updates: int = 0
     options: dict[str, Any] = field(default_factory=dict)  # the method's own Options, as given
     explicit_prior: bool = False  # --prior or --prior-schedule was given (not the default schedule)
 
 
 @dataclass
 class TrainedGroup:
-    """Networks trained together by one optimiser. The student's group is named 'student'."""
+    """Networks trained together by one optimiser. A method's first group is the loop's primary one
+    (train.Objective): a distill method names it and its network 'student'."""
 
     name: str
     modules: dict[str, torch.nn.Module]
@@ -110,17 +110,34 @@ class TrainedGroup:
                    adapters={k: m.adapter for k, m in models.items() if getattr(m, "adapter", None)}, **kwargs)
 
 
+def option(default: Any, help: str, rule: Rule | None = None, *, resumable: bool = False) -> Any:
+    """A method option's field, declared once: `ddil distill` takes it as --NAME-WITH-DASHES with
+    this help, and `rule` (validate.py: range, choices) checks it from a flag, a config file or
+    the Python API alike. `resumable`: a resumed run may change it (a budget, not the model)."""
+    return field(default=default, metadata={"help": help, "rule": rule, "resumable": resumable})
+
+
+def option_help(f: Field) -> str:
+    return f.metadata.get("help", "")
+
+
 @dataclass
 class MethodOptions:
-    """Base of each method's own settings (flags such as --solver-steps). Subclasses add fields."""
+    """Base of each method's own settings (flags such as --solver-steps). Subclasses add fields
+    with `option(...)`; `validate` checks what a single field's rule cannot (one field against another)."""
 
     # lab only: steps fitting the first stage's MLP student to the analytic teacher before it trains
     # (models.mlp.fit_to_teacher). Real students start as copies of their teacher's weights; an
     # analytic teacher has none, so 0 starts from a fresh MLP
-    lab_init_steps: int = 0
-    # ranges (validate.py Rules) by field, upper bounds included: a learning rate of 1e308 or a
-    # guidance of 1e6 can only be a typo, and overflows
-    RULES: ClassVar[dict] = {}
+    lab_init_steps: int = option(0, "Lab teachers: steps fitting the first student MLP (DMD2: and its critic) to "
+                                    "the analytic teacher first, as real students start from their teacher's "
+                                    "weights (e.g. 2000; default 0: a fresh MLP).", Rule(low=0, high=10**7))
+
+    @classmethod
+    def rules(cls) -> dict[str, Rule]:
+        """Each field's range or choices (validate.py), upper bounds included: a learning rate of
+        1e308 or a guidance of 1e6 can only be a typo, and overflows."""
+        return {f.name: f.metadata["rule"] for f in fields(cls) if f.metadata.get("rule") is not None}
 
     @classmethod
     def from_dict(cls, method: str, given: dict[str, Any]) -> "MethodOptions":
@@ -131,17 +148,10 @@ class MethodOptions:
             raise UserError(f"{flags} {'is not an option' if len(foreign) == 1 else 'are not options'} of "
                             f"--method {method}; drop {'it' if len(foreign) == 1 else 'them'} or choose the "
                             "method they belong to")
-        from ddil_cli.validate import check_values
-
         # types from the dataclass fields, as for every command's own config (a config file's
         # `solver_steps = "fifty"` is one line, not a TypeError later)
-        from ddil_cli.validate import Rule
-
-        values = check_values(cls, {k: v for k, v in given.items() if k in names and v is not None},
-                              {"lab_init_steps": Rule(low=0, high=10**7), **cls.RULES})
-        options = cls(**values)
-        if options.lab_init_steps < 0:
-            raise UserError(f"--lab-init-steps must be >= 0, got {options.lab_init_steps}")
+        options = cls(**check_values(cls, {k: v for k, v in given.items() if k in names and v is not None},
+                                     cls.rules()))
         options.validate()
         return options
 
@@ -152,6 +162,21 @@ class MethodOptions:
         """Fill in defaults that depend on the teacher (LCM's w range from its default guidance);
         called once, before the method plans, so the manifest records the values used."""
 
+    def scheduler_config(self) -> dict[str, Any]:
+        """Settings the student's saved scheduler takes from these options (none by default)."""
+        return {}
+
+
+@dataclass
+class ConsistencyOptions(MethodOptions):
+    """Options of a method whose student is a consistency model, saved with diffusers' LCMScheduler."""
+
+    timestep_scaling: float = option(10.0, "g in the consistency student's boundary scalings c_skip, c_out "
+                                           "(default 10, as diffusers' LCMScheduler).", Rule(above=0, high=1000))
+
+    def scheduler_config(self) -> dict[str, Any]:
+        return {"timestep_scaling": float(self.timestep_scaling)}
+
 
 class DistillMethod:
     """Base class. Subclasses set `name`, `Options`, `student_scheduler`, implement `plan` and
@@ -160,7 +185,7 @@ class DistillMethod:
     - `plan(request, teacher)` (classmethod): the phases.
     - `make_student(phase_teacher, phase, guidance_embedding, **kwargs)` (classmethod): the
       phase's student, by default a copy of its teacher (models.make_student).
-    - `groups()`: the trained networks; the first is the student's ('student').
+    - `groups()`: the trained networks; the first is the student's ('student', the loop's primary group).
     - `loss(group, nets, batch)`: per-example loss (B,) for the optimiser of `group`, or
       (loss, metrics); `nets` maps each trained module's name to the module to call (wrapped).
     - `after_update(nets)`: after each student optimiser step (an EMA target updates here).
@@ -179,9 +204,6 @@ class DistillMethod:
     # the prior schedule when the user gives neither --prior nor --prior-schedule (None: the stage's)
     default_prior_schedule: ClassVar[str | None] = None
     default_student_prob: ClassVar[str | None] = None  # None: the stage's default
-    # the method plans several training stages (--stage-updates, --guided-updates); the others
-    # train one phase, and the distill stage refuses those flags for them alike
-    plans_stages: ClassVar[bool] = False
 
     def __init__(self, *, teacher: Denoiser, student: Denoiser, phase: Phase, options: MethodOptions,
                  threshold: Threshold | None = None, original_teacher: Denoiser | None = None,
@@ -211,6 +233,15 @@ class DistillMethod:
         return False
 
     @classmethod
+    def mix_sources(cls, options: MethodOptions, sources: list[str], timesteps: list[int],
+                    held: Callable[[str], set[int]], generator: torch.Generator) -> tuple[list[str], torch.Tensor | None]:
+        """How a batch mixing data with buffer states is drawn: `sources` (one per example, as the
+        prior split them), the phase's training `timesteps`, `held(source)` the timesteps the
+        replay pool holds states of. Returns the sources and each example's timestep, or None to
+        leave data's timesteps to forward diffusion and buffer states' to the pool (the default)."""
+        return sources, None
+
+    @classmethod
     def make_student(cls, phase_teacher: Denoiser, phase: Phase, options: MethodOptions, *,
                      guidance_embedding: bool, **kwargs) -> Denoiser:
         """A copy of the phase teacher that samples as it will once saved: a consistency student
@@ -226,7 +257,7 @@ class DistillMethod:
             fit_to_teacher(student, phase_teacher, steps=options.lab_init_steps)
         if cls.student_scheduler == "lcm":
             student.scheduler_config = {**student.scheduler_config, "_class_name": "LCMScheduler",
-                                        "timestep_scaling": float(getattr(options, "timestep_scaling", 10.0))}
+                                        **options.scheduler_config()}
         return student
 
     # ---- training -----------------------------------------------------------------------------

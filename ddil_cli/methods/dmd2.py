@@ -24,20 +24,20 @@ rollouts (backward simulation), `teacher` states teacher rollouts, `data` forwar
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from ddil_cli.buffer.sources import conditioning_with_stored
 from ddil_cli.diffusion.consistency import consistency_output
 from ddil_cli.diffusion.parameterization import to_eps
 from ddil_cli.diffusion.schedule import bcast, trailing_timesteps
 from ddil_cli.diffusion.threshold import apply_threshold
 from ddil_cli.errors import UserError
-from ddil_cli.methods.base import Batch, DistillMethod, MethodOptions, Phase, PlanRequest, TrainedGroup
+from ddil_cli.methods.base import Batch, ConsistencyOptions, DistillMethod, Phase, PlanRequest, TrainedGroup, option
 from ddil_cli.models.base import Conditioning, Denoiser
+from ddil_cli.models.critic import GANHead, bottleneck, frozen_parameters
 from ddil_cli.rollout import Grid
 from ddil_cli.validate import GUIDANCE, Rule
 
@@ -45,40 +45,31 @@ CRITIC_ADAPTER = "critic"
 
 
 @dataclass
-class DMD2Options(MethodOptions):
-    generator_timesteps: str | None = None  # "999,749,499,249"; None: trailing spacing of --steps
-    real_guidance: float | None = None  # CFG of the real score; None: --guidance or the teacher's default
-    critic_lr: float | None = None  # None: --lr
-    critic_updates: int = 10  # critic optimiser steps per generator update
-    gan_weight: float = 0.0  # generator GAN term; 0: no GAN head
-    critic_gan_weight: float = 1e-2  # the critic-side GAN term (used when gan_weight > 0)
-    tau_min: float = 0.02  # the DM timestep tau ~ U[tau_min T, tau_max T]
-    tau_max: float = 0.98
-    timestep_scaling: float = 10.0  # the LCMScheduler boundary the generator is saved with
-    # > 0: the fake critic is a LoRA of this rank on the teacher's own frozen UNet (alpha = rank,
-    # the student's --lora-targets), so generator, critic and teacher share one base; 0: a full copy
-    critic_lora_rank: int = 0
-    # lab_init_steps (every method's option) fits the critic too: DMD2 starts generator and critic
-    # from the teacher. 0, fresh MLPs, stays the default: on the lab the fitted start was not better
-    # (docs/distill.md, "DMD2")
-    RULES: ClassVar[dict] = {"real_guidance": GUIDANCE, "critic_lr": Rule(above=0, high=10),
-                             "critic_updates": Rule(low=1, high=1000), "gan_weight": Rule(low=0, high=1000),
-                             "critic_gan_weight": Rule(low=0, high=1000), "timestep_scaling": Rule(above=0, high=1000)}
+class DMD2Options(ConsistencyOptions):
+    generator_timesteps: str | None = option(None, "the generator's timesteps, e.g. 999,749,499,249 (default: "
+                                                   "trailing spacing of --steps).")
+    real_guidance: float | None = option(None, "CFG of the real score (default: --guidance or the teacher's).",
+                                         GUIDANCE)
+    critic_lr: float | None = option(None, "the critic's (and GAN head's) learning rate (default: --lr).",
+                                     Rule(above=0, high=10))
+    critic_updates: int = option(10, "critic steps per generator update (10).", Rule(low=1, high=1000))
+    gan_weight: float = option(0.0, "weight of the generator's GAN term (0: no GAN head; DMD2 used 1e-3 SD1.5, "
+                                    "5e-3 SDXL).", Rule(low=0, high=1000))
+    critic_gan_weight: float = option(1e-2, "weight of the critic-side GAN term (1e-2).", Rule(low=0, high=1000))
+    tau_min: float = option(0.02, "the DM timestep tau ~ U[MIN T, MAX T], MIN (0.02).")
+    tau_max: float = option(0.98, "... MAX (0.98).")
+    # a LoRA critic: alpha = rank, on the student's --lora-targets (generator, critic, teacher: one base)
+    critic_lora_rank: int = option(0, "> 0 makes the fake critic a LoRA of this rank on the teacher's own frozen "
+                                      "UNet (one base for generator, critic and teacher); 0: a full copy (default).")
+    # lab_init_steps (every method's) fits the critic too, as DMD2 starts both from the teacher; 0 (fresh
+    # MLPs) stays the default: on the lab the fitted start was not better (docs/distill.md, "DMD2")
 
     def validate(self) -> None:
-        if self.critic_updates < 1:
-            raise UserError(f"--critic-updates must be >= 1, got {self.critic_updates}")
-        if self.gan_weight < 0 or self.critic_gan_weight < 0:
-            raise UserError("--gan-weight and --critic-gan-weight must be >= 0")
         if not 0 <= self.tau_min < self.tau_max <= 1:
             raise UserError(f"--tau-min {self.tau_min} / --tau-max {self.tau_max}: need 0 <= MIN < MAX <= 1 "
                             "(fractions of the training timesteps, e.g. 0.02 and 0.98)")
         if self.real_guidance is not None and self.real_guidance < 1:
             raise UserError(f"--real-guidance must be >= 1 (1: no CFG), got {self.real_guidance}")
-        if self.critic_lr is not None and not self.critic_lr > 0:
-            raise UserError(f"--critic-lr must be > 0, got {self.critic_lr}")
-        if not self.timestep_scaling > 0:
-            raise UserError(f"--timestep-scaling must be > 0, got {self.timestep_scaling}")
         if self.generator_timesteps is not None:
             parse_timesteps(self.generator_timesteps)
         if self.critic_lora_rank < 0:
@@ -110,44 +101,6 @@ def dm_loss(x0_g: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """0.5 ||x0_g - stopgrad(x0_g - grad)||^2, the mean over elements per example: (B,)."""
     target = (x0_g - grad).detach()
     return 0.5 * ((x0_g - target) ** 2).reshape(len(x0_g), -1).mean(1)
-
-
-def _groups(channels: int) -> int:
-    return max(g for g in range(1, 33) if channels % g == 0)
-
-
-class GANHead(torch.nn.Module):
-    """A small classifier on bottleneck features: conv / GroupNorm / SiLU for feature maps
-    (B, C, H, W), averaged over positions; Linear / SiLU for feature vectors (B, C). One logit each."""
-
-    def __init__(self, channels: int, spatial: bool, width: int = 256):
-        super().__init__()
-        hidden = min(channels, width)
-        if spatial:
-            self.body = torch.nn.Sequential(
-                torch.nn.Conv2d(channels, hidden, 3, padding=1), torch.nn.GroupNorm(_groups(hidden), hidden),
-                torch.nn.SiLU(), torch.nn.Conv2d(hidden, hidden, 3, padding=1),
-                torch.nn.GroupNorm(_groups(hidden), hidden), torch.nn.SiLU(), torch.nn.Conv2d(hidden, 1, 1))
-        else:
-            self.body = torch.nn.Sequential(torch.nn.Linear(channels, hidden), torch.nn.SiLU(),
-                                            torch.nn.Linear(hidden, hidden), torch.nn.SiLU(),
-                                            torch.nn.Linear(hidden, 1))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        out = self.body(features.float())
-        return out.reshape(out.shape[0], -1).mean(1)
-
-
-def bottleneck(network: torch.nn.Module) -> tuple[torch.nn.Module, int, bool]:
-    """(module whose output is the bottleneck, its width, whether it is a feature map)."""
-    mid = getattr(network, "mid_block", None)
-    if mid is not None:
-        return mid, int(network.config.block_out_channels[-1]), True
-    body = getattr(network, "body", None)
-    if isinstance(body, torch.nn.Sequential) and len(body) >= 2:  # the lab MLP: its last hidden layer
-        return body[-2], int(network.config.hidden), False
-    raise UserError("--gan-weight needs a critic with bottleneck features (a diffusers UNet with a mid "
-                    "block, or the lab MLP); use --gan-weight 0 with this teacher")
 
 
 class DMD2Method(DistillMethod):
@@ -262,20 +215,6 @@ class DMD2Method(DistillMethod):
         self._features.clear()
         return out, logits
 
-    @contextmanager
-    def _frozen(self, *modules: torch.nn.Module):
-        """Parameters out of the autograd graph for the forward passes inside (the graph keeps what it
-        recorded), so G's GAN term reaches x0_g through the critic without touching its weights."""
-        flags = [[p.requires_grad for p in m.parameters()] for m in modules]
-        for m in modules:
-            m.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for m, saved in zip(modules, flags):
-                for p, flag in zip(m.parameters(), saved):
-                    p.requires_grad_(flag)
-
     # ---- losses -------------------------------------------------------------------------------
     def loss(self, group: str, nets, batch: Batch):
         return self.generator_loss(nets, batch) if group == "student" else self.critic_loss(nets, batch)
@@ -293,7 +232,7 @@ class DMD2Method(DistillMethod):
                                                               all_one=batch.guidance_all_one), self.threshold)
         critic = self.critic.network  # the raw module: no DDP sync for a network this step does not train
         if self.head is not None:
-            with self._frozen(critic, self.head):
+            with frozen_parameters(critic, self.head):
                 out, logits = self.critic_pass(schedule.add_noise(x0_g, noise, tau), tau, batch.cond, critic, self.head)
             x0_fake = self.critic.x0_from_output(out.detach(), x_tau, tau)
         else:
@@ -311,10 +250,7 @@ class DMD2Method(DistillMethod):
         return loss, metrics
 
     def real_data(self, n: int) -> tuple[torch.Tensor, Conditioning]:
-        """n real clean states and their conditioning, from the stage's data stream (the one the
-        data source's inputs come from; its position is checkpointed with the run's)."""
-        from ddil_cli.buffer.sources import conditioning_with_stored
-
+        """n real clean states and their conditioning, from the stage's (checkpointed) data stream."""
         x0, prompts, stored = self.data.draw(n, self.data_generator, self.data_index)
         self.data_index += n
         return x0.to(self.student.device), conditioning_with_stored(self.teacher, prompts, stored)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -37,7 +36,7 @@ from ddil_cli.diffusion.consistency import consistency_output, lcm_timesteps, so
 from ddil_cli.diffusion.ddim import ddim_step
 from ddil_cli.diffusion.threshold import apply_threshold
 from ddil_cli.errors import UserError
-from ddil_cli.methods.base import Batch, DistillMethod, MethodOptions, Phase, PlanRequest
+from ddil_cli.methods.base import Batch, ConsistencyOptions, DistillMethod, Phase, PlanRequest, option
 from ddil_cli.models.base import Denoiser
 from ddil_cli.models.lora import add_adapter, ema_pairs, load_trained_state, trained_state
 from ddil_cli.rollout import Grid
@@ -75,36 +74,34 @@ def parse_unroll_steps(text) -> list[int]:
 
 
 @dataclass
-class LCMOptions(MethodOptions):
-    solver_steps: int = 50  # DDIM solver grid (skip k = T / solver_steps)
-    w_min: float | None = None  # None: from the teacher's default guidance (default_w_range)
-    w_max: float | None = None
-    timestep_scaling: float = 10.0  # g in the boundary scalings
-    target_ema: float = 0.95  # decay of the EMA target network
-    loss: str = "huber"  # huber | l2
-    huber_c: float = 0.001
+class LCMOptions(ConsistencyOptions):
+    solver_steps: int = option(50, "DDIM solver grid the teacher steps on, skip k = T / N (default 50).",
+                               Rule(low=1, high=1000))
+    w_min: float | None = option(None, "lowest CFG scale w ~ U[w-min, w-max] (default: 0.4 x the teacher's default "
+                                       "guidance, at least 1; 3 for SD's 7.5).", GUIDANCE)
+    w_max: float | None = option(None, "highest CFG scale (default: 2 x the teacher's default guidance, at least "
+                                       "w-min; 15 for SD's 7.5).", GUIDANCE)
+    target_ema: float = option(0.95, "decay of the EMA target network (default 0.95).")
+    loss: str = option("huber", "huber (pseudo-Huber, default) or l2.")
+    huber_c: float = option(0.001, "pseudo-Huber c (default 0.001).", Rule(above=0, high=10))
     # the student's LCM samplers DDIL rolls out (one per collection, in turn); None: --steps - 1,
     # --steps, --steps + 1 (the paper's 3,4,5 for its 4-step student; at 2 steps the lab tied with
     # 1,2,3 where 3,4,5 was worse: docs/results.md, "LCM")
-    unroll_steps: str | None = None
+    unroll_steps: str | None = option(None, "with DDIL: the student's LCM samplers rolled out, one per collection "
+                                            "in turn (default: --steps - 1, --steps, --steps + 1, i.e. 3,4,5 for "
+                                            "4 steps).")
     # matched: each input's timestep drawn first, uniform on the solver grid, and a buffer state
     # used only where the buffer holds one at it; batch: the prior splits the batch (the paper's
     # wording), so the rollouts' 10 timesteps take half of every batch from the other 40
-    ddil_mix: str = "matched"
-    RULES: ClassVar[dict] = {"solver_steps": Rule(low=1, high=1000), "w_min": GUIDANCE, "w_max": GUIDANCE,
-                             "timestep_scaling": Rule(above=0, high=1000), "huber_c": Rule(above=0, high=10)}
+    ddil_mix: str = option("matched", "with DDIL: matched (default: each input's solver timestep first, a buffer "
+                                      "state only where the buffer holds one at it) or batch (the prior splits "
+                                      "every batch, the paper's wording).")
 
     def validate(self) -> None:
-        if self.solver_steps < 1:
-            raise UserError(f"--solver-steps must be >= 1, got {self.solver_steps}")
         if self.loss not in ("huber", "l2"):
             raise UserError(f"--loss {self.loss!r}: use huber or l2")
         if not 0 <= self.target_ema < 1:
             raise UserError(f"--target-ema {self.target_ema} must be in [0, 1)")
-        if self.huber_c <= 0:
-            raise UserError(f"--huber-c must be > 0, got {self.huber_c}")
-        if self.timestep_scaling <= 0:
-            raise UserError(f"--timestep-scaling must be > 0, got {self.timestep_scaling}")
         for flag, w in (("--w-min", self.w_min), ("--w-max", self.w_max)):
             if w is not None and w < 1:
                 raise UserError(f"{flag} {w} is below 1 (1 = no guidance); CFG scales start at 1")
@@ -158,6 +155,20 @@ class LCMMethod(DistillMethod):
     @classmethod
     def guidance_range(cls, options: LCMOptions) -> tuple[float, float] | None:
         return float(options.w_min), float(options.w_max)  # resolved from the teacher before planning
+
+    @classmethod
+    def mix_sources(cls, options: LCMOptions, sources: list[str], timesteps: list[int], held, generator):
+        """`--ddil-mix matched`: each example's timestep first, uniform on the training grid as
+        without DDIL; a buffer source keeps an example only where the pool holds its states at
+        that timestep, else the example is forward-diffused data. DDIL then changes where inputs
+        come from, never how much each timestep trains (LCM's rollouts visit 10 of its 50 solver
+        points: replacing data there cost the low timesteps half their weight; docs/distill.md)."""
+        if options.ddil_mix != "matched":
+            return sources, None
+        t = torch.tensor(timesteps, dtype=torch.long)[torch.randint(len(timesteps), (len(sources),),
+                                                                    generator=generator)]
+        holds = {s: held(s) for s in set(sources) if s != "data"}
+        return [s if s == "data" or v in holds[s] else "data" for s, v in zip(sources, t.tolist())], t
 
     @classmethod
     def make_student(cls, phase_teacher: Denoiser, phase: Phase, options: LCMOptions, *,

@@ -21,9 +21,10 @@ from ddil_cli.diffusion.ddim import ddim_step
 from ddil_cli.diffusion.schedule import bcast, trailing_timesteps
 from ddil_cli.diffusion.threshold import apply_threshold
 from ddil_cli.errors import UserError
-from ddil_cli.methods.base import Batch, DistillMethod, MethodOptions, Phase, PlanRequest
+from ddil_cli.methods.base import Batch, DistillMethod, MethodOptions, Phase, PlanRequest, option
 from ddil_cli.models.base import Denoiser
 from ddil_cli.rollout import Grid
+from ddil_cli.validate import Rule
 
 
 def pd_target(x_t: torch.Tensor, x_next: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
@@ -98,10 +99,18 @@ class PDOptions(MethodOptions):
     # the first halving stage (1-based) that trains on the prior; earlier ones on data alone. None:
     # DEFAULT_DDIL_FROM_STAGE under the default schedule, 1 when a prior is given. Clipped to the
     # last stage, so a run always ends on DDIL when its prior has buffer states
-    ddil_from_stage: int | None = None
+    ddil_from_stage: int | None = option(
+        None, "with DDIL: the first halving stage trained on the prior; earlier stages train on data alone "
+              "(default 2 under the default schedule, 1 with --prior / --prior-schedule; at most the last stage).")
     # the stage schedule as step counts, --teacher-steps first and --steps last ('32,4': one stage,
     # each student step spanning 8 teacher steps). None: halving stages (32,16,8,4)
-    pd_stages: str | None = None
+    stage_updates: str | None = option(None, "updates per stage: N or N1,N2,... (overrides --max-updates' split).",
+                                       Rule(comma_list=True), resumable=True)
+    guided_updates: int = option(0, "updates of the guided stage (CFG into a w-conditioned student at the "
+                                    "teacher's steps); 0 skips it.", Rule(low=0, high=10**9))
+    pd_stages: str | None = option(
+        None, "the stages as step counts from --teacher-steps to --steps, each a multiple of the next: 32,4 is "
+              "one stage whose student step spans 8 teacher steps; 32,8,4 two (default: halving, 32,16,8,4).")
 
     def validate(self) -> None:
         if self.pd_stages is not None:
@@ -118,21 +127,20 @@ class PDMethod(DistillMethod):
     name = "pd"
     Options = PDOptions
     student_scheduler = "ddim"
-    plans_stages = True
 
     @classmethod
     def plan(cls, request: PlanRequest, teacher: Denoiser, options: PDOptions) -> list[Phase]:
         num_train = teacher.schedule.num_train_timesteps
         stages = stage_steps(request.teacher_steps, request.steps, options.pd_stages)
         options.pd_stages = ",".join(str(n) for n in [request.teacher_steps, *stages])  # the manifest's record
-        budgets = stage_budgets(request.max_updates, request.stage_updates, len(stages))
+        budgets = stage_budgets(request.max_updates, options.stage_updates, len(stages))
         if options.ddil_from_stage is None:  # resolved here, so the manifest records the value used
             options.ddil_from_stage = 1 if request.explicit_prior else DEFAULT_DDIL_FROM_STAGE
         first_ddil = min(options.ddil_from_stage, len(stages))
         phases = []
-        if request.guided_updates > 0:  # goes with the first halving stage
+        if options.guided_updates > 0:  # goes with the first halving stage
             grid = trailing_timesteps(request.teacher_steps, num_train)
-            phases.append(Phase(f"guided-{request.teacher_steps}", request.guided_updates, grid, grid,
+            phases.append(Phase(f"guided-{request.teacher_steps}", options.guided_updates, grid, grid,
                                 [Grid.make(request.teacher_steps, request.teacher_steps, num_train)],
                                 teacher="original", options={"mode": "match"}, ddil=first_ddil == 1))
         teacher_steps = request.teacher_steps

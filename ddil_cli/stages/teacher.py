@@ -187,17 +187,17 @@ class DenoisingBatches:
 
 
 class DenoisingObjective:
-    """The teacher's loss for the one training loop: one network, MSE to the denoising target."""
+    """The teacher's loss for the one training loop (a train.Objective): one network, MSE to the
+    denoising target."""
 
     def __init__(self, net: nn.Module):
         self.net = net
 
     def groups(self) -> list[TrainedGroup]:
-        # the loop's first group is named 'student': the network being trained
-        return [TrainedGroup("student", {"student": self.net})]
+        return [TrainedGroup("teacher", {"teacher": self.net})]
 
     def loss(self, group: str, nets: dict[str, nn.Module], batch: DenoisingBatch) -> torch.Tensor:
-        output = nets["student"](batch.x_t, batch.t, batch.input_ids)
+        output = nets["teacher"](batch.x_t, batch.t, batch.input_ids)
         return ((output.float() - batch.target) ** 2).reshape(len(batch), -1).mean(1)
 
     def after_update(self, nets) -> None:

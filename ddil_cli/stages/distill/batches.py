@@ -25,7 +25,6 @@ class InputAssembler:
         self.pool, self.data, self.batch_size = pool, data, batch_size
         self.total_updates, self.generator, self.device = total_updates, generator, device
         self.data_index = 0
-        self.matched = getattr(plan.options, "ddil_mix", "batch") == "matched"
 
     def prior(self, update: int) -> dict[str, float]:
         return self.plan.schedule.at(update, self.total_updates)
@@ -34,23 +33,13 @@ class InputAssembler:
         low, high = self.plan.guidance_range
         return low + (high - low) * torch.rand(n, generator=self.generator)
 
-    def _matched(self, sources: list[str]) -> tuple[list[str], torch.Tensor]:
-        """`--ddil-mix matched`: each example's timestep first, uniform on the training grid as
-        without DDIL; a buffer source keeps an example only where the pool holds its states at
-        that timestep, else the example is forward-diffused data. DDIL then changes where inputs
-        come from, never how much each timestep trains (LCM's rollouts visit 10 of its 50 solver
-        points: replacing data there cost the low timesteps half their weight; docs/distill.md)."""
-        t = torch.tensor(self.timesteps, dtype=torch.long)[
-            torch.randint(len(self.timesteps), (len(sources),), generator=self.generator)]
-        held = {s: self.pool.timesteps_of(s) for s in set(sources) if s != "data"}
-        return [s if s == "data" or v in held[s] else "data" for s, v in zip(sources, t.tolist())], t
-
     def __call__(self, update: int) -> Batch:
         prior = self.prior(update)
         sources = sources_for_batch(self.batch_size, prior, self.generator)
-        timesteps = None
-        if self.matched and prior.get("data", 0.0) > 0:
-            sources, timesteps = self._matched(sources)
+        timesteps = None  # each example's timestep when the method's mix draws it first
+        if prior.get("data", 0.0) > 0:
+            sources, timesteps = self.plan.method.mix_sources(self.plan.options, sources, self.timesteps,
+                                                              self.pool.timesteps_of, self.generator)
         parts = []  # (x_t, t, guidance, prompts, sources, keys)
         n_data, data_cond = sources.count("data"), None
         if n_data:  # data come first: their stored encodings (if any) are the batch's first rows

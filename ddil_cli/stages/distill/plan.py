@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from ddil_cli.buffer.sources import is_mixture_teacher
+from ddil_cli.data.loader import LANES, WORKER_COUNTS
 from ddil_cli.diffusion.threshold import Threshold, parse_threshold
 from ddil_cli.errors import UserError
 from ddil_cli.methods import METHODS, DistillMethod, MethodOptions, Phase, PlanRequest
@@ -14,7 +15,8 @@ from ddil_cli.models.lora import LoraSpec
 from ddil_cli.priors import PhaseSchedule, PriorSchedule
 from ddil_cli.specs import read_prompts
 from ddil_cli.train import check_optimizer
-from ddil_cli.validate import GUIDANCE
+from ddil_cli.validate import (BATCH, FROZEN_DTYPE, GUIDANCE, NON_NEGATIVE, POSITIVE, SEED, STEPS, Rule,
+                               check_values)
 
 
 # The default DDIL schedule, chosen by the lab map (docs/distill.md, "Priors"; docs/results.md):
@@ -36,8 +38,6 @@ class DistillConfig:
     steps: int = 4
     teacher_steps: int = 32
     max_updates: int = 600
-    stage_updates: str | None = None
-    guided_updates: int = 0
     batch_size: int = 64
     lr: float = 1e-4
     warmup: int = 0
@@ -82,6 +82,25 @@ class DistillConfig:
     overwrite: bool = False
 
 
+# what each setting must satisfy beyond its type (validate.py), for flags, config files and the
+# Python API alike, checked before the run folder is touched (so --overwrite clears nothing for a bad flag)
+CONFIG_RULES = {
+    "steps": STEPS, "teacher_steps": STEPS, "max_updates": Rule(low=1, high=10**9), "batch_size": BATCH,
+    "lr": Rule(above=0, high=10, hint="; try 1e-4 (diffusers) or 1e-3 (the lab)"), "warmup": NON_NEGATIVE,
+    "weight_decay": Rule(low=0, high=10), "max_grad_norm": Rule(above=0), "grad_accum": Rule(low=1, high=4096),
+    "mixed_precision": Rule(choices=("no", "fp16", "bf16")), "ema_decay": Rule(low=0, below=1),
+    "frozen_dtype": FROZEN_DTYPE, "rollout_batch_size": BATCH,
+    "collect_every": NON_NEGATIVE, "rollouts_per_collect": Rule(low=1, high=65536),
+    "replay": Rule(choices=("fifo", "prioritised")), "buffer_size": POSITIVE,
+    "priority_alpha": Rule(low=0, high=10),
+    "guidance": GUIDANCE, "student_prediction": Rule(choices=("epsilon", "v_prediction", "sample")),
+    "checkpoint_every": NON_NEGATIVE, "keep_checkpoints": POSITIVE, "log_every": POSITIVE,
+    "max_nonfinite": POSITIVE, "tracker": Rule(choices=("none", "tensorboard", "wandb")), "seed": SEED,
+    "optimizer": Rule(choices=("adamw", "adamw8bit")),
+    "data_workers": Rule(choices=WORKER_COUNTS, hint=f"; the data are read in {LANES} lanes, each worker a share of them"),
+    "lora_rank": NON_NEGATIVE, "lora_alpha": Rule(above=0), "lora_targets": Rule(comma_list=True)}
+
+
 # ---- resolving the plan (all validation happens here, before anything is written) ------------
 @dataclass
 class Plan:
@@ -120,35 +139,16 @@ def method_class(name: str) -> type[DistillMethod]:
     return METHODS[name]
 
 
-def _refuse_stage_flags(cfg: DistillConfig, method: type[DistillMethod]) -> None:
-    """Every one-phase method refuses the stage flags alike (DMD2 used to ignore them)."""
-    if (cfg.stage_updates or cfg.guided_updates) and not method.plans_stages:
-        given = [f for f, v in (("--stage-updates", cfg.stage_updates), ("--guided-updates", cfg.guided_updates)) if v]
-        raise UserError(f"{' and '.join(given)}: --method {cfg.method} trains one phase of --max-updates updates; "
-                        "only --method pd plans stages: drop the flag")
-
-
 def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
     method = method_class(cfg.method)
-    for flag, value in (("--batch-size", cfg.batch_size), ("--max-updates", cfg.max_updates),
-                        ("--grad-accum", cfg.grad_accum), ("--log-every", cfg.log_every),
-                        ("--max-nonfinite", cfg.max_nonfinite)):
-        if value < 1:
-            raise UserError(f"{flag} must be >= 1, got {value}")
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise UserError(f"--mixed-precision {cfg.mixed_precision!r}: use no, fp16 or bf16")
-    if cfg.replay not in ("fifo", "prioritised"):
-        raise UserError(f"--replay {cfg.replay!r}: use fifo or prioritised")
-    if cfg.tracker not in ("none", "tensorboard", "wandb"):
-        raise UserError(f"--tracker {cfg.tracker!r}: use none, tensorboard or wandb")
+    # the same checks as the CLI's and a config file's, for a config built in Python
+    check_values(DistillConfig, {name: getattr(cfg, name) for name in CONFIG_RULES}, CONFIG_RULES)
     if cfg.tracker != "none":
         import importlib.util
 
-        module = {"tensorboard": "tensorboard", "wandb": "wandb"}[cfg.tracker]
-        if importlib.util.find_spec(module) is None:
-            raise UserError(f"--tracker {cfg.tracker} needs the {module} package; pip install {module}, "
+        if importlib.util.find_spec(cfg.tracker) is None:
+            raise UserError(f"--tracker {cfg.tracker} needs the {cfg.tracker} package; pip install {cfg.tracker}, "
                             "or use --tracker none")
-    _refuse_stage_flags(cfg, method)
     options = method.Options.from_dict(cfg.method, dict(cfg.options or {}))
     lora = _lean_settings(cfg, teacher, options)
     if options.lab_init_steps and not is_mixture_teacher(teacher):
@@ -156,7 +156,6 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
                         "(its student starts from its weights): drop the flag")
     options.resolve(teacher)
     phases = method.plan(PlanRequest(steps=cfg.steps, teacher_steps=cfg.teacher_steps, max_updates=cfg.max_updates,
-                                     stage_updates=cfg.stage_updates, guided_updates=cfg.guided_updates,
                                      options=dict(cfg.options or {}),
                                      explicit_prior=bool(cfg.prior or cfg.prior_schedule)), teacher, options)
     default_schedule = method.default_prior_schedule or DEFAULT_PRIOR_SCHEDULE
@@ -182,20 +181,7 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
                         "collect during training (--collect-every K) or pass --buffer DIR")
     student_prob = _parse_student_prob(cfg.student_prob or method.default_student_prob or DEFAULT_STUDENT_PROB)
     default_w = cfg.guidance if cfg.guidance is not None else getattr(teacher, "default_guidance", 1.0)
-    method_range = method.guidance_range(options)
-    if cfg.guidance_range:
-        try:
-            low, high = (float(v) for v in cfg.guidance_range.split(","))
-        except ValueError:
-            raise UserError(f"bad --guidance-range {cfg.guidance_range!r}; write MIN,MAX such as 2,8") from None
-        if not 1 <= low <= high <= GUIDANCE.high:  # nan fails every comparison
-            raise UserError(f"--guidance-range {cfg.guidance_range}: need 1 <= MIN <= MAX <= {GUIDANCE.high:g} "
-                            "(finite CFG scales), e.g. 2,8")
-        guidance_range = (low, high)
-    elif method_range is not None:
-        guidance_range = method_range
-    else:
-        guidance_range = (float(default_w), float(default_w))
+    guidance_range = _guidance_range(cfg.guidance_range, method.guidance_range(options), default_w)
     # a student cannot fold CFG (two passes) into one pass unless it takes w as an input
     # (a LoRA cannot add the layer: it folds the guided teacher into one pass instead, LCM-LoRA's way)
     guidance_embedding = (guidance_range != (1.0, 1.0) or method.needs_guidance_embedding) and lora is None
@@ -204,8 +190,6 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
         threshold = parse_threshold(cfg.threshold or default_threshold)
     except ValueError as exc:
         raise UserError(f"--threshold: {exc}") from None
-    if cfg.student_prediction not in (None, "epsilon", "v_prediction", "sample"):
-        raise UserError(f"--student-prediction {cfg.student_prediction!r}: use epsilon, v_prediction or sample")
     prompts = read_prompts([], cfg.prompts, getattr(teacher, "default_prompts", lambda: None)()) \
         if (cfg.prompts or not cfg.data) else None
     if prompts and is_mixture_teacher(teacher):
@@ -215,6 +199,23 @@ def make_plan(cfg: DistillConfig, teacher: Denoiser) -> Plan:
         min(max(float(default_w), guidance_range[0]), guidance_range[1])
     return Plan(method, options, phases, schedule, student_prob, guidance_range, guidance_embedding, threshold,
                 prompts, lora, sampling_guidance)
+
+
+def _guidance_range(given: str | None, method_range: tuple[float, float] | None,
+                    default_w: float) -> tuple[float, float]:
+    """w ~ U[MIN, MAX] per example: --guidance-range, else the method's range, else the fixed w."""
+    if given:
+        try:
+            low, high = (float(v) for v in given.split(","))
+        except ValueError:
+            raise UserError(f"bad --guidance-range {given!r}; write MIN,MAX such as 2,8") from None
+        if not 1 <= low <= high <= GUIDANCE.high:  # nan fails every comparison
+            raise UserError(f"--guidance-range {given}: need 1 <= MIN <= MAX <= {GUIDANCE.high:g} "
+                            "(finite CFG scales), e.g. 2,8")
+        return low, high
+    if method_range is not None:
+        return method_range
+    return float(default_w), float(default_w)
 
 
 def _lean_settings(cfg: DistillConfig, teacher: Denoiser, options: MethodOptions) -> LoraSpec | None:

@@ -8,7 +8,7 @@ import json
 import os
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -19,13 +19,14 @@ from ddil_cli.buffer.pool import ReplayPool
 from ddil_cli.buffer.replay import FIFOPolicy, shard_of_key
 from ddil_cli.errors import UserError
 from ddil_cli.manifest import build_manifest, fingerprint
+from ddil_cli.methods import METHODS
 from ddil_cli.models.base import Denoiser
 from ddil_cli.stages.distill.batches import InputAssembler
 from ddil_cli.stages.distill.plan import DistillConfig, Plan
 from ddil_cli.train import CheckpointError, latest_checkpoint
 
 
-COMPATIBLE_KEYS = ("method", "teacher", "steps", "teacher_steps", "guided_updates", "student_prediction", "options",
+COMPATIBLE_KEYS = ("method", "teacher", "steps", "teacher_steps", "student_prediction", "options",
                    "lora_rank", "lora_alpha", "lora_targets")
 
 
@@ -51,10 +52,20 @@ def _run_config(run: Path) -> dict:
 def _check_same_settings(cfg: DistillConfig, run: Path) -> None:
     old = _run_config(run)
     for key in COMPATIBLE_KEYS:
-        if old.get(key, {"options": {}, "lora_rank": 0}.get(key)) != getattr(cfg, key):
-            raise UserError(f"--resume: the run in {run} has {key}={old.get(key)!r}, this command "
-                            f"{getattr(cfg, key)!r}; resume with the same settings or use another --out")
+        then, now = old.get(key, {"options": {}, "lora_rank": 0}.get(key)), getattr(cfg, key)
+        if key == "options":  # a method's budget options (PD's --stage-updates) may change
+            then, now = _fixed_options(cfg.method, then), _fixed_options(cfg.method, now)
+        if then != now:
+            raise UserError(f"--resume: the run in {run} has {key}={then!r}, this command "
+                            f"{now!r}; resume with the same settings or use another --out")
     _check_same_teacher_files(cfg, run)
+
+
+def _fixed_options(method: str, options: dict | None) -> dict:
+    """The method options a resumed run must keep: all but those its method marks resumable."""
+    free = {f.name for f in fields(METHODS[method].Options) if f.metadata.get("resumable")} \
+        if method in METHODS else set()
+    return {k: v for k, v in (options or {}).items() if k not in free}
 
 
 def _check_same_teacher_files(cfg: DistillConfig, run: Path) -> None:
