@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--suite", choices=("lab", "digits", "all"), default="all")
     parser.add_argument("--seeds", type=int, default=None, help="paired seeds (default: lab 5, digits 3; quick 2)")
     parser.add_argument("--regimes", default=None, help="comma-separated substrings: run only matching regimes")
+    parser.add_argument("--only-seeds", default=None, metavar="S,S",
+                        help="run just these seeds' arms and write no report, to split a map over processes or "
+                             "machines sharing --work; a last call without it assembles the report from the cache")
     parser.add_argument("--base-arg", action="append", default=[], help="KEY=VALUE distill override, base arm")
     parser.add_argument("--ddil-arg", action="append", default=[], help="KEY=VALUE distill override, DDIL arm")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE distill override, both arms")
@@ -130,12 +133,13 @@ def _run_suite(args, suite: Suite, seeds: int, regimes: dict[str, dict], arms: d
                shared: dict, work: Path, command: str) -> None:
     """Every arm of every seed of every regime, then the report, the heat maps and the results JSON."""
     name = suite.name
+    only_seeds = [int(s) for s in args.only_seeds.split(",")] if args.only_seeds else None
     results, teachers, all_records = {pair: {} for pair in comparisons}, {}, {}
     for regime, override in regimes.items():
         settings = merged(suite.base, override, shared)
         teachers[regime] = teacher_row(suite, work, settings)
         records = {arm: [] for arm in arms}
-        for seed in range(seeds):
+        for seed in only_seeds if only_seeds is not None else range(seeds):
             for arm, overrides in arms.items():
                 record = run_arm(suite, work, args.method, regime, settings, arm, overrides, seed, tags[arm])
                 records[arm].append(record)
@@ -143,9 +147,16 @@ def _run_suite(args, suite: Suite, seeds: int, regimes: dict[str, dict], arms: d
                     f"{k}={v[0]:.4g}" for k, v in record["metrics"].items()) +
                     f", wall {record['wall_seconds']:.1f}s", flush=True)
         all_records[regime] = records
+        if only_seeds is not None:
+            continue
         for pair in comparisons:
             results[pair][regime] = compare_regime({"base": records[pair[0]], "ddil": records[pair[1]]})
             results[pair][regime]["higher"] = {k: v[1] for k, v in records["base"][0]["metrics"].items()}
+    if only_seeds is not None:  # the take-overs too (cached per arm), so a split map splits them as well
+        if args.takeover:
+            takeover_rows(suite, work, regimes, all_records, tags)
+        print(f"{name}: seeds {args.only_seeds} done; run again without --only-seeds for the report")
+        return
     texts = []
     for pair in comparisons:
         suffix = "" if pair == ("base", "ddil") else f"-{pair[1]}-vs-{pair[0]}"

@@ -19,3 +19,15 @@ def _offline_caches(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(cache / "hf"))
     monkeypatch.setenv("TORCH_HOME", str(cache / "torch"))
     monkeypatch.setenv("DDIL_CACHE", str(cache / "ddil"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_root(tmp_path_factory):
+    """A tiny SD 1.5-shaped teacher (`teacher/`) and two prompts (`prompts.txt`), built once for the
+    whole run: the tests that use it read it and write their runs elsewhere."""
+    from tiny_models import build_tiny_sd
+
+    root = tmp_path_factory.mktemp("tiny-sd")
+    build_tiny_sd(root / "teacher")
+    (root / "prompts.txt").write_text("a cat\na dog\n")
+    return root

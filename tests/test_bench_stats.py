@@ -149,3 +149,19 @@ def test_every_jump_regime_is_one_pd_stage_from_its_suite_s_teacher(suite, quick
         jumps.add(teacher_steps // steps)
     # the quick digits teacher has 8 steps: jumps 2, 4, 8; the full suites' 32 add 16
     assert jumps == ({2, 4, 8} if made.base["teacher_steps"] == 8 else {2, 4, 8, 16})
+
+
+def test_only_seeds_runs_just_those_arms_and_leaves_the_report_to_a_last_call(tmp_path, monkeypatch):
+    """`--only-seeds` splits a map over processes sharing --work: its arms (and take-overs) only,
+    no report, so no process reports a map another is still filling."""
+    ran, taken = [], []
+    monkeypatch.setattr(ddil_effect, "teacher_row", lambda suite, work, settings: {})
+    monkeypatch.setattr(ddil_effect, "run_arm", lambda suite, work, method, regime, settings, arm, overrides, seed,
+                        tag="": ran.append((regime.split(" (")[0], seed, arm)) or {"metrics": {}, "wall_seconds": 0})
+    monkeypatch.setattr(ddil_effect, "takeover_rows", lambda suite, work, regimes, records, tags: taken.append(
+        {regime: {arm: len(rows) for arm, rows in by_arm.items()} for regime, by_arm in records.items()}))
+    ddil_effect.main(["--suite", "lab", "--quick", "--jumps", "--regimes", "jump 8", "--only-seeds", "1,3",
+                      "--takeover", "--work", str(tmp_path)])
+    assert ran == [("jump 8", 1, "base"), ("jump 8", 1, "ddil"), ("jump 8", 3, "base"), ("jump 8", 3, "ddil")]
+    assert taken == [{"jump 8 (1 stage 32->4)": {"base": 2, "ddil": 2}}]
+    assert not list(tmp_path.rglob("*.md")) and not list(tmp_path.rglob("lab.json"))  # no report from a part

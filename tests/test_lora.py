@@ -24,28 +24,18 @@ RUNS = {"pd": dict(steps=2, teacher_steps=8),  # two halving stages: the second'
         "dmd2": dict(steps=2, teacher_steps=8, options={"critic_updates": 2, "critic_lora_rank": 2})}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tiny_models import build_tiny_sd
-
-    root = tmp_path_factory.mktemp("lora")
-    build_tiny_sd(root / "teacher")
-    (root / "prompts.txt").write_text("a cat\na dog\n")
-    return root
-
-
-def _config(tiny, method, out, **extra):
-    return DistillConfig(**{**dict(method=method, teacher=str(tiny / "teacher"), prompts=str(tiny / "prompts.txt"),
+def _config(root, method, out, **extra):
+    return DistillConfig(**{**dict(method=method, teacher=str(root / "teacher"), prompts=str(root / "prompts.txt"),
                                    prior="student=1", max_updates=4, batch_size=2, collect_every=2,
                                    rollouts_per_collect=2, lora_rank=2, quiet=True, out=str(out)),
                             **RUNS[method], **extra})
 
 
-def _method(tiny, name):
+def _method(root, name):
     """The method of a LoRA run's (first) phase, built as the stage builds it."""
     from ddil_cli.models import load_denoiser
 
-    cfg = _config(tiny, name, tiny / "unused")
+    cfg = _config(root, name, root / "unused")
     teacher = load_denoiser(cfg.teacher)
     plan = make_plan(cfg, teacher)
     phase = plan.phases[0]
@@ -63,10 +53,10 @@ def _batch(method, plan):
 
 
 @pytest.mark.parametrize("name", ["pd", "lcm", "dmd2"])
-def test_each_loss_trains_only_its_adapter_on_one_shared_base(tiny, name):
+def test_each_loss_trains_only_its_adapter_on_one_shared_base(tiny_sd_root, name):
     from ddil_cli.models.lora import adapter_parameters
 
-    method, plan = _method(tiny, name)
+    method, plan = _method(tiny_sd_root, name)
     unet = method.teacher.network
     nets = {"student": method.student.network}
     models = [method.teacher, method.student, getattr(method, "critic", None), getattr(method, "target_model", None)]
@@ -89,8 +79,8 @@ def test_each_loss_trains_only_its_adapter_on_one_shared_base(tiny, name):
 
 
 @pytest.mark.parametrize("name", ["pd", "lcm", "dmd2"])
-def test_lora_run_resumes_exactly_and_checkpoints_hold_adapters_only(tiny, tmp_path, monkeypatch, name):
-    cfg = _config(tiny, name, tmp_path / "full", checkpoint_every=1)
+def test_lora_run_resumes_exactly_and_checkpoints_hold_adapters_only(tiny_sd_root, tmp_path, monkeypatch, name):
+    cfg = _config(tiny_sd_root, name, tmp_path / "full", checkpoint_every=1)
     run_distill(cfg)
     crash_and_resume(cfg, tmp_path / "broken", monkeypatch, 3 if name == "pd" else 1)
     last = sorted((tmp_path / "full/checkpoints").iterdir())[-1].name
@@ -107,13 +97,13 @@ def test_lora_run_resumes_exactly_and_checkpoints_hold_adapters_only(tiny, tmp_p
         assert critic and all(".lora_" in k and ".critic." in k for k in critic)
 
 
-def _diffusers_images(tiny, student_dir, rows, steps, *, lora=True):
+def _diffusers_images(root, student_dir, rows, steps, *, lora=True):
     """The teacher's pipeline + load_lora_weights(student) + the student's scheduler, at the w and
     seed `ddil sample` wrote, with `generator=torch.Generator().manual_seed(seed)`: nothing injected."""
     from diffusers import StableDiffusionPipeline
 
     full = (student_dir / "unet").is_dir()  # a full student is a pipeline itself
-    pipe = StableDiffusionPipeline.from_pretrained(student_dir if full else tiny / "teacher", safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(student_dir if full else root / "teacher", safety_checker=None,
                                                    requires_safety_checker=False)
     if lora and not full:
         pipe.load_lora_weights(student_dir)
@@ -127,34 +117,34 @@ def _diffusers_images(tiny, student_dir, rows, steps, *, lora=True):
 
 
 @pytest.mark.parametrize("name, rank", [("pd", 2), ("lcm", 2), ("dmd2", 2), ("dmd2", 0)])
-def test_diffusers_load_lora_weights_reproduces_ddil_sample(tiny, tmp_path, capsys, name, rank):
+def test_diffusers_load_lora_weights_reproduces_ddil_sample(tiny_sd_root, tmp_path, capsys, name, rank):
     """LoRA students through the teacher's pipeline; a full DMD2 student (its guidance embedding
     taking w, beside a LoRA critic) through StableDiffusionPipeline itself."""
-    run_distill(_config(tiny, name, tmp_path / "run", max_updates=2, lr=0.02, lora_rank=rank))  # far from zero
+    run_distill(_config(tiny_sd_root, name, tmp_path / "run", max_updates=2, lr=0.02, lora_rank=rank))  # far from zero
     student = tmp_path / "run/student"
     assert (student / "unet").is_dir() == (rank == 0)
-    code, err = cli(["sample", "--quiet", "--teacher", str(tiny / "teacher"), "--student", str(student),
+    code, err = cli(["sample", "--quiet", "--teacher", str(tiny_sd_root / "teacher"), "--student", str(student),
                      "--steps", "2", "--prompt", "a cat", "--prompt", "a dog", "--num-per-prompt", "1",
                      "--out", str(tmp_path / "samples")], capsys)
     assert code == 0, err
     rows = [json.loads(line) for line in open(tmp_path / "samples/samples.jsonl")]
     assert all((r["guidance"] == 1.0) == (rank > 0) for r in rows)  # LoRA: guidance folded in, guidance_scale=1
     ours = np.stack([np.asarray(Image.open(tmp_path / "samples" / r["file"])) for r in rows]).astype(int)
-    theirs = _diffusers_images(tiny, student, rows, 2)
+    theirs = _diffusers_images(tiny_sd_root, student, rows, 2)
     assert np.abs(ours - theirs).max() <= 1
     if rank:
-        assert np.abs(ours - _diffusers_images(tiny, student, rows, 2, lora=False)).max() > 8  # the adapter mattered
+        assert np.abs(ours - _diffusers_images(tiny_sd_root, student, rows, 2, lora=False)).max() > 8  # the adapter mattered
 
 
-def test_merge_lora_saves_a_full_folder_equal_to_base_plus_adapter(tiny, tmp_path):
+def test_merge_lora_saves_a_full_folder_equal_to_base_plus_adapter(tiny_sd_root, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    cfg = _config(tiny, "lcm", tmp_path / "lora", max_updates=2, lr=0.02)
+    cfg = _config(tiny_sd_root, "lcm", tmp_path / "lora", max_updates=2, lr=0.02)
     run_distill(cfg)
     run_distill(replace(cfg, merge_lora=True, out=str(tmp_path / "merged")))
     merged = StableDiffusionPipeline.from_pretrained(tmp_path / "merged/student", safety_checker=None,
                                                      requires_safety_checker=False).unet
-    lora = StableDiffusionPipeline.from_pretrained(tiny / "teacher", safety_checker=None,
+    lora = StableDiffusionPipeline.from_pretrained(tiny_sd_root / "teacher", safety_checker=None,
                                                    requires_safety_checker=False)
     lora.load_lora_weights(tmp_path / "lora/student")
     x, t, e = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 16)
@@ -165,11 +155,11 @@ def test_merge_lora_saves_a_full_folder_equal_to_base_plus_adapter(tiny, tmp_pat
         assert (out - lora.unet(x, t, e).sample).abs().max() > 1e-2  # the adapter is in the merged weights
 
 
-def test_pd_stage_teacher_loads_onto_the_run_s_base(tiny, tmp_path):
+def test_pd_stage_teacher_loads_onto_the_run_s_base(tiny_sd_root, tmp_path):
     from ddil_cli.models import load_denoiser
 
-    run_distill(_config(tiny, "pd", tmp_path / "run", max_updates=2, prior="teacher=1"))
-    teacher = load_denoiser(str(tiny / "teacher"))
+    run_distill(_config(tiny_sd_root, "pd", tmp_path / "run", max_updates=2, prior="teacher=1"))
+    teacher = load_denoiser(str(tiny_sd_root / "teacher"))
     stage = load_denoiser(str(tmp_path / "run/stages/pd-4"), base=teacher)
     assert stage.network is teacher.network and stage.adapter and teacher.adapter is None
     alone = load_denoiser(str(tmp_path / "run/stages/pd-4"))  # its own copy of the base, same outputs
@@ -186,15 +176,16 @@ def test_pd_stage_teacher_loads_onto_the_run_s_base(tiny, tmp_path):
     (["--lora-rank", "2", "--lora-targets", "no_such_layer"], "--lora-targets"),
     (["--optimizer", "sgd"], "--optimizer"),
 ])
-def test_bad_lora_input_is_one_line(tiny, tmp_path, capsys, argv, needle):
-    base = ["distill", "--method", "lcm", "--teacher", str(tiny / "teacher"), "--prompts", str(tiny / "prompts.txt"),
+def test_bad_lora_input_is_one_line(tiny_sd_root, tmp_path, capsys, argv, needle):
+    root = tiny_sd_root
+    base = ["distill", "--method", "lcm", "--teacher", str(root / "teacher"), "--prompts", str(root / "prompts.txt"),
             "--prior", "student=1", "--max-updates", "1", "--batch-size", "1", "--quiet", "--out", str(tmp_path / "r")]
     code, err = cli(base + argv, capsys)
     assert code == 2 and needle in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1, err
 
 
-def test_adamw8bit_missing_is_one_line(tiny, monkeypatch):
+def test_adamw8bit_missing_is_one_line(tiny_sd_root, monkeypatch):
     import builtins
 
     real = builtins.__import__
@@ -210,14 +201,14 @@ def test_adamw8bit_missing_is_one_line(tiny, monkeypatch):
         check_optimizer("adamw8bit", "cpu")
 
 
-def test_adamw8bit_resumes_exactly(tiny, tmp_path, monkeypatch):
+def test_adamw8bit_resumes_exactly(tiny_sd_root, tmp_path, monkeypatch):
     from ddil_cli.train import check_optimizer
 
     try:
         check_optimizer("adamw8bit", "cpu")
     except UserError as exc:
         pytest.skip(f"no 8-bit AdamW here: {exc}")
-    cfg = _config(tiny, "lcm", tmp_path / "full", checkpoint_every=1, max_updates=3, optimizer="adamw8bit", lora_rank=0)
+    cfg = _config(tiny_sd_root, "lcm", tmp_path / "full", checkpoint_every=1, max_updates=3, optimizer="adamw8bit", lora_rank=0)
     run_distill(cfg)
     crash_and_resume(cfg, tmp_path / "broken", monkeypatch, 1)
     state = json.loads((tmp_path / "full/checkpoints/checkpoint-00000003/state.json").read_text())

@@ -23,16 +23,6 @@ METHODS = {
 }
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    from tiny_models import build_tiny_sd
-
-    root = tmp_path_factory.mktemp("seeds")
-    build_tiny_sd(root / "teacher")
-    (root / "prompts.txt").write_text("a cat\na dog\n")
-    return root
-
-
 def _pipeline(name, folder):
     import diffusers
 
@@ -46,13 +36,14 @@ def _pipeline(name, folder):
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_sample_seeds_rerun_in_plain_diffusers(root, tmp_path, capsys, method):
+def test_sample_seeds_rerun_in_plain_diffusers(tiny_sd_root, tmp_path, capsys, method):
     run_options, pipeline_class = METHODS[method]
-    run_distill(DistillConfig(method=method, teacher=str(root / "teacher"), prompts=str(root / "prompts.txt"),
+    teacher, prompts = str(tiny_sd_root / "teacher"), str(tiny_sd_root / "prompts.txt")
+    run_distill(DistillConfig(method=method, teacher=teacher, prompts=prompts,
                               prior="student=0.5,teacher=0.5", out=str(tmp_path / "run"), **TINY, **run_options))
     student = tmp_path / "run/student"
     # three samples in batches of two: a sample's seed alone decides it, not its batch or position
-    code, err = cli(["sample", "--quiet", "--teacher", str(root / "teacher"), "--student", str(student),
+    code, err = cli(["sample", "--quiet", "--teacher", teacher, "--student", str(student),
                      "--steps", "4", "--prompt", "a cat", "--prompt", "a dog", "--num-per-prompt", "2",
                      "--batch-size", "3", "--seed", "7", "--out", str(tmp_path / "samples")], capsys)
     assert code == 0, err
