@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--only-seeds", default=None, metavar="S,S",
                         help="run just these seeds' arms and write no report, to split a map over processes or "
                              "machines sharing --work; a last call without it assembles the report from the cache")
+    parser.add_argument("--only-arms", default=None, metavar="ARM,ARM",
+                        help="with --only-seeds: just these arms (base, ddil, ...) of those seeds")
     parser.add_argument("--base-arg", action="append", default=[], help="KEY=VALUE distill override, base arm")
     parser.add_argument("--ddil-arg", action="append", default=[], help="KEY=VALUE distill override, DDIL arm")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE distill override, both arms")
@@ -141,6 +143,8 @@ def _run_suite(args, suite: Suite, seeds: int, regimes: dict[str, dict], arms: d
         records = {arm: [] for arm in arms}
         for seed in only_seeds if only_seeds is not None else range(seeds):
             for arm, overrides in arms.items():
+                if only_seeds is not None and args.only_arms and arm not in args.only_arms.split(","):
+                    continue
                 record = run_arm(suite, work, args.method, regime, settings, arm, overrides, seed, tags[arm])
                 records[arm].append(record)
                 print(f"{name} | {regime} | seed {seed} | {arm}: " + ", ".join(
@@ -180,7 +184,10 @@ def _run_suite(args, suite: Suite, seeds: int, regimes: dict[str, dict], arms: d
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.only_arms and not args.only_seeds:
+        parser.error("--only-arms needs --only-seeds (a part of the map; the report comes from a call without both)")
     arms, tags, comparisons, shared = _arms(args)
     work = args.work / args.method
     work.mkdir(parents=True, exist_ok=True)

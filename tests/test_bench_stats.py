@@ -165,3 +165,7 @@ def test_only_seeds_runs_just_those_arms_and_leaves_the_report_to_a_last_call(tm
     assert ran == [("jump 8", 1, "base"), ("jump 8", 1, "ddil"), ("jump 8", 3, "base"), ("jump 8", 3, "ddil")]
     assert taken == [{"jump 8 (1 stage 32->4)": {"base": 2, "ddil": 2}}]
     assert not list(tmp_path.rglob("*.md")) and not list(tmp_path.rglob("lab.json"))  # no report from a part
+    ran.clear()
+    ddil_effect.main(["--suite", "lab", "--quick", "--jumps", "--regimes", "jump 8", "--only-seeds", "2",
+                      "--only-arms", "ddil", "--work", str(tmp_path)])
+    assert ran == [("jump 8", 2, "ddil")]
