@@ -42,4 +42,4 @@ def test_the_distill_stage_is_a_package_of_small_modules():
 def test_the_checker_sees_a_long_function():
     body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
     assert long_functions(f"def long():\n{body}\n", MAX_FUNCTION_LINES) == [("long", MAX_FUNCTION_LINES + 1)]
-    assert long_functions(f"class A:\n    def ok(self):\n        return 1\n", MAX_FUNCTION_LINES) == []
+    assert long_functions("class A:\n    def ok(self):\n        return 1\n", MAX_FUNCTION_LINES) == []

@@ -17,7 +17,7 @@ import click
 import typer
 
 from ddil_cli import __version__
-from ddil_cli.cli.common import HELP_THREADS, console, default_threads, set_threads
+from ddil_cli.cli.common import HELP_THREADS, default_threads, set_threads
 from ddil_cli.errors import UserError
 from ddil_cli.methods import METHODS
 
